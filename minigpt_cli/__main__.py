@@ -1,0 +1,3 @@
+from minigpt_cli.cli import main
+
+main()

@@ -1,0 +1,355 @@
+"""Save and load runs: safetensors weights, JSON metadata, training state; atomic writes, safe loading.
+
+A run directory looks like this:
+
+    runs/default-20261124-101500/
+        latest.json        {"checkpoint": "checkpoints/step-002000"}, replaced atomically
+        best.json          the checkpoint with the lowest validation loss
+        metrics.jsonl      one JSON object per log line or evaluation
+        checkpoints/step-002000/
+            model.safetensors  weights (float32)
+            meta.json          format version, config, vocabulary, step, losses, data fingerprint
+            state.safetensors  optimizer tensors and random-number-generator states
+            state.json         optimizer hyper-parameters and other plain training state
+
+A checkpoint folder is written under a temporary name and renamed into place, and only then do the
+pointer files move to it, so a crash at any moment leaves the previous checkpoint whole. Nothing is
+ever unpickled: tensors come from safetensors, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minigpt_cli.config import Config, UserError, config_from_checkpoint_dict
+from minigpt_cli.model import GPT
+from minigpt_cli.tokenizer import CharTokenizer
+
+FORMAT_VERSION = 1
+RUNS_DIR = Path("runs")
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+STATE_FILE = "state.safetensors"
+STATE_JSON = "state.json"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, truncated, empty or not ours."""
+
+
+class CheckpointWriteError(Exception):
+    """A save that failed (a full disk, say); the previous checkpoint is untouched."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    run_dir: Path
+    config: Config
+    tokenizer: CharTokenizer
+    meta: dict[str, Any]
+    model_state: dict[str, torch.Tensor]
+    train_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    train_state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+    def build_model(self, device: torch.device | str = "cpu") -> GPT:
+        model = GPT(self.config.model, self.tokenizer.vocab_size)
+        load_weights(model, self.model_state, self.path / MODEL_FILE)
+        return model.to(device)
+
+
+def new_run_dir(config_name: str, base: Path = RUNS_DIR) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = base / f"{config_name}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = base / f"{config_name}-{stamp}-{n}"
+    return path
+
+
+def newest_run(base: Path = RUNS_DIR) -> Path:
+    """The run under base whose latest checkpoint was written last."""
+    candidates = []
+    if base.is_dir():
+        for run in base.iterdir():
+            pointer = run / "latest.json"
+            if pointer.is_file():
+                candidates.append((pointer.stat().st_mtime, run))
+    if not candidates:
+        raise UserError(f"no trained run found under ./{base} (train one with `minigpt train`, or pass RUN)")
+    return max(candidates)[1]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        _write_bytes_synced(tmp, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def flatten_optimizer(prefix: str, state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into tensors (for safetensors) and plain values (for JSON)."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {"param_groups": _json_safe(state["param_groups"]), "state": {}}
+    for index, values in state["state"].items():
+        entry = {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                entry[name] = value
+        plain["state"][str(index)] = entry
+    return tensors, plain
+
+
+def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(i): dict(entry) for i, entry in plain["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            index, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_weights:
+        del state["lm_head.weight"]  # the same tensor as wte.weight
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def load_weights(model: GPT, state: dict[str, torch.Tensor], source: Path) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if model.config.tie_weights:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not fit the model in its config "
+            f"(missing: {', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'})"
+        )
+
+
+def save_checkpoint(run_dir: Path, model: GPT, config: Config, tokenizer: CharTokenizer, meta: dict[str, Any],
+                    train_tensors: dict[str, torch.Tensor], train_state: dict[str, Any], is_best: bool) -> Path:
+    """Write a complete checkpoint, then point latest.json (and best.json if is_best) at it."""
+    step = int(meta["step"])
+    checkpoints = run_dir / "checkpoints"
+    name = f"step-{step:07d}"
+    final = checkpoints / name
+    tmp = checkpoints / f"{TMP_PREFIX}{name}.{os.getpid()}"
+    full_meta = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "config_name": config.name,
+        "vocab": tokenizer.to_dict(),
+        "torch_version": torch.__version__,
+        "saved_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **meta,
+    }
+    try:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(model_tensors(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        save_file(train_tensors or {"_empty": torch.zeros(0)}, str(tmp / STATE_FILE))
+        _write_bytes_synced(tmp / STATE_JSON, json.dumps(_json_safe(train_state)).encode("utf-8"))
+        _write_bytes_synced(tmp / META_FILE, (json.dumps(full_meta, indent=2) + "\n").encode("utf-8"))
+        for f in (MODEL_FILE, STATE_FILE):
+            with open(tmp / f, "rb+") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            # The same step saved again (e.g. an interrupt right after a periodic save): replace it.
+            stale = checkpoints / f"{TMP_PREFIX}stale-{name}.{os.getpid()}"
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(checkpoints)
+        pointer = {"checkpoint": f"checkpoints/{name}", "step": step}
+        atomic_write_json(run_dir / "latest.json", pointer)
+        if is_best:
+            atomic_write_json(run_dir / "best.json", pointer)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"could not save the checkpoint for step {step} in {run_dir}: {exc.strerror or exc}; "
+            f"the previous checkpoint is intact"
+        ) from exc
+    prune(run_dir)
+    return final
+
+
+def _pointer_target(run_dir: Path, which: str) -> Path | None:
+    try:
+        raw = json.loads((run_dir / f"{which}.json").read_text(encoding="utf-8"))
+        target = run_dir / raw["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return target if (target / META_FILE).is_file() else None
+
+
+def _complete_checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(TMP_PREFIX) and (p / META_FILE).is_file())
+
+
+def prune(run_dir: Path) -> None:
+    """Remove leftovers of interrupted saves and checkpoints that neither pointer names."""
+    keep = {p for p in (_pointer_target(run_dir, "latest"), _pointer_target(run_dir, "best")) if p}
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir() or not keep:
+        return
+    for entry in folder.iterdir():
+        # Only the writer (rank 0, one save at a time) calls this, so no save is in flight here.
+        if entry.name.startswith(TMP_PREFIX) or (entry.is_dir() and entry not in keep):
+            shutil.rmtree(entry, ignore_errors=True)
+    for entry in run_dir.iterdir():
+        if entry.name.startswith(TMP_PREFIX):
+            entry.unlink(missing_ok=True)
+
+
+def find_checkpoint(path: Path | None, which: str = "best") -> Path:
+    """A checkpoint folder from a run directory (its best or latest) or a checkpoint folder itself."""
+    if path is None:
+        path = newest_run()
+    path = Path(path)
+    if path.is_file():
+        if path.name in (MODEL_FILE, META_FILE):
+            path = path.parent
+        else:
+            raise CheckpointError(f"{path} is not a minigpt run: expected a run directory or a checkpoint folder")
+    if not path.exists():
+        raise CheckpointError(f"run not found: {path}")
+    if (path / META_FILE).exists() or (path / MODEL_FILE).exists():
+        return path
+    target = _pointer_target(path, which) or _pointer_target(path, "latest" if which == "best" else "best")
+    if target is None:
+        complete = _complete_checkpoints(path)
+        if not complete:
+            raise CheckpointError(f"{path} holds no checkpoint (is it a run directory made by `minigpt train`?)")
+        target = complete[-1]
+    return target
+
+
+def load_checkpoint(path: Path | None, which: str = "best", with_train_state: bool = False) -> LoadedCheckpoint:
+    folder = find_checkpoint(path, which)
+    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder
+    meta_path = folder / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_path}: missing (the checkpoint is incomplete)") from None
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"{meta_path}: unreadable or not JSON (truncated or corrupted checkpoint)") from None
+    if not isinstance(meta, dict) or "config" not in meta or "vocab" not in meta:
+        raise CheckpointError(f"{meta_path}: not minigpt checkpoint metadata")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: checkpoint format {version!r}; this minigpt reads format {FORMAT_VERSION}")
+    try:
+        config = config_from_checkpoint_dict(meta["config"], name=meta.get("config_name", "checkpoint"))
+        tokenizer = CharTokenizer.from_dict(meta["vocab"])
+    except (UserError, ValueError) as exc:
+        raise CheckpointError(f"{meta_path}: invalid config or vocabulary ({exc})") from None
+    model_state = _load_tensors(folder / MODEL_FILE)
+    loaded = LoadedCheckpoint(folder, run_dir, config, tokenizer, meta, model_state)
+    if with_train_state:
+        loaded.train_tensors = _load_tensors(folder / STATE_FILE)
+        try:
+            loaded.train_state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise CheckpointError(f"{folder / STATE_JSON}: missing or corrupted training state") from None
+    return loaded
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (truncated checkpoint)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({detail})") from None
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a crash
+    return records
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop records past the checkpoint's step so the curve has no repeated steps."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= step]
+    tmp = path.with_name(f"{TMP_PREFIX}metrics.{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,336 @@
+"""Typed, frozen configuration loaded from YAML with strict checks (no torch here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class UserError(Exception):
+    """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = "rope"
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    norm_placement: Literal["pre", "post"] = "pre"
+    activation: Literal["gelu", "relu2"] = "relu2"
+    tie_weights: bool = False
+    bias: bool = False
+    qk_norm: bool = True
+    # 0 disables soft-capping; otherwise logits = cap * tanh(logits / cap).
+    logit_softcap: float = 0.0
+    # Output projections of attention and MLP start at zero, so each block starts as the identity.
+    zero_init_proj: bool = True
+    mlp_ratio: int = 4
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Empty means the bundled tiny Shakespeare corpus in data/.
+    path: str = ""
+    val_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 32
+    max_iters: int = 2000
+    optimizer: Literal["adamw", "muon"] = "muon"
+    learning_rate: float = 3e-3
+    min_lr: float = 3e-4
+    # Learning rate of the Muon-updated matrices (the other parameters use learning_rate).
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    schedule: Literal["cosine", "wsd"] = "wsd"
+    warmup_iters: int = 50
+    # wsd: the final fraction of training over which the learning rate decays to min_lr.
+    decay_fraction: float = 0.3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False
+    seed: int = 1337
+    # Seconds of wall clock for the whole command; 0 means no budget.
+    time_budget: float = 0.0
+    device: str = "auto"
+    num_threads: int = 0
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+        }
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _nearest(name: str, options: typing.Iterable[str]) -> str:
+    options = list(options)
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (valid: {', '.join(options)})"
+
+
+def _convert(key: str, value: Any, annotation: Any) -> Any:
+    """Check value against a field's type, converting what YAML leaves as text (e.g. '1e-3')."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if number.is_integer():
+                return int(number)
+        raise UserError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise UserError(f"{key}: expected a number, got {value!r}") from None
+        else:
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise UserError(f"{key}: expected a finite number, got {value!r}")
+        return number
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{key}: expected text, got {value!r}")
+    raise AssertionError(f"unhandled annotation {annotation!r} for {key}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build_section(section: str, values: dict[str, Any], base: Any) -> Any:
+    cls = SECTIONS[section]
+    hints = _field_types(cls)
+    changes = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"unknown config key '{section}.{key}'" + _nearest(key, hints))
+        changes[key] = _convert(f"{section}.{key}", value, hints[key])
+    return dataclasses.replace(base, **changes)
+
+
+def validate(config: Config) -> Config:
+    """Reject impossible values, naming the key and what would be right."""
+    m, d, t = config.model, config.data, config.train
+    positive = {
+        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
+        "model.block_size": m.block_size, "model.mlp_ratio": m.mlp_ratio,
+        "train.batch_size": t.batch_size, "train.max_iters": t.max_iters,
+        "train.grad_accum_steps": t.grad_accum_steps, "train.eval_interval": t.eval_interval,
+        "train.eval_iters": t.eval_iters, "train.log_interval": t.log_interval,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"{key} must be at least 1, got {value}")
+    if m.n_embd % m.n_head:
+        raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    if m.pos_encoding == "rope" and m.head_dim % 2:
+        raise UserError(f"rope needs an even head size, but n_embd / n_head = {m.head_dim}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if m.logit_softcap < 0:
+        raise UserError(f"model.logit_softcap must be 0 (off) or positive, got {m.logit_softcap}")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {d.val_fraction}")
+    for key, value in {"train.learning_rate": t.learning_rate, "train.muon_lr": t.muon_lr}.items():
+        if value <= 0:
+            raise UserError(f"{key} must be positive, got {value}")
+    for key, value in {
+        "train.min_lr": t.min_lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
+        "train.warmup_iters": t.warmup_iters, "train.time_budget": t.time_budget,
+        "train.checkpoint_interval": t.checkpoint_interval, "train.num_threads": t.num_threads,
+    }.items():
+        if value < 0:
+            raise UserError(f"{key} must be zero or positive, got {value}")
+    if t.min_lr > t.learning_rate:
+        raise UserError(f"train.min_lr ({t.min_lr}) must not exceed train.learning_rate ({t.learning_rate})")
+    for key, value in {"train.beta1": t.beta1, "train.beta2": t.beta2,
+                       "train.muon_momentum": t.muon_momentum}.items():
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"{key} must be in [0, 1), got {value}")
+    if not 0.0 <= t.decay_fraction <= 1.0:
+        raise UserError(f"train.decay_fraction must be in [0, 1], got {t.decay_fraction}")
+    if t.seed < 0:
+        raise UserError(f"train.seed must be zero or positive, got {t.seed}")
+    return config
+
+
+def from_dict(raw: Any, name: str = "config", base: Config | None = None) -> Config:
+    config = base or Config()
+    if raw is None:
+        raise UserError(f"{name} is empty: expected the sections {', '.join(SECTIONS)}")
+    if not isinstance(raw, dict):
+        raise UserError(f"{name} must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+    sections = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise UserError(f"unknown config section '{section}'" + _nearest(str(section), SECTIONS))
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise UserError(f"config section '{section}' must be a mapping, got {values!r}")
+        sections[section] = _build_section(section, values, getattr(config, section))
+    return validate(dataclasses.replace(config, **sections, name=name))
+
+
+def bundled_dir(kind: str) -> Path:
+    """The shipped configs/ or data/ folder: inside the installed package, or at the repository top."""
+    package = Path(__file__).resolve().parent
+    inside = package / "_bundled" / kind
+    if inside.is_dir():
+        return inside
+    return package.parent / kind
+
+
+def default_data_path() -> Path:
+    return bundled_dir("data") / "tinyshakespeare.txt"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in bundled_dir("configs").glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
+        if not path.is_file():
+            raise UserError(f"config file not found: {name_or_path}")
+        return path
+    shipped = bundled_dir("configs") / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise UserError(f"no config named '{name_or_path}'" + _nearest(name_or_path, shipped_configs()))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that also refuses duplicate keys, so a repeated key is not silently dropped."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    mapping = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in mapping:
+            raise UserError(f"duplicate config key '{key}' (line {key_node.start_mark.line + 1})")
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+    return mapping
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_config(name_or_path: str | None = None) -> Config:
+    """Load a YAML config (a path or the name of a shipped one); None gives the shipped default."""
+    path = resolve_config_path(name_or_path or "default")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"{path}: invalid YAML{where}: {detail}") from None
+    return from_dict(raw, name=path.stem)
+
+
+def parse_value(text: str) -> Any:
+    """A --set value is read as a YAML scalar: 4 -> int, 1e-3 -> '1e-3' (converted per field), true -> bool."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (dict, list)):
+        raise UserError(f"--set value must be a single value, got {text!r}")
+    return "" if value is None else value
+
+
+def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
+    """Apply --set section.key=value overrides with the same checks as the YAML file."""
+    raw: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set expects section.key=value, got {item!r}")
+        dotted, text = item.split("=", 1)
+        if "." not in dotted:
+            raise UserError(f"--set key must be section.key (e.g. model.n_layer), got {dotted!r}")
+        section, key = dotted.strip().split(".", 1)
+        raw.setdefault(section, {})[key] = parse_value(text)
+    if not raw:
+        return config
+    return from_dict(raw, name=config.name, base=config)
+
+
+def config_from_checkpoint_dict(raw: dict[str, Any], name: str = "checkpoint") -> Config:
+    """Rebuild a Config stored in a checkpoint; keys added later keep their defaults."""
+    return from_dict(raw, name=name)
+

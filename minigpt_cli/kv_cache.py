@@ -1,0 +1,59 @@
+"""A key/value store for every layer, allocated once for block_size positions."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, written in place (no concatenation per step).
+
+    Layout (n_layer, B, n_head, block_size, head_dim). A forward pass writes each layer's new
+    positions at [length, length + T) through `update`, then calls `advance(T)` once.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, block_size: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layer, batch_size, n_head, block_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, n_head, T, head_dim) keys and values after the cached ones; return all of them.
+
+        A batch of 1 is broadcast to every row, so several samples can share one prefill of the prompt.
+        """
+        end = self.length + k_new.shape[2]
+        if end > self.block_size:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.block_size} allocated")
+        self.k[layer, :, :, self.length:end] = k_new
+        self.v[layer, :, :, self.length:end] = v_new
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_head, end, head_dim)
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def cache_bytes_per_token(n_layer: int, n_embd: int, dtype_bytes: int = 4) -> int:
+    """Keys and values for every layer: 2 * n_layer * n_embd numbers per position."""
+    return 2 * n_layer * n_embd * dtype_bytes

@@ -1,0 +1,295 @@
+"""From logits to tokens: a pure sampling function, and generation with or without the KV cache."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from minigpt_cli.config import UserError
+from minigpt_cli.device import make_generator, synchronize
+from minigpt_cli.model import GPT
+from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    # 0 means greedy (argmax).
+    temperature: float = 0.8
+    # None: off. Otherwise keep the k most likely tokens.
+    top_k: int | None = None
+    # 1.0: off. Keep the smallest set of tokens whose probabilities sum to at least top_p.
+    top_p: float = 1.0
+    # 0.0: off. Drop tokens whose probability is below min_p times the most likely token's.
+    min_p: float = 0.0
+    # 1.0: off. Divide positive (multiply negative) logits of tokens already in the window.
+    repetition_penalty: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_settings(settings: SamplingSettings, vocab_size: int) -> SamplingSettings:
+    """Reject out-of-range settings with the allowed range; clamp top_k to the vocabulary."""
+    s = settings
+    if not s.temperature >= 0:
+        raise UserError(f"--temperature must be 0 (greedy) or positive, got {s.temperature}")
+    if s.top_k is not None and s.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {s.top_k}")
+    if not 0.0 < s.top_p <= 1.0:
+        raise UserError(f"--top-p must be in (0, 1], got {s.top_p}")
+    if not 0.0 <= s.min_p <= 1.0:
+        raise UserError(f"--min-p must be in [0, 1], got {s.min_p}")
+    if not s.repetition_penalty > 0:
+        raise UserError(f"--repetition-penalty must be positive (1 is off), got {s.repetition_penalty}")
+    if s.top_k is not None and s.top_k > vocab_size:
+        s = SamplingSettings(s.temperature, vocab_size, s.top_p, s.min_p, s.repetition_penalty)
+    return s
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, vocab_size), history (B, L) token ids: the CTRL paper's penalty, once per distinct token."""
+    score = logits.gather(1, history)
+    score = torch.where(score > 0, score / penalty, score * penalty)
+    return logits.scatter(1, history, score)
+
+
+def next_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None,
+               history: torch.Tensor | None = None) -> torch.Tensor:
+    """Choose one token per row of logits (B, vocab_size); returns (B,) token ids."""
+    logits = logits.float()
+    if settings.repetition_penalty != 1.0 and history is not None and history.numel():
+        logits = apply_repetition_penalty(logits, history, settings.repetition_penalty)
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / settings.temperature
+    if settings.top_k is not None and settings.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if settings.min_p > 0:
+        threshold = settings.min_p * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    if settings.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= settings.top_p * sorted_probs.sum(-1, keepdim=True)
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@dataclass
+class GenerationStep:
+    tokens: torch.Tensor  # (B,) the token chosen for each sample
+    active: torch.Tensor  # (B,) bool: the token belongs to its sample (the sample had not stopped)
+    logits: torch.Tensor  # (B, vocab_size) the logits the token was chosen from
+
+
+def slide_keep(block_size: int) -> int:
+    """Positions kept when the window is full: 3/4 of it, so a refill happens every block_size/4 tokens."""
+    return max(1, block_size - max(1, block_size // 4))
+
+
+@torch.inference_mode()
+def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, settings: SamplingSettings,
+             generator: torch.Generator | None = None, num_samples: int = 1, use_cache: bool = True,
+             stop: Sequence[Sequence[int]] = (), dtype: torch.dtype | None = None) -> Iterator[GenerationStep]:
+    """Yield one GenerationStep per new position for num_samples samples of the same prompt.
+
+    The context window is the same with and without the cache: it grows to block_size, then keeps
+    its last slide_keep(block_size) tokens. With the cache, the prompt is prefilled once (batch 1,
+    shared by every sample) and each step feeds one token; a full window is prefilled again after
+    the slide. Without it, every step runs the whole window, which is the reference the cached
+    path matches. Generation stops early once every sample has ended with one of `stop`.
+    """
+    block_size = model.config.block_size
+    device = model.lm_head.weight.device
+    if not prompt:
+        raise ValueError("prompt must hold at least one token")
+    window = torch.tensor(list(prompt)[-block_size:], dtype=torch.long, device=device)[None]  # (1, T)
+    keep = slide_keep(block_size)
+    cache = model.new_kv_cache(num_samples, dtype=dtype) if use_cache else None
+    logits = model(window, cache)[:, -1].float()  # (1, vocab_size): one prefill for all samples
+    logits = logits.expand(num_samples, -1)  # (B, vocab_size)
+    window = window.expand(num_samples, -1)  # (B, T)
+    active = torch.ones(num_samples, dtype=torch.bool, device=device)
+    stops = [torch.tensor(list(s), dtype=torch.long, device=device) for s in stop if len(s)]
+    generated = torch.empty(num_samples, 0, dtype=torch.long, device=device)
+    for _ in range(max_new_tokens):
+        history = window if settings.repetition_penalty != 1.0 else None
+        tokens = next_token(logits, settings, generator, history)  # (B,)
+        yield GenerationStep(tokens, active.clone(), logits)
+        if stops:
+            generated = torch.cat([generated, tokens[:, None]], dim=1)[:, -max(len(s) for s in stops):]
+            for s in stops:
+                if generated.shape[1] >= len(s):
+                    active &= ~(generated[:, -len(s):] == s).all(dim=1)
+            if not active.any():
+                return
+        window = torch.cat([window, tokens[:, None]], dim=1)  # (B, T + 1)
+        if window.shape[1] > block_size:
+            window = window[:, -keep:]
+            if cache is not None:
+                cache.reset()
+                logits = model(window, cache)[:, -1].float()
+                continue
+        if cache is not None:
+            logits = model(tokens[:, None], cache)[:, -1].float()
+        else:
+            logits = model(window)[:, -1].float()
+
+
+# ---------------------------------------------------------------------------------------------
+# A sampling session for the CLI: load a run, check the request, generate, decode, time it.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SampleRequest:
+    run: Path | None
+    prompt: str
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    num_samples: int = 1
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    use_cache: bool = True
+    dtype: str = "float32"
+    device: str = "auto"
+    skip_unknown: bool = False
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of text could still grow into a stop text (so must not be shown yet)."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-n:]):
+                longest = n
+                break
+    return longest
+
+
+class SampleSession:
+    def __init__(self, request: SampleRequest, model: GPT, tokenizer: CharTokenizer, prompt_ids: list[int],
+                 settings: SamplingSettings, seed: int, dtype: torch.dtype | None, checkpoint: Path,
+                 warnings: list[str]):
+        self.request = request
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt_ids = prompt_ids
+        self.settings = settings
+        self.seed = seed
+        self.dtype = dtype
+        self.checkpoint = checkpoint
+        self.warnings = warnings
+        self.samples: list[str] = []
+        self.tokens_generated = 0
+        self.seconds = 0.0
+        self.first_token_seconds = math.nan
+
+    def stream(self) -> Iterator[str]:
+        """Generate every sample; yield the first sample's text as soon as it is safe to show."""
+        req, device = self.request, self.model.lm_head.weight.device
+        stops = [s for s in req.stop if s]
+        stop_ids = [self.tokenizer.encode(s) for s in stops if not self.tokenizer.unknown(s)]
+        texts = [[] for _ in range(req.num_samples)]
+        shown = 0
+        generator = make_generator(self.seed, device)
+        synchronize(device)
+        began = time.perf_counter()
+        for i, step in enumerate(generate(self.model, self.prompt_ids, req.max_new_tokens, self.settings, generator,
+                                          req.num_samples, req.use_cache, stop_ids, self.dtype)):
+            if i == 0:
+                self.first_token_seconds = time.perf_counter() - began
+            tokens, active = step.tokens.tolist(), step.active.tolist()
+            for row, (token, alive) in enumerate(zip(tokens, active)):
+                if alive:
+                    texts[row].append(self.tokenizer.chars[token])
+                    self.tokens_generated += 1
+            first = "".join(texts[0]) if active[0] else None
+            if first is not None:
+                if any(first.endswith(s) for s in stops):
+                    continue
+                safe = len(first) - _held_back(first, stops)
+                if safe > shown:
+                    yield first[shown:safe]
+                    shown = safe
+        synchronize(device)
+        self.seconds = time.perf_counter() - began
+        self.samples = [self._strip_stop("".join(t), stops) for t in texts]
+        if len(self.samples[0]) > shown:
+            yield self.samples[0][shown:]
+
+    @staticmethod
+    def _strip_stop(text: str, stops: Sequence[str]) -> str:
+        for s in stops:
+            if text.endswith(s):
+                return text[: -len(s)]
+        return text
+
+    def result(self) -> dict:
+        req = self.request
+        return {
+            "prompt": req.prompt,
+            "samples": self.samples,
+            "tokens_generated": self.tokens_generated,
+            "tokens_per_second": self.tokens_generated / self.seconds if self.seconds else math.nan,
+            "seconds": self.seconds,
+            "time_to_first_token": self.first_token_seconds,
+            "seed": self.seed,
+            "settings": {**self.settings.to_dict(), "max_new_tokens": req.max_new_tokens,
+                         "num_samples": req.num_samples, "stop": list(req.stop), "kv_cache": req.use_cache,
+                         "dtype": req.dtype},
+            "checkpoint": str(self.checkpoint),
+            "device": str(self.model.lm_head.weight.device),
+        }
+
+
+def prepare(request: SampleRequest) -> SampleSession:
+    """Load the run, check every setting, and encode the prompt; nothing is generated yet."""
+    from minigpt_cli.checkpoint import load_checkpoint
+    from minigpt_cli.device import DTYPES, resolve_device
+
+    if request.dtype not in DTYPES:
+        raise UserError(f"--dtype must be float32, bfloat16 or float16, got {request.dtype!r}")
+    device = resolve_device(request.device).device
+    if request.dtype == "float16" and device.type == "cpu":
+        raise UserError("--dtype float16 is for GPUs; on CPU use bfloat16 or float32")
+    loaded = load_checkpoint(request.run, which="best")
+    tokenizer = loaded.tokenizer
+    settings = check_settings(SamplingSettings(request.temperature, request.top_k, request.top_p, request.min_p,
+                                               request.repetition_penalty), tokenizer.vocab_size)
+    warnings = []
+    prompt = request.prompt
+    missing = tokenizer.unknown(prompt)
+    if missing:
+        if not request.skip_unknown:
+            raise UnknownCharactersError(missing, "the prompt")
+        prompt = "".join(c for c in prompt if c in tokenizer.stoi)
+        warnings.append(f"dropped {len(missing)} character(s) not in the vocabulary: {describe_chars(missing)}")
+    for s in request.stop:
+        if tokenizer.unknown(s):
+            warnings.append(f"stop text {s!r} has characters outside the vocabulary, so it can never occur")
+    if not prompt:
+        # Training text starts lines after a newline, so an empty prompt starts there too.
+        prompt = "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
+    block_size = loaded.config.model.block_size
+    if len(prompt) > block_size:
+        warnings.append(f"the prompt has {len(prompt)} characters; the model sees its last {block_size} (block_size)")
+    model = loaded.build_model(device).eval()
+    dtype = DTYPES[request.dtype]
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+    return SampleSession(request, model, tokenizer, tokenizer.encode(prompt), settings, seed,
+                         None if dtype == torch.float32 else dtype, loaded.path, warnings)

@@ -1,0 +1,545 @@
+"""The training loop: optimizers, schedule, evaluation, checkpoints, signals, and torchrun (DDP).
+
+The trainer never prints: it reports TrainEvents through a callback and returns a TrainResult.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minigpt_cli import checkpoint as ckpt
+from minigpt_cli.config import Config, UserError
+from minigpt_cli.data import Corpus, batch_indices, check_split_lengths, get_batch, load_corpus
+from minigpt_cli.device import Precision, autocast, choose_precision, resolve_device, synchronize
+from minigpt_cli.model import GPT
+from minigpt_cli.optim import build_optimizers, lr_factor, set_lr
+
+LN2 = math.log(2.0)
+# Eval batches draw from generators keyed past any training micro-step, so they never overlap.
+EVAL_STREAM = 1 << 30
+
+
+@dataclass
+class TrainEvent:
+    kind: str  # start | step | eval | checkpoint | warning | final_eval
+    step: int
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    tokens: int
+    best_val_loss: float
+    final_val_loss: float
+    final_val_bpc: float
+    wall_seconds: float
+    train_seconds: float
+    eval_seconds: float
+    stopped: str  # completed | max_iters | time_budget | interrupted | terminated
+    device: str
+    precision: str
+    n_params: int
+    val_tokens_scored: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class TrainingStopped(Exception):
+    """Ctrl-C or SIGTERM: the checkpoint was saved; the CLI exits with 128 + signal number."""
+
+    def __init__(self, signum: int, result: TrainResult):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {result.steps}")
+        self.signum = signum
+        self.result = result
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(
+            f"loss became non-finite at step {step}; stopped without saving it. The last good checkpoint "
+            f"in {run_dir} is kept (try a lower train.learning_rate or train.grad_clip)"
+        )
+        self.step = step
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_distributed() -> Distributed:
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return Distributed(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
+                           int(os.environ["WORLD_SIZE"]))
+    return Distributed()
+
+
+class _SignalCatcher:
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second exits at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalCatcher":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:
+                pass  # not the main thread: leave signals alone
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            # The last good checkpoint is whole on disk: every save is a rename into place.
+            os._exit(128 + signum)
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_size: int,
+               device: torch.device, precision: Precision) -> tuple[float, int]:
+    """Sum of -log p over every character after the first, and how many were scored.
+
+    Windows of up to block_size characters start every `stride` characters; each window scores
+    only the characters no earlier window scored, so with stride < block_size every character
+    after the first window sees at least block_size - stride characters of context. With
+    stride == block_size the windows do not overlap and each position is scored once.
+    """
+    n = len(ids)
+    windows = []  # (begin, end, first scored offset): inputs ids[begin:end], targets ids[begin+1:end+1]
+    scored_to = 0
+    for begin in range(0, max(n - 1, 0), stride):
+        end = min(begin + block_size, n - 1)
+        windows.append((begin, end, scored_to - begin))
+        scored_to = end
+        if end == n - 1:
+            break
+    data = torch.from_numpy(ids.astype(np.int64))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    full = [w for w in windows if w[1] - w[0] == block_size]
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    groups += [[w] for w in windows if w[1] - w[0] != block_size]
+    model.eval()
+    with torch.no_grad(), autocast(device, precision):
+        for group in groups:
+            length = group[0][1] - group[0][0]
+            begins = torch.tensor([w[0] for w in group])
+            xy = data[begins[:, None] + torch.arange(length + 1)].to(device)  # (B, T+1)
+            logits = model(xy[:, :-1]).float()  # (B, T, vocab_size)
+            nll = F.cross_entropy(logits.transpose(1, 2), xy[:, 1:], reduction="none")  # (B, T)
+            skip = torch.tensor([w[2] for w in group], device=device)
+            keep = torch.arange(length, device=device)[None] >= skip[:, None]  # (B, T)
+            total += nll[keep].double().sum()
+            count += int(keep.sum())
+    return total.item(), count
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: Path, resume: bool = False,
+                 callback: Callable[[TrainEvent], None] | None = None, started_at: float | None = None):
+        self.started_at = started_at if started_at is not None else time.perf_counter()
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.callback = callback or (lambda event: None)
+        self.dist = detect_distributed()
+
+    def emit(self, kind: str, step: int, **data: Any) -> None:
+        if self.dist.is_main:
+            self.callback(TrainEvent(kind, step, data))
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        t = self.config.train
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        if self.dist.enabled:
+            self._init_process_group()
+        else:
+            choice = resolve_device(t.device)
+            self.device, self.device_reason = choice.device, choice.reason
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            if self.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.backends.cudnn.benchmark = False
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.precision = choose_precision(self.device, t.dtype)
+
+    def _init_process_group(self) -> None:
+        import torch.distributed as dist
+
+        t = self.config.train
+        if torch.cuda.is_available() and t.device in ("auto", "cuda"):
+            torch.cuda.set_device(self.dist.local_rank)
+            self.device, backend = torch.device("cuda", self.dist.local_rank), "nccl"
+        else:
+            if t.device not in ("auto", "cpu"):
+                raise UserError(f"under torchrun use --device auto, cuda or cpu, got '{t.device}'")
+            self.device, backend = torch.device("cpu"), "gloo"
+        dist.init_process_group(backend=backend)
+        self.device_reason = f"torchrun rank {self.dist.rank} of {self.dist.world_size} ({backend})"
+
+    def _load_resume(self) -> ckpt.LoadedCheckpoint | None:
+        if not self.resume:
+            return None
+        loaded = ckpt.load_checkpoint(self.run_dir, which="latest", with_train_state=True)
+        saved = loaded.config.model
+        differ = [f"model.{f.name}: run has {getattr(saved, f.name)!r}, config has {getattr(self.config.model, f.name)!r}"
+                  for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(self.config.model, f.name)]
+        if differ:
+            raise UserError("cannot resume with a different model shape; differing keys: " + "; ".join(differ))
+        saved_world = int(loaded.train_state.get("world_size", 1))
+        if saved_world * loaded.config.train.batch_size != self.dist.world_size * self.config.train.batch_size:
+            raise UserError(
+                f"cannot resume: the run used {saved_world} process(es) x batch {loaded.config.train.batch_size}, "
+                f"now {self.dist.world_size} x {self.config.train.batch_size}; keep world_size * train.batch_size equal"
+            )
+        return loaded
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        try:
+            self._setup()
+            return self._run()
+        finally:
+            if self.dist.enabled:
+                import torch.distributed as dist
+
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+
+    def _run(self) -> TrainResult:
+        cfg, t = self.config, self.config.train
+        loaded = self._load_resume()
+        corpus: Corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction,
+                                     loaded.tokenizer if loaded else None)
+        check_split_lengths(corpus, cfg.model.block_size)
+        if loaded and loaded.meta.get("data_fingerprint") not in (None, corpus.fingerprint):
+            self.emit("warning", loaded.step, message=(
+                f"the data differs from the data this run was trained on (fingerprint "
+                f"{loaded.meta['data_fingerprint'][:12]} vs {corpus.fingerprint[:12]}); continuing on the new "
+                f"data. To keep runs apart, train a new run with a different --out instead of --resume."))
+
+        torch.manual_seed(t.seed + self.dist.rank)
+        model = GPT(cfg.model, corpus.tokenizer.vocab_size)
+        if loaded:
+            ckpt.load_weights(model, loaded.model_state, loaded.path / ckpt.MODEL_FILE)
+        model.to(self.device)
+        optimizers = build_optimizers(model, t, self.device)
+        step = 0
+        tokens_seen = 0
+        best_val = math.inf
+        prior_seconds = 0.0
+        if loaded:
+            self._restore_train_state(loaded, optimizers)
+            step = loaded.step
+            tokens_seen = int(loaded.meta.get("tokens", 0))
+            best_val = float(loaded.meta.get("best_val_loss", math.inf))
+            prior_seconds = float(loaded.meta.get("train_seconds", 0.0))
+            if self.dist.is_main:
+                ckpt.truncate_metrics(self.run_dir, step)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        train_model: torch.nn.Module = model
+        if t.compile:
+            train_model = torch.compile(model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            train_model = DistributedDataParallel(
+                train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        scaler = torch.amp.GradScaler("cuda") if self.precision.use_grad_scaler else None
+        tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum_steps * self.dist.world_size
+        self.emit("start", step, n_params=model.num_parameters(), device=str(self.device),
+                  device_reason=self.device_reason, precision=self.precision.name,
+                  precision_reason=self.precision.reason, vocab_size=corpus.tokenizer.vocab_size,
+                  train_chars=len(corpus.train), val_chars=len(corpus.val), source=corpus.source,
+                  max_iters=t.max_iters, tokens_per_step=tokens_per_step, time_budget=t.time_budget,
+                  run_dir=str(self.run_dir), resumed_from=str(loaded.path) if loaded else None,
+                  world_size=self.dist.world_size)
+
+        state = dict(step=step, tokens=tokens_seen, best_val=best_val, eval_seconds=0.0, eval_rate=0.0,
+                     train_rate=0.0, val_tokens=len(corpus.val), prior_seconds=prior_seconds,
+                     fingerprint=corpus.fingerprint)
+        stopped = "max_iters"
+        state["loop_start"] = last_log = (time.perf_counter(), step)
+        with _SignalCatcher() as signals:
+            while step < t.max_iters:
+                if t.time_budget and self._out_of_time(state):
+                    stopped = "time_budget"
+                    break
+                factor = lr_factor(t, step, self._progress(step, state))
+                lr = set_lr(optimizers, factor)
+                loss = self._train_step(train_model, model, optimizers, scaler, corpus, step)
+                step += 1
+                state["step"], state["tokens"] = step, state["tokens"] + tokens_per_step
+                flags = self._agree([0.0 if math.isfinite(loss) else 1.0, float(signals.signum)])
+                if flags[0]:
+                    raise NonFiniteLoss(step, self.run_dir)
+                if step % t.log_interval == 0 or step == t.max_iters:
+                    now = time.perf_counter()
+                    rate = (step - last_log[1]) * tokens_per_step / max(now - last_log[0], 1e-9)
+                    last_log = (now, step)
+                    state["train_rate"] = rate
+                    self._log(step, loss, lr, rate, state)
+                if step % t.eval_interval == 0 and step < t.max_iters:
+                    self._periodic_eval(model, corpus, optimizers, state)
+                elif t.checkpoint_interval and step % t.checkpoint_interval == 0:
+                    self._save(model, corpus, optimizers, state, is_best=False)
+                if flags[1]:
+                    signum = int(flags[1])
+                    self._save(model, corpus, optimizers, state, is_best=False)
+                    raise TrainingStopped(signum, self._result(model, state, math.nan, 0,
+                                                               "interrupted" if signum == signal.SIGINT else "terminated"))
+            final_loss, scored = self._final_eval(model, corpus, optimizers, state)
+        return self._result(model, state, final_loss, scored, stopped)
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.started_at
+
+    def _progress(self, step: int, state: dict) -> float:
+        t = self.config.train
+        by_steps = (step - t.warmup_iters) / max(1, t.max_iters - t.warmup_iters)
+        if not t.time_budget:
+            return by_steps
+        # Decay must end when the budget does, less the time the final evaluation will take.
+        usable = t.time_budget - self._reserve(state)
+        return max(by_steps, self._elapsed() / max(usable, 1e-9))
+
+    def _reserve(self, state: dict) -> float:
+        """Seconds held back from the budget for the final full evaluation and the last save."""
+        # A forward pass costs about a third of a training step (forward plus backward).
+        rate = state["eval_rate"] or 3 * state["train_rate"] or 1e5
+        return state["val_tokens"] / rate + 0.5
+
+    def _out_of_time(self, state: dict) -> bool:
+        over = self._elapsed() >= self.config.train.time_budget - self._reserve(state)
+        return self._agree([float(over)])[0] > 0
+
+    def _agree(self, values: list[float]) -> list[float]:
+        """One decision for every rank: the largest value any rank saw."""
+        if not self.dist.enabled:
+            return values
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
+
+    def _train_step(self, train_model, model: GPT, optimizers, scaler, corpus: Corpus, step: int) -> float:
+        t, m = self.config.train, self.config.model
+        train_model.train()
+        total = torch.zeros((), device=self.device)
+        for micro in range(t.grad_accum_steps):
+            starts = batch_indices(len(corpus.train), m.block_size, t.batch_size, t.seed, step, micro,
+                                   self.dist.rank, self.dist.world_size)
+            x, y = get_batch(corpus.train, starts, m.block_size, self.device)
+            last = micro == t.grad_accum_steps - 1
+            # Under DDP, gradients are all-reduced only after the last micro-step.
+            sync = train_model.no_sync() if (self.dist.enabled and not last) else _null()
+            with sync:
+                with autocast(self.device, self.precision):
+                    logits = train_model(x)
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+                    loss = loss / t.grad_accum_steps
+                (scaler.scale(loss) if scaler else loss).backward()
+            total += loss.detach()
+        if scaler:
+            for opt in optimizers:
+                scaler.unscale_(opt)
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        for opt in optimizers:
+            if scaler:
+                scaler.step(opt)
+            else:
+                opt.step()
+        if scaler:
+            scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        value = total.item()
+        if self.dist.enabled:
+            value = self._mean(value)
+        return value
+
+    def _mean(self, value: float) -> float:
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / self.dist.world_size
+
+    def _log(self, step: int, loss: float, lr: float, rate: float, state: dict) -> None:
+        t = self.config.train
+        elapsed = self._elapsed()
+        if t.time_budget:
+            eta = max(0.0, t.time_budget - elapsed)
+        else:
+            began, first = state["loop_start"]
+            eta = (time.perf_counter() - began) / max(1, step - first) * (t.max_iters - step)
+        record = dict(kind="train", step=step, loss=loss, lr=lr, tokens_per_sec=rate, elapsed=elapsed,
+                      tokens=state["tokens"])
+        if self.dist.is_main:
+            ckpt.append_metrics(self.run_dir, record)
+        self.emit("step", step, loss=loss, lr=lr, tokens_per_sec=rate, eta=eta, elapsed=elapsed,
+                  tokens=state["tokens"], max_iters=t.max_iters)
+
+    def _estimate(self, model: GPT, corpus: Corpus) -> dict[str, float]:
+        """Mean loss over eval_iters fixed batches of each split (the same batches every time)."""
+        t, m = self.config.train, self.config.model
+        out = {}
+        model.eval()
+        with torch.no_grad(), autocast(self.device, self.precision):
+            for split_id, (name, ids) in enumerate((("train", corpus.train), ("val", corpus.val))):
+                losses = []
+                for i in range(t.eval_iters):
+                    starts = batch_indices(len(ids), m.block_size, t.batch_size, t.seed, i, EVAL_STREAM + split_id,
+                                           self.dist.rank, self.dist.world_size)
+                    x, y = get_batch(ids, starts, m.block_size, self.device)
+                    logits = model(x).float()
+                    losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
+                out[name] = torch.stack(losses).mean().item()
+        if self.dist.enabled:
+            out = {k: self._mean(v) for k, v in out.items()}
+        return out
+
+    def _periodic_eval(self, model: GPT, corpus: Corpus, optimizers, state: dict) -> None:
+        t, m = self.config.train, self.config.model
+        began = time.perf_counter()
+        losses = self._estimate(model, corpus)
+        seconds = time.perf_counter() - began
+        state["eval_seconds"] += seconds
+        state["eval_rate"] = 2 * t.eval_iters * t.batch_size * m.block_size / max(seconds, 1e-9)
+        is_best = losses["val"] < state["best_val"]
+        state["best_val"] = min(state["best_val"], losses["val"])
+        step = state["step"]
+        if self.dist.is_main:
+            ckpt.append_metrics(self.run_dir, dict(kind="eval", step=step, train_loss=losses["train"],
+                                                   val_loss=losses["val"], elapsed=self._elapsed(), scope="sampled"))
+        self.emit("eval", step, train_loss=losses["train"], val_loss=losses["val"], best_val_loss=state["best_val"],
+                  scope=f"{t.eval_iters} sampled batches", seconds=seconds)
+        self._save(model, corpus, optimizers, state, is_best=is_best, val_loss=losses["val"])
+
+    def _final_eval(self, model: GPT, corpus: Corpus, optimizers, state: dict) -> tuple[float, int]:
+        """Validation loss over the whole validation split, in non-overlapping block_size windows."""
+        t, m = self.config.train, self.config.model
+        began = time.perf_counter()
+        total, count = score_text(model, corpus.val, m.block_size, m.block_size, max(t.batch_size, 32),
+                                  self.device, self.precision)
+        loss = total / max(count, 1)
+        if self.dist.enabled:
+            loss = self._mean(loss)
+        seconds = time.perf_counter() - began
+        state["eval_seconds"] += seconds
+        is_best = loss < state["best_val"]
+        state["best_val"] = min(state["best_val"], loss)
+        if self.dist.is_main:
+            ckpt.append_metrics(self.run_dir, dict(kind="eval", step=state["step"], val_loss=loss, scope="full",
+                                                   elapsed=self._elapsed()))
+        self.emit("final_eval", state["step"], val_loss=loss, bpc=loss / LN2, tokens=count, seconds=seconds,
+                  best_val_loss=state["best_val"])
+        self._save(model, corpus, optimizers, state, is_best=is_best, val_loss=loss, final=True)
+        return loss, count
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _save(self, model: GPT, corpus: Corpus, optimizers, state: dict, is_best: bool,
+              val_loss: float | None = None, final: bool = False) -> None:
+        if self.dist.is_main:
+            tensors, plain = self._train_state(optimizers)
+            meta = dict(step=state["step"], tokens=state["tokens"], best_val_loss=state["best_val"],
+                        val_loss=val_loss, data_fingerprint=state["fingerprint"], device=str(self.device),
+                        precision=self.precision.name, train_seconds=state["prior_seconds"] + self._elapsed(),
+                        final=final, world_size=self.dist.world_size)
+            saved = ckpt.save_checkpoint(self.run_dir, model, self.config, corpus.tokenizer, meta,
+                                         tensors, plain, is_best)
+            self.emit("checkpoint", state["step"], path=str(saved), is_best=is_best)
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _train_state(self, optimizers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"rng.torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        plain: dict[str, Any] = {"world_size": self.dist.world_size, "optimizers": []}
+        for i, opt in enumerate(optimizers):
+            opt_tensors, opt_plain = ckpt.flatten_optimizer(f"optimizer.{i}", opt.state_dict())
+            tensors.update(opt_tensors)
+            plain["optimizers"].append(opt_plain)
+        return tensors, plain
+
+    def _restore_train_state(self, loaded: ckpt.LoadedCheckpoint, optimizers) -> None:
+        plain = loaded.train_state.get("optimizers", [])
+        if len(plain) != len(optimizers):
+            raise UserError(f"cannot resume: the checkpoint has {len(plain)} optimizer state(s) but train.optimizer "
+                            f"'{self.config.train.optimizer}' needs {len(optimizers)}")
+        for i, opt in enumerate(optimizers):
+            state = ckpt.unflatten_optimizer(f"optimizer.{i}", loaded.train_tensors, plain[i])
+            try:
+                opt.load_state_dict(state)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise UserError(f"cannot resume: optimizer state does not fit ({exc})") from None
+        if "rng.torch" in loaded.train_tensors and self.dist.world_size == int(loaded.train_state.get("world_size", 1)):
+            torch.set_rng_state(loaded.train_tensors["rng.torch"])
+        if "rng.cuda" in loaded.train_tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(loaded.train_tensors["rng.cuda"], self.device)
+
+    def _result(self, model: GPT, state: dict, final_loss: float, scored: int, stopped: str) -> TrainResult:
+        wall = self._elapsed()
+        return TrainResult(
+            run_dir=str(self.run_dir), steps=state["step"], tokens=state["tokens"],
+            best_val_loss=state["best_val"], final_val_loss=final_loss,
+            final_val_bpc=final_loss / LN2 if math.isfinite(final_loss) else math.nan,
+            wall_seconds=wall, train_seconds=wall - state["eval_seconds"], eval_seconds=state["eval_seconds"],
+            stopped=stopped, device=str(self.device), precision=self.precision.name,
+            n_params=model.num_parameters(), val_tokens_scored=scored)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(config: Config, run_dir: Path, resume: bool = False,
+          callback: Callable[[TrainEvent], None] | None = None, started_at: float | None = None) -> TrainResult:
+    return Trainer(config, run_dir, resume, callback, started_at).run()
