@@ -185,6 +185,12 @@ def save_checkpoint(run_dir: Path, model: GPT, config: Config, tokenizer: CharTo
     step = int(meta["step"])
     checkpoints = run_dir / "checkpoints"
     name = f"step-{step:07d}"
+    # The same step saved again (an interrupt right after a periodic save, say) gets a new folder, so
+    # the one the pointers name stays whole until they move; prune removes it afterwards.
+    n = 1
+    while (checkpoints / name).exists():
+        n += 1
+        name = f"step-{step:07d}-{n}"
     final = checkpoints / name
     tmp = checkpoints / f"{TMP_PREFIX}{name}.{os.getpid()}"
     full_meta = {
@@ -208,21 +214,18 @@ def save_checkpoint(run_dir: Path, model: GPT, config: Config, tokenizer: CharTo
             with open(tmp / f, "rb+") as handle:
                 os.fsync(handle.fileno())
         _fsync_dir(tmp)
-        if final.exists():
-            # The same step saved again (e.g. an interrupt right after a periodic save): replace it.
-            stale = checkpoints / f"{TMP_PREFIX}stale-{name}.{os.getpid()}"
-            os.replace(final, stale)
-            shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(checkpoints)
         pointer = {"checkpoint": f"checkpoints/{name}", "step": step}
         atomic_write_json(run_dir / "latest.json", pointer)
         if is_best:
             atomic_write_json(run_dir / "best.json", pointer)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
+        # safetensors reports a full disk as SafetensorError ("... No space left on device (os error 28)").
         shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CheckpointWriteError(
-            f"could not save the checkpoint for step {step} in {run_dir}: {exc.strerror or exc}; "
+            f"could not save the checkpoint for step {step} in {run_dir}: {reason}; "
             f"the previous checkpoint is intact"
         ) from exc
     prune(run_dir)

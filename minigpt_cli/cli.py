@@ -387,6 +387,371 @@ def sample(
         emit_json(result)
 
 
+# ---------------------------------------------------------------------------------------------
+# eval, bench, inspect
+# ---------------------------------------------------------------------------------------------
+
+def _mib(nbytes: Optional[float]) -> str:
+    if nbytes is None:
+        return "-"
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:,.2f} GiB"
+    return f"{nbytes / 2**20:,.1f} MiB"
+
+
+def _count(n: float) -> str:
+    """1234567 -> '1.23M': parameter and FLOP counts for people."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _ms(timing: Optional[dict]) -> str:
+    """Median and median absolute deviation of a bench timing."""
+    if not timing:
+        return "-"
+    return f"{timing['median_ms']:.3g} ± {timing['mad_ms']:.2g} ms"
+
+
+def _key_value_table(title: str, rows: List[tuple]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, box=None, title_justify="left", title_style="bold")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@app.command(name="eval", epilog="Examples:  minigpt eval  |  minigpt eval runs/default-... --data other.txt  |  "
+                                 "cat notes.txt | minigpt eval --data - --json")
+@handle_errors
+def eval_(
+    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint folder (default: newest under ./runs)."),
+    data: Optional[str] = typer.Option(None, "--data", help="UTF-8 file, folder of .txt files, or - for stdin "
+                                                            "(default: the run's own validation split)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Characters between window starts: each character "
+                                         "after the first window sees at least block_size - stride of context "
+                                         "(default: block_size / 2)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Windows scored together."),
+    which: str = typer.Option("best", "--checkpoint", help="Which checkpoint of the run: best or latest."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 (GPU only), or auto "
+                                                         "(the training precision)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
+) -> None:
+    """Score a text with a trained run: NLL per character, bits per character, perplexity."""
+    from minigpt_cli.evaluate import EvalRequest, evaluate
+
+    result = evaluate(EvalRequest(run=run, data=data, stride=stride, batch_size=batch_size, device=device,
+                                  dtype=dtype, which=which))
+    for warning in result.warnings:
+        err.print(f"warning: {warning}", markup=False)
+    if json_out:
+        emit_json(result.to_dict())
+        return
+    context = (f"windows of {result.block_size} every {result.stride} characters: each character after the first "
+               f"window sees {result.min_context} to {result.block_size} characters of context"
+               if result.stride < result.block_size else
+               f"non-overlapping windows of {result.block_size} characters (context 0 to {result.block_size - 1})")
+    rows = [
+        ("NLL", f"{result.nll:.4f} nats per character"),
+        ("bits per character", f"{result.bpc:.4f}"),
+        ("perplexity", f"{result.perplexity:.3f}"),
+        ("characters scored", f"{result.chars_scored:,} of {result.text_chars:,} (the first is only context)"),
+        ("text", result.source),
+        ("scoring", context),
+        ("checkpoint", f"{result.checkpoint} (step {result.step:,})"),
+    ]
+    if result.checkpoint_val_loss is not None:
+        rows.append(("val loss in training", f"{result.checkpoint_val_loss:.4f} (as recorded with this checkpoint)"))
+    rows.append(("speed", f"{result.chars_per_second:,.0f} characters/s on {result.device}, {result.precision} "
+                          f"({result.seconds:.2f}s)"))
+    out.print(_key_value_table("evaluation", rows))
+
+
+def _comma_ints(text: Optional[str], option: str) -> Optional[List[int]]:
+    if text is None:
+        return None
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{option} expects numbers separated by commas, e.g. 1,4,16; got {text!r}") from None
+    if not values:
+        raise UserError(f"{option} expects at least one number, got {text!r}")
+    return values
+
+
+class _ProgressLine:
+    """One live status line on a terminal; plain lines on stderr otherwise; nothing when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.status = None
+        if not quiet and err.is_terminal:
+            self.status = err.status("bench: starting")
+            self.status.start()
+
+    def __call__(self, message: str) -> None:
+        if self.quiet:
+            return
+        if self.status is not None:
+            self.status.update(f"bench: {message}")
+        else:
+            err.print(f"bench: {message}", markup=False)
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+def _render_bench(result: dict) -> None:
+    from rich.table import Table
+
+    model = result["model"]
+    out.print(f"[bold]bench[/] {result['target']['kind']} {result['target']['name']}: "
+              f"{_count(model['n_params'])} parameters, {model['n_layer']} layers x {model['n_embd']}, "
+              f"block_size {model['block_size']}, vocabulary {model['vocab_size']}")
+    out.print(f"on {result['device']} ({result['device_name']}), {result['threads']} threads, "
+              f"torch {result['torch_version']}; median ± median absolute deviation of repeated, "
+              f"synchronised runs after warm-up", markup=False)
+    train = result.get("train")
+    if train:
+        if "skipped" in train:
+            out.print(f"\n[bold]training[/]: {train['skipped']}")
+        else:
+            rows = [
+                ("batch", f"{train['batch_size']} x {train['seq_len']} tokens, {train['precision']}, "
+                          f"{train['optimizer']} (forward, backward, clip, step)"),
+                ("time per iteration", _ms(train["ms_per_iter"])),
+                ("tokens per second", f"{train['tokens_per_sec']:,.0f}"),
+                ("achieved", f"{train['achieved_gflops']:,.1f} GFLOP/s (model FLOPs: 6N + attention per token)"),
+            ]
+            if train.get("mfu") is not None:
+                rows.append(("MFU", f"{100 * train['mfu']:.1f}% of {train['peak_tflops']:g} TFLOP/s "
+                                    f"({train['peak_source']})"))
+            else:
+                rows.append(("MFU", train["peak_source"]))
+            if train.get("peak_memory_bytes"):
+                rows.append(("peak memory", _mib(train["peak_memory_bytes"])))
+            out.print()
+            out.print(_key_value_table("training", rows))
+    sample = result.get("sample")
+    if sample:
+        floor = sample["weight_floor"]
+        out.print()
+        out.print(_key_value_table("sampling (batch 1, float32)", [
+            ("time to first token", f"{_ms(sample['time_to_first_token_ms'])} (prefill of {sample['prompt_len']} "
+                                    f"tokens + choosing one)"),
+            ("prefill", f"{sample['prefill_tokens_per_sec']:,.0f} tokens/s"),
+            ("weight-read floor", f"{floor['ms']:.3g} ms: {floor['matrices']} matrix-vector products reading "
+                                  f"{_mib(floor['bytes'])} ({floor['gb_per_s']:.1f} GB/s)"),
+        ]))
+        table = Table(title="decode step at a context length", title_justify="left", title_style="bold")
+        for column in ("context", "KV cache", "tokens/s", "no cache", "tokens/s", "cache speed-up", "floor reached"):
+            table.add_column(column, justify="right")
+        for row in sample["decode"]:
+            uncached = row.get("uncached_tokens_per_sec")
+            table.add_row(str(row["context"]), _ms(row["cached_ms"]), f"{row['cached_tokens_per_sec']:,.0f}",
+                          _ms(row.get("uncached_ms")), f"{uncached:,.0f}" if uncached else "-",
+                          f"{row['cache_speedup']:.1f}x" if row.get("cache_speedup") else "-",
+                          f"{row['floor_pct']:.0f}%")
+        out.print(table)
+        if sample["batch"]:
+            table = Table(title=f"batched decode (KV cache, context {sample['batch'][0]['context']})",
+                          title_justify="left", title_style="bold")
+            for column in ("batch", "step", "tokens/s"):
+                table.add_column(column, justify="right")
+            for row in sample["batch"]:
+                table.add_row(str(row["batch_size"]), _ms(row["step_ms"]), f"{row['tokens_per_sec']:,.0f}")
+            out.print(table)
+    attention = result.get("attention")
+    if attention and attention["rows"]:
+        table = Table(title=f"causal attention, batch 1 x {attention['n_head']} heads x {attention['head_dim']}, "
+                            f"{attention['dtype']} (memory: {attention['memory_method']})",
+                      title_justify="left", title_style="bold")
+        for column in ("T", "written out", "memory", "scaled_dot_product_attention", "memory", "speed-up"):
+            table.add_column(column, justify="right")
+        for row in attention["rows"]:
+            table.add_row(str(row["seq_len"]), _ms(row["plain_ms"]), _mib(row["plain_peak_bytes"]),
+                          _ms(row["sdpa_ms"]), _mib(row["sdpa_peak_bytes"]), f"{row['speedup']:.1f}x")
+        out.print(table)
+    memory = result["memory"]
+    out.print(f"\npeak memory: {_mib(memory['peak_bytes'])} ({memory['method']}); bench took "
+              f"{result['seconds']:.1f}s", markup=False)
+    for note in result["notes"]:
+        err.print(f"note: {note}", markup=False)
+
+
+@app.command(epilog="Examples:  minigpt bench  |  minigpt bench gpt2_small --quick  |  "
+                    "minigpt bench runs/default-... --device cuda --json")
+@handle_errors
+def bench(
+    target: Optional[str] = typer.Argument(None, help="Run directory, config path or shipped config name "
+                                                      "(default: newest run under ./runs, else config default)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer repeats and smaller work per measurement."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed repeats per measurement "
+                                                                  "(default: 10, or 3 with --quick)."),
+    max_seq: int = typer.Option(1024, "--max-seq", help="Longest sequence of the attention sweep "
+                                                        "(64, 128, ... doubling)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch (default: the config's, "
+                                                                        "reduced on CPU to bound the time)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Training sequence length (default: block_size, "
+                                                                  "reduced on CPU to bound the time)."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Batches for decode throughput, e.g. "
+                                                                          "1,8,32 (default: 1,4,16,64; 1,4 quick)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Sections to run, comma-separated: train, sample, "
+                                                            "attention (default: all)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key of a CONFIG, e.g. --set model.n_layer=8 "
+                                                     "(repeatable)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every measurement."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
+) -> None:
+    """Measure training and sampling speed, attention cost against length, and peak memory."""
+    from minigpt_cli.bench import BenchOptions, resolve_target
+    from minigpt_cli.bench import bench as run_bench
+
+    sections = tuple(s.strip() for s in only.split(",") if s.strip()) if only else ("train", "sample", "attention")
+    options = BenchOptions(device=device, quick=quick, repeats=repeats, max_seq=max_seq, batch_size=batch_size,
+                           seq_len=seq_len, batch_sizes=_comma_ints(batch_sizes, "--batch-sizes"), sections=sections)
+    chosen = resolve_target(target, set_)
+    progress = _ProgressLine(quiet)
+    try:
+        result = run_bench(chosen, options, progress)
+    finally:
+        progress.close()
+    if json_out:
+        emit_json(result)
+        return
+    _render_bench(result)
+
+
+def _tree(node: dict) -> Any:
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    def label(n: dict) -> str:
+        name = n["name"] if n["repeat"] == 1 else f"{n['name']} (x{n['repeat']})"
+        name = name if n["name"] == n["type"] else f"{name}: {n['type']}"
+        detail = f"  {n['detail']}" if n["detail"] else ""
+        tied = f"  [tied: {', '.join(n['tied_to'])}]" if n.get("tied_to") else ""
+        params = f"{n['params']:,} params" + (" each" if n["repeat"] > 1 else "")
+        return escape(f"{name}{detail}  [{params}]{tied}")
+
+    def grow(branch: Any, n: dict) -> None:
+        for child in n["children"]:
+            grow(branch.add(label(child), highlight=False), child)
+
+    root = Tree(label(node), highlight=False)
+    grow(root, node)
+    return root
+
+
+def _render_inspect(result: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    params, flops, kv = result["params"], result["flops_per_token"], result["kv_cache"]
+    target = result["target"]
+    config = f"config {escape(target['config'])}, " if target["kind"] == "run" else ""
+    out.print(f"[bold]{target['kind']}[/] {escape(target['name'])} ({config}vocabulary {target['vocab_size']})")
+    out.print(_tree(params["tree"]))
+    table = Table(title="parameters", title_justify="left", title_style="bold")
+    table.add_column("module")
+    table.add_column("parameters", justify="right")
+    for name, count in params["by_module"].items():
+        table.add_row(name, f"{count:,}")
+    table.add_row("[bold]total[/]", f"[bold]{params['total']:,}[/]")
+    out.print(table)
+    out.print(f"embeddings {params['embedding']:,}, everything else {params['non_embedding']:,}; "
+              f"{params['per_layer']:,} per layer; float32 weights {_mib(result['weights_bytes'])}"
+              + ("; lm_head shares wte's weight" if params["tied_weights"] else ""), markup=False)
+    counted = flops.get("counted")
+    rows = [
+        ("N (matmul weights)", f"{flops['matmul_params']:,} (attention, MLP and lm_head; not the embeddings)"),
+        ("forward", f"{_count(flops['forward'])}FLOP per token = 2N + {_count(flops['attention_forward'])} "
+                    f"attention at T = {flops['seq_len']} (causal: 2 x n_layer x T x n_embd)"),
+        ("training", f"{_count(flops['train'])}FLOP per token (3 x forward: backward costs twice the forward)"),
+        ("full attention", f"{_count(flops['forward_full_attention'])} forward, {_count(flops['train_full_attention'])} "
+                           f"training (the masked half computed too, as kernels often do)"),
+    ]
+    if counted:
+        rows.append(("torch's FLOP counter", f"{_count(counted['forward'])} forward, {_count(counted['train'])} "
+                                             f"training per token (counts full attention)"))
+    out.print(_key_value_table("FLOPs per token", rows))
+    out.print(_key_value_table("KV cache", [
+        ("per token", f"{kv['bytes_per_token']:,} bytes float32 ({kv['bytes_per_token_bf16']:,} in bfloat16): "
+                      f"keys and values, every layer"),
+        ("per sequence at block_size", f"{_mib(kv['bytes_at_block_size'])} ({kv['block_size']} positions)"),
+    ]))
+    config = result["config"]
+    for stage, title in (("training", f"shapes of a training batch (B = {config['train']['batch_size']}, "
+                                      f"T = block_size = {config['model']['block_size']})"),
+                         ("decoding", "shapes of one decoding step (KV cache full but one position)")):
+        table = Table(title=title, title_justify="left", title_style="bold")
+        table.add_column("tensor", overflow="fold", min_width=30)
+        table.add_column("shape", no_wrap=True)
+        table.add_column("as", overflow="fold")
+        for row in result["shapes"]:
+            if row["stage"] == stage:
+                note = f" [dim]({escape(row['note'])})[/]" if row["note"] else ""
+                table.add_row(escape(row["name"]) + note, "(" + ", ".join(map(str, row["shape"])) + ")",
+                              escape(row["symbols"]))
+        out.print(table)
+    run = result.get("run")
+    if run:
+        from minigpt_cli.inspection import text_chart
+
+        best = (f"{run['best_val_loss']:.4f} ({run['best_val_bpc']:.3f} bits per character)"
+                if run["best_val_loss"] is not None else "-")
+        out.print(_key_value_table("training record", [
+            ("vocabulary", escape(f"{run['vocab']['size']} characters: {run['vocab']['chars']}")),
+            ("steps", f"{run['steps']:,}"),
+            ("tokens seen", f"{run['tokens_seen']:,}"),
+            ("wall time", f"{run['wall_seconds']:.1f}s"),
+            ("device", escape(f"{run['device']}, {run['precision']}, torch {run['torch_version']}")),
+            ("best val loss", best),
+            ("data fingerprint", f"{run['data_fingerprint']}"),
+            ("checkpoint", escape(run["checkpoint"])),
+        ]))
+        out.print("[bold]loss against step[/]")
+        for line in text_chart(run["curves"]):
+            out.print(line, markup=False, highlight=False)
+
+
+@app.command(epilog="Examples:  minigpt inspect  |  minigpt inspect gpt2_small  |  "
+                    "minigpt inspect runs/default-... --plot losses.png --json")
+@handle_errors
+def inspect(
+    target: Optional[str] = typer.Argument(None, help="Run directory, config path or shipped config name "
+                                                      "(default: newest run under ./runs, else config default)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the loss curves of a run as an image "
+                                                             "(.png, .svg or .pdf; needs matplotlib)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key of a CONFIG, e.g. --set model.n_layer=8 "
+                                                     "(repeatable)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with everything shown."),
+) -> None:
+    """Show what a run or config is made of: modules, parameters, FLOPs, cache, shapes, training record."""
+    from minigpt_cli.inspection import inspect as run_inspect
+    from minigpt_cli.inspection import plot_curves
+
+    result = run_inspect(target, set_)
+    if plot is not None:
+        if "run" not in result:
+            raise UserError("--plot draws a run's loss curves; a config has none (pass a run directory)")
+        written = plot_curves(result["run"]["curves"], plot, result["target"]["name"])
+        result["plot"] = str(written)
+        err.print(f"wrote {written}", markup=False)
+    if json_out:
+        emit_json(result)
+        return
+    _render_inspect(result)
+
+
 def main() -> None:
     app()
 

@@ -80,6 +80,9 @@ class TrainConfig:
     device: str = "auto"
     num_threads: int = 0
     deterministic: bool = False
+    # Steps this invocation runs before it saves a checkpoint and exits (0: no limit). The schedule still
+    # follows max_iters, so a run stopped this way and resumed matches an uninterrupted one step for step.
+    stop_after: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,12 @@ class Config:
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
-def _nearest(name: str, options: typing.Iterable[str]) -> str:
+def _nearest(name: str, options: typing.Iterable[str], prefix: str = "") -> str:
     options = list(options)
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     if close:
-        return f" (did you mean '{close[0]}'?)"
-    return f" (valid: {', '.join(options)})"
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f" (valid: {', '.join(prefix + o for o in options)})"
 
 
 def _convert(key: str, value: Any, annotation: Any) -> Any:
@@ -169,7 +172,7 @@ def _build_section(section: str, values: dict[str, Any], base: Any) -> Any:
     changes = {}
     for key, value in values.items():
         if key not in hints:
-            raise UserError(f"unknown config key '{section}.{key}'" + _nearest(key, hints))
+            raise UserError(f"unknown config key '{section}.{key}'" + _nearest(str(key), hints, f"{section}."))
         changes[key] = _convert(f"{section}.{key}", value, hints[key])
     return dataclasses.replace(base, **changes)
 
@@ -204,6 +207,7 @@ def validate(config: Config) -> Config:
         "train.min_lr": t.min_lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
         "train.warmup_iters": t.warmup_iters, "train.time_budget": t.time_budget,
         "train.checkpoint_interval": t.checkpoint_interval, "train.num_threads": t.num_threads,
+        "train.stop_after": t.stop_after,
     }.items():
         if value < 0:
             raise UserError(f"{key} must be zero or positive, got {value}")

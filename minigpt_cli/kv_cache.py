@@ -17,6 +17,9 @@ class KVCache:
         shape = (n_layer, batch_size, n_head, block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Per-layer views, made once, so a step indexes no more than it must.
+        self.k_layers = self.k.unbind(0)
+        self.v_layers = self.v.unbind(0)
         self.length = 0
 
     @property
@@ -39,9 +42,10 @@ class KVCache:
         end = self.length + k_new.shape[2]
         if end > self.block_size:
             raise ValueError(f"KV cache full: {end} positions needed, {self.block_size} allocated")
-        self.k[layer, :, :, self.length:end] = k_new
-        self.v[layer, :, :, self.length:end] = v_new
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_head, end, head_dim)
+        k, v = self.k_layers[layer], self.v_layers[layer]
+        k[:, :, self.length:end] = k_new
+        v[:, :, self.length:end] = v_new
+        return k[:, :, :end], v[:, :, :end]  # (B, n_head, end, head_dim)
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -13,7 +13,7 @@ import torch
 
 from minigpt_cli.config import UserError
 from minigpt_cli.device import make_generator, synchronize
-from minigpt_cli.model import GPT
+from minigpt_cli.model import GPT, prepare_for_inference
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
 
 
@@ -99,7 +99,7 @@ def slide_keep(block_size: int) -> int:
 @torch.inference_mode()
 def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, settings: SamplingSettings,
              generator: torch.Generator | None = None, num_samples: int = 1, use_cache: bool = True,
-             stop: Sequence[Sequence[int]] = (), dtype: torch.dtype | None = None) -> Iterator[GenerationStep]:
+             stop: Sequence[Sequence[int]] = ()) -> Iterator[GenerationStep]:
     """Yield one GenerationStep per new position for num_samples samples of the same prompt.
 
     The context window is the same with and without the cache: it grows to block_size, then keeps
@@ -114,7 +114,7 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, settings: S
         raise ValueError("prompt must hold at least one token")
     window = torch.tensor(list(prompt)[-block_size:], dtype=torch.long, device=device)[None]  # (1, T)
     keep = slide_keep(block_size)
-    cache = model.new_kv_cache(num_samples, dtype=dtype) if use_cache else None
+    cache = model.new_kv_cache(num_samples) if use_cache else None
     logits = model(window, cache)[:, -1].float()  # (1, vocab_size): one prefill for all samples
     logits = logits.expand(num_samples, -1)  # (B, vocab_size)
     window = window.expand(num_samples, -1)  # (B, T)
@@ -181,15 +181,13 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 class SampleSession:
     def __init__(self, request: SampleRequest, model: GPT, tokenizer: CharTokenizer, prompt_ids: list[int],
-                 settings: SamplingSettings, seed: int, dtype: torch.dtype | None, checkpoint: Path,
-                 warnings: list[str]):
+                 settings: SamplingSettings, seed: int, checkpoint: Path, warnings: list[str]):
         self.request = request
         self.model = model
         self.tokenizer = tokenizer
         self.prompt_ids = prompt_ids
         self.settings = settings
         self.seed = seed
-        self.dtype = dtype
         self.checkpoint = checkpoint
         self.warnings = warnings
         self.samples: list[str] = []
@@ -208,7 +206,7 @@ class SampleSession:
         synchronize(device)
         began = time.perf_counter()
         for i, step in enumerate(generate(self.model, self.prompt_ids, req.max_new_tokens, self.settings, generator,
-                                          req.num_samples, req.use_cache, stop_ids, self.dtype)):
+                                          req.num_samples, req.use_cache, stop_ids)):
             if i == 0:
                 self.first_token_seconds = time.perf_counter() - began
             tokens, active = step.tokens.tolist(), step.active.tolist()
@@ -286,10 +284,6 @@ def prepare(request: SampleRequest) -> SampleSession:
     block_size = loaded.config.model.block_size
     if len(prompt) > block_size:
         warnings.append(f"the prompt has {len(prompt)} characters; the model sees its last {block_size} (block_size)")
-    model = loaded.build_model(device).eval()
-    dtype = DTYPES[request.dtype]
-    if dtype != torch.float32:
-        model = model.to(dtype)
+    model = prepare_for_inference(loaded.build_model(device), DTYPES[request.dtype])
     seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
-    return SampleSession(request, model, tokenizer, tokenizer.encode(prompt), settings, seed,
-                         None if dtype == torch.float32 else dtype, loaded.path, warnings)
+    return SampleSession(request, model, tokenizer, tokenizer.encode(prompt), settings, seed, loaded.path, warnings)

@@ -326,6 +326,9 @@ class Trainer:
                     self._save(model, corpus, optimizers, state, is_best=False)
                     raise TrainingStopped(signum, self._result(model, state, math.nan, 0,
                                                                "interrupted" if signum == signal.SIGINT else "terminated"))
+                if t.stop_after and step - state["loop_start"][1] >= t.stop_after and step < t.max_iters:
+                    self._save(model, corpus, optimizers, state, is_best=False)
+                    return self._result(model, state, math.nan, 0, "stop_after")
             final_loss, scored = self._final_eval(model, corpus, optimizers, state)
         return self._result(model, state, final_loss, scored, stopped)
 

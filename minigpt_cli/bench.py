@@ -1,0 +1,709 @@
+"""Honest timing of a run or a config: a training step, prefill and decode, attention against length, memory.
+
+Every measurement warms up first, synchronises the device around each repeat, and reports the
+median with its spread. The global random state is saved and restored around the whole bench,
+so a later `train` or `sample` in the same process draws exactly what it would have without it.
+On a CPU the work per measurement is bounded (smaller batches, shorter lengths, fewer repeats),
+and every such reduction is stated in the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from minigpt_cli import checkpoint as ckpt
+from minigpt_cli.config import Config, ModelConfig, UserError, apply_overrides, default_data_path, load_config
+from minigpt_cli.data import read_text
+from minigpt_cli.device import autocast, choose_precision, resolve_device, synchronize
+from minigpt_cli.kv_cache import KVCache, cache_bytes_per_token
+from minigpt_cli.model import GPT
+
+Progress = Callable[[str], None]
+
+# Dense (no sparsity) peak tensor-core throughput in TFLOP/s from the vendors' data sheets:
+# (bfloat16/float16, TF32 for float32 matmuls). Matched against torch.cuda.get_device_name,
+# most specific name first.
+GPU_PEAK_TFLOPS: list[tuple[str, float, float | None]] = [
+    ("GB200", 2500.0, 1250.0),
+    ("B200", 2250.0, 1100.0),
+    ("H200", 989.0, 494.0),
+    ("GH200", 989.0, 494.0),
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100 NVL", 835.0, 418.0),
+    ("H100", 989.0, 494.0),
+    ("H800", 989.0, 494.0),
+    ("A100", 312.0, 156.0),
+    ("A800", 312.0, 156.0),
+    ("L40S", 362.0, 183.0),
+    ("L40", 181.0, 90.5),
+    ("L4", 121.0, 60.0),
+    ("A40", 150.0, 74.8),
+    ("A30", 165.0, 82.0),
+    ("A10G", 70.0, 35.0),
+    ("A10", 125.0, 62.5),
+    ("RTX 6000 Ada", 364.0, 182.0),
+    ("RTX A6000", 155.0, 77.4),
+    ("RTX 4090", 165.0, 82.6),
+    ("RTX 3090", 71.0, 35.6),
+    ("V100", 125.0, None),
+    ("T4", 65.0, None),
+    ("MI300X", 1307.0, 654.0),
+    ("MI250X", 383.0, None),
+]
+
+# Work per timed call on a CPU (or Apple GPU), in FLOPs: big enough to time, small enough that a
+# GPT-2-sized model still finishes in about a minute on two cores.
+CPU_FLOP_BUDGET = 1.2e11
+QUICK_FLOP_BUDGET = 2e10
+# Memory a single measurement may take, as a fraction of what the device has free.
+MEMORY_FRACTION = 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# What to bench: a run directory or a config
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    kind: str  # "run" or "config"
+    name: str  # run directory or config name
+    config: Config
+    vocab_size: int
+    loaded: ckpt.LoadedCheckpoint | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "config": self.config.name, "vocab_size": self.vocab_size}
+
+
+def _is_run(path: Path) -> bool:
+    if path.is_dir():
+        return any((path / name).exists() for name in ("latest.json", "best.json", "checkpoints",
+                                                       ckpt.META_FILE, ckpt.MODEL_FILE))
+    return path.name in (ckpt.META_FILE, ckpt.MODEL_FILE)
+
+
+def config_vocab_size(config: Config) -> int:
+    """vocab_size is never configured: it is the number of distinct characters in the config's text."""
+    if config.data.path == "-":
+        raise UserError("the config reads its text from stdin (data.path: -); the vocabulary size needs the "
+                        "text, so give a data.path (e.g. --set data.path=my.txt)")
+    text, _ = read_text(config.data.path or default_data_path())
+    return len(set(text))
+
+
+def resolve_target(arg: str | None, overrides: Sequence[str] = (), which: str = "latest",
+                   fallback_to_config: bool = True) -> Target:
+    """RUN or CONFIG: a directory holding a checkpoint is a run; anything else is a config path or name.
+
+    With no argument: the newest run under ./runs, else (fallback_to_config) the shipped default config.
+    """
+    if arg is None:
+        try:
+            run = ckpt.newest_run()
+        except UserError:
+            if not fallback_to_config:
+                raise
+            config = apply_overrides(load_config(None), overrides)
+            return Target("config", config.name, config, config_vocab_size(config))
+        arg = str(run)
+    path = Path(arg).expanduser()
+    if not path.exists() and ("/" in arg or path.suffix not in (".yaml", ".yml", "")):
+        raise UserError(f"{arg}: no such run directory or config file")
+    if _is_run(path):
+        if overrides:
+            raise UserError("--set changes a CONFIG; a run keeps the config it was trained with")
+        loaded = ckpt.load_checkpoint(path, which=which)
+        return Target("run", str(loaded.run_dir), loaded.config, loaded.tokenizer.vocab_size, loaded)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory without a checkpoint: expected a run directory or a config")
+    config = apply_overrides(load_config(arg), overrides)
+    return Target("config", config.name, config, config_vocab_size(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------
+
+def matmul_params(model: ModelConfig, vocab_size: int) -> int:
+    """N: weights every token is multiplied by (attention, MLP and lm_head; not the embedding lookups)."""
+    C = model.n_embd
+    per_layer = 3 * C * C + C * C + 2 * model.mlp_ratio * C * C  # c_attn, attn c_proj, c_fc, mlp c_proj
+    return model.n_layer * per_layer + C * vocab_size
+
+
+def flops_per_token(model: ModelConfig, vocab_size: int, seq_len: int | None = None) -> dict[str, Any]:
+    """The usual estimate (Kaplan et al. 2020; PaLM appendix B): a forward pass costs 2N per token
+    for the weight matmuls, plus QK^T and AV; backward costs twice the forward, so training is 3x.
+
+    With a causal mask a position attends to (T + 1) / 2 positions on average, so the attention
+    matmuls cost 2 * 2 * n_layer * C * (T / 2) = 2 * n_layer * T * C per token ("causal"). Kernels
+    that compute the masked half anyway do 4 * n_layer * T * C ("full").
+    """
+    T = seq_len or model.block_size
+    N = matmul_params(model, vocab_size)
+    attention_causal = 2 * model.n_layer * T * model.n_embd
+    attention_full = 2 * attention_causal
+    forward = 2 * N + attention_causal
+    return {
+        "matmul_params": N,
+        "seq_len": T,
+        "attention": "causal",
+        "forward": forward,
+        "attention_forward": attention_causal,
+        "train": 3 * forward,
+        "forward_full_attention": 2 * N + attention_full,
+        "train_full_attention": 3 * (2 * N + attention_full),
+    }
+
+
+def gpu_peak_tflops(name: str, precision: str) -> float | None:
+    for key, half, tf32 in GPU_PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            return half if precision in ("bfloat16", "float16") else tf32
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory helpers
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    median: float  # seconds
+    mad: float  # median absolute deviation, seconds
+    min: float
+    max: float
+    repeats: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median_ms": self.median * 1e3, "mad_ms": self.mad * 1e3, "min_ms": self.min * 1e3,
+                "max_ms": self.max * 1e3, "repeats": self.repeats}
+
+
+def measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int,
+            max_seconds: float = math.inf) -> Timing:
+    """Run fn warmup times untimed, then up to repeats times (at least 3 once max_seconds has passed)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    began = time.perf_counter()
+    for _ in range(max(1, repeats)):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        if len(times) >= 3 and time.perf_counter() - began > max_seconds:
+            break
+    median = statistics.median(times)
+    mad = statistics.median(abs(t - median) for t in times)
+    return Timing(median, mad, min(times), max(times), len(times))
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensors alive at once, counted at every operator (for devices without an allocator peak).
+
+    Each operator's outputs are added when their storage first appears and taken away when the
+    last tensor seen on that storage is freed; scratch space inside a fused kernel is not seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, tensors seen on it]
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(result):
+            if isinstance(leaf, torch.Tensor):
+                self._track(leaf)
+        return result
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if not nbytes:
+            return
+        entry = self.live.get(key)
+        if entry is None:
+            self.live[key] = [nbytes, 1]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        else:
+            entry[1] += 1
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+
+def peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
+    """Extra memory fn needs at its peak: the allocator's peak on CUDA, tensors alive elsewhere."""
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        synchronize(device)
+        del result
+        return torch.cuda.max_memory_allocated(device) - base, "CUDA allocator peak"
+    tracker = LiveTensorBytes()
+    with tracker:
+        result = fn()
+        del result
+    return tracker.peak, "tensors alive at once"
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on the device now (None when the platform does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """The process's resident-set high-water mark (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple GPU (MPS) on {platform.machine()}"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+@contextlib.contextmanager
+def preserved_global_state(device: torch.device) -> Iterator[None]:
+    """Put back the random states and the matmul settings a bench touches."""
+    if device.type == "cuda":
+        torch.cuda.init()
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    mps_rng = torch.mps.get_rng_state() if device.type == "mps" else None
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        if mps_rng is not None:
+            torch.mps.set_rng_state(mps_rng)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+# ---------------------------------------------------------------------------------------------
+# The bench
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class BenchOptions:
+    device: str = "auto"
+    quick: bool = False
+    # None: 10 timed repeats (3 with quick), fewer for calls over max_seconds.
+    repeats: int | None = None
+    warmup: int | None = None
+    # Longest sequence of the attention sweep (64, 128, ... doubling up to it).
+    max_seq: int = 1024
+    # None: the config's (bounded on CPU by CPU_FLOP_BUDGET).
+    batch_size: int | None = None
+    seq_len: int | None = None
+    batch_sizes: Sequence[int] | None = None
+    sections: Sequence[str] = ("train", "sample", "attention")
+    # Stop repeating one measurement after this many seconds (once it has 3 repeats).
+    max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("repeats", "batch_size", "seq_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.warmup is not None and self.warmup < 0:
+            raise UserError(f"--warmup must be zero or positive, got {self.warmup}")
+        if self.max_seq < 64:
+            raise UserError(f"--max-seq must be at least 64, got {self.max_seq}")
+        unknown = set(self.sections) - {"train", "sample", "attention"}
+        if unknown:
+            raise UserError(f"unknown bench section(s) {', '.join(sorted(unknown))} (use train, sample, attention)")
+        if self.batch_sizes is not None and any(b < 1 for b in self.batch_sizes):
+            raise UserError(f"--batch-sizes must all be at least 1, got {list(self.batch_sizes)}")
+
+
+class Bench:
+    def __init__(self, target: Target, options: BenchOptions, progress: Progress | None = None):
+        self.target = target
+        self.options = options
+        self.progress = progress or (lambda message: None)
+        self.device = resolve_device(options.device).device
+        self.cfg = target.config
+        self.m = target.config.model
+        self.V = target.vocab_size
+        self.precision = choose_precision(self.device, self.cfg.train.dtype)
+        o = options
+        bounded = self.device.type != "cuda"
+        self.budget = (QUICK_FLOP_BUDGET if o.quick else CPU_FLOP_BUDGET) if bounded else math.inf
+        self.repeats = o.repeats or (3 if o.quick else 10)
+        self.warmup = o.warmup if o.warmup is not None else (1 if o.quick else 2)
+        self.max_seconds = o.max_seconds if o.max_seconds is not None else (0.5 if o.quick else 2.0)
+        self.flops = flops_per_token(self.m, self.V)
+        self.notes: list[str] = []
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(0)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _time(self, fn: Callable[[], Any], flops: float = 0.0) -> Timing:
+        """Fewer repeats for calls that are expensive under the FLOP budget."""
+        warmup, repeats = self.warmup, self.repeats
+        if flops > self.budget / 4:
+            warmup, repeats = min(warmup, 1), min(repeats, 3)
+        return measure(fn, self.device, warmup, repeats, self.max_seconds)
+
+    def _tokens(self, *shape: int) -> torch.Tensor:
+        return torch.randint(0, self.V, shape, generator=self.generator, device=self.device)
+
+    def _fits(self, nbytes: float) -> bool:
+        free = available_memory(self.device)
+        return free is None or nbytes <= MEMORY_FRACTION * free
+
+    def _forward_flops(self, tokens: int, context: int) -> float:
+        """FLOPs of a forward pass over `tokens` new positions whose keys span `context` positions."""
+        return tokens * (2 * self.flops["matmul_params"] + 4 * self.m.n_layer * self.m.n_embd * context)
+
+    def build_model(self) -> GPT:
+        loaded = self.target.loaded
+        if loaded is not None:
+            weights = sum(t.numel() * 4 for t in loaded.model_state.values())
+        else:
+            weights = 4 * _param_estimate(self.m, self.V)
+        if not self._fits(weights):
+            free = available_memory(self.device) or 0
+            raise UserError(f"{self.cfg.name} needs {weights / 2**30:.1f} GiB for its float32 weights, but "
+                            f"{self.device.type} has {free / 2**30:.1f} GiB free; bench it on a larger device")
+        self.progress(f"building the model ({weights / 2**20:,.0f} MiB of weights)")
+        if self.target.loaded is not None:
+            return self.target.loaded.build_model(self.device)
+        with torch.device(self.device):
+            return GPT(self.m, self.V)
+
+    # -- the sections -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        began = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        result: dict[str, Any] = {
+            "target": self.target.describe(),
+            "device": str(self.device),
+            "device_name": device_name(self.device),
+            "torch_version": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "quick": self.options.quick,
+        }
+        with preserved_global_state(self.device):
+            model = self.build_model()
+            result["model"] = {"n_params": model.num_parameters(), "matmul_params": self.flops["matmul_params"],
+                               "n_layer": self.m.n_layer, "n_head": self.m.n_head, "n_embd": self.m.n_embd,
+                               "block_size": self.m.block_size, "vocab_size": self.V,
+                               "flops_per_token": self.flops}
+            # Attention and sampling first: the training section changes the weights.
+            if "attention" in self.options.sections:
+                result["attention"] = self.attention()
+            if "sample" in self.options.sections:
+                result["sample"] = self.sample(model)
+            if "train" in self.options.sections:
+                result["train"] = self.train(model)
+            del model
+        result["memory"] = self.memory()
+        result["notes"] = self.notes
+        result["seconds"] = time.perf_counter() - began
+        return result
+
+    def train(self, model: GPT) -> dict[str, Any]:
+        from minigpt_cli.optim import build_optimizers
+
+        B = self.options.batch_size or self.cfg.train.batch_size
+        T = min(self.options.seq_len or self.m.block_size, self.m.block_size)
+        def per_token(seq_len: int) -> float:
+            return flops_per_token(self.m, self.V, seq_len)["train"]
+
+        requested = (B, T)
+        if self.options.batch_size is None and self.options.seq_len is None:
+            while B * T * per_token(T) > self.budget and B > 1:
+                B = max(1, B // 2)
+            while B * T * per_token(T) > self.budget and T > 16:
+                T //= 2
+        if (B, T) != requested:
+            self.notes.append(f"training measured at batch {B} x {T} tokens instead of the config's "
+                              f"{requested[0]} x {requested[1]}, to bound the time on {self.device.type} "
+                              f"(--batch-size and --seq-len choose)")
+        # float32 weights, their gradients, two optimizer moments, activations of every layer.
+        n_params = model.num_parameters()
+        need = 16 * n_params + B * T * (self.m.n_layer * self.m.n_embd * 4 * 24 + 3 * 4 * self.V)
+        if not self._fits(need):
+            reason = (f"skipped: a training step needs about {need / 2**30:.1f} GiB, more than "
+                      f"{MEMORY_FRACTION:.0%} of the {(available_memory(self.device) or 0) / 2**30:.1f} GiB free")
+            self.notes.append(f"training {reason}")
+            return {"skipped": reason, "batch_size": B, "seq_len": T}
+        self.progress(f"training: batch {B} x {T} tokens, {self.repeats} timed steps")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.cuda.reset_peak_memory_stats(self.device)
+        model.train()
+        optimizers = build_optimizers(model, self.cfg.train, self.device)
+        scaler = torch.amp.GradScaler("cuda") if self.precision.use_grad_scaler else None
+        x, y = self._tokens(B, T), self._tokens(B, T)
+
+        def step() -> None:
+            with autocast(self.device, self.precision):
+                logits = model(x)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                for opt in optimizers:
+                    scaler.unscale_(opt)
+            if self.cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
+            for opt in optimizers:
+                scaler.step(opt) if scaler else opt.step()
+            if scaler:
+                scaler.update()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+
+        flops_per_iter = B * T * per_token(T)
+        timing = self._time(step, flops_per_iter)
+        model.eval()
+        achieved = flops_per_iter / timing.median
+        out: dict[str, Any] = {
+            "batch_size": B, "seq_len": T, "precision": self.precision.name,
+            "optimizer": self.cfg.train.optimizer, "ms_per_iter": timing.to_dict(),
+            "tokens_per_sec": B * T / timing.median, "flops_per_iter": flops_per_iter,
+            "achieved_gflops": achieved / 1e9,
+        }
+        if self.device.type == "cuda":
+            name = device_name(self.device)
+            peak = gpu_peak_tflops(name, self.precision.name)
+            out["peak_tflops"] = peak
+            out["mfu"] = achieved / (peak * 1e12) if peak else None
+            out["peak_source"] = (f"{name}, {self.precision.name}" if peak
+                                  else f"peak of {name} unknown: add it to bench.GPU_PEAK_TFLOPS")
+            out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        else:
+            out["peak_tflops"] = out["mfu"] = None
+            out["peak_source"] = f"no published peak for {self.device.type}: achieved GFLOP/s only"
+        del optimizers
+        for p in model.parameters():
+            p.grad = None
+        return out
+
+    @torch.inference_mode()
+    def sample(self, model: GPT) -> dict[str, Any]:
+        model.eval()
+        m, bs = self.m, self.m.block_size
+        # Time to first token: prefill half a window (fewer tokens if that is over the budget), choose one token.
+        P = max(1, bs // 2)
+        while P > 8 and self._forward_flops(P, P) > self.budget:
+            P //= 2
+        self.progress(f"sampling: prefill of {P} tokens")
+        prompt = self._tokens(1, P)
+        cache = KVCache(m.n_layer, 1, m.n_head, bs, m.head_dim, device=self.device)
+
+        def prefill() -> None:
+            cache.reset()
+            model(prompt, cache)[:, -1].argmax(-1).item()
+
+        ttft = self._time(prefill, self._forward_flops(P, P))
+        out: dict[str, Any] = {"dtype": "float32", "prompt_len": P, "time_to_first_token_ms": ttft.to_dict(),
+                               "prefill_tokens_per_sec": P / ttft.median}
+
+        floor = self.weight_floor(model)
+        out["weight_floor"] = floor
+
+        decode = []
+        contexts = sorted({max(1, bs // 8), max(1, bs // 2), bs - 1})
+        for L in contexts:
+            self.progress(f"sampling: one decode step after {L} tokens, with and without the KV cache")
+            token = self._tokens(1, 1)
+            cache.reset()
+
+            def cached_step() -> None:
+                cache.reset()
+                cache.advance(L)  # L positions cached (their values do not change the cost)
+                model(token, cache)[:, -1].argmax(-1)
+
+            row: dict[str, Any] = {"context": L}
+            timing = self._time(cached_step, self._forward_flops(1, L + 1))
+            row["cached_ms"] = timing.to_dict()
+            row["cached_tokens_per_sec"] = 1 / timing.median
+            row["floor_pct"] = 100 * floor["ms"] / (timing.median * 1e3)
+            if self._forward_flops(L + 1, L + 1) <= self.budget:
+                window = self._tokens(1, L + 1)
+                timing_full = self._time(lambda: model(window)[:, -1].argmax(-1), self._forward_flops(L + 1, L + 1))
+                row["uncached_ms"] = timing_full.to_dict()
+                row["uncached_tokens_per_sec"] = 1 / timing_full.median
+                row["cache_speedup"] = timing_full.median / timing.median
+            else:
+                row["uncached_ms"] = row["uncached_tokens_per_sec"] = row["cache_speedup"] = None
+                self.notes.append(f"decode without the KV cache at context {L} skipped: one step is "
+                                  f"{self._forward_flops(L + 1, L + 1) / 1e9:.0f} GFLOP, over the "
+                                  f"{self.device.type} budget")
+            decode.append(row)
+        out["decode"] = decode
+        out["floor_pct"] = decode[0]["floor_pct"]
+
+        L = max(1, bs // 2)
+        sizes = self.options.batch_sizes or ((1, 4) if self.options.quick else (1, 4, 16, 64))
+        batch = []
+        for B in sizes:
+            need = cache_bytes_per_token(m.n_layer, m.n_embd) * B * (L + 1)
+            if not self._fits(need) or self._forward_flops(B, L + 1) > self.budget:
+                self.notes.append(f"decode at batch {B} skipped: its KV cache ({need / 2**20:,.0f} MiB) or its work "
+                                  f"is over this device's bound")
+                continue
+            self.progress(f"sampling: one decode step for a batch of {B} after {L} tokens")
+            batch_cache = KVCache(m.n_layer, B, m.n_head, L + 1, m.head_dim, device=self.device)
+            tokens = self._tokens(B, 1)
+
+            def batch_step() -> None:
+                batch_cache.reset()
+                batch_cache.advance(L)
+                model(tokens, batch_cache)[:, -1].argmax(-1)
+
+            timing = self._time(batch_step, self._forward_flops(B, L + 1))
+            batch.append({"batch_size": B, "context": L, "step_ms": timing.to_dict(),
+                          "tokens_per_sec": B / timing.median})
+            del batch_cache
+        out["batch"] = batch
+        return out
+
+    def weight_floor(self, model: GPT) -> dict[str, Any]:
+        """One batch-1 matrix-vector product per weight matrix a decode step reads, back to back.
+
+        A decode step must read every weight once, so this is the least one step can take on this
+        device; its ratio to the real step shows how much time goes elsewhere (attention, norms,
+        kernel launches, Python).
+        """
+        self.progress("sampling: weight-read floor")
+        matrices = []
+        for block in model.blocks:
+            matrices += [block.attn.c_attn.weight, block.attn.c_proj.weight, block.mlp.c_fc.weight,
+                         block.mlp.c_proj.weight]
+        matrices.append(model.lm_head.weight)
+        vectors = {w.shape[1]: torch.randn(1, w.shape[1], generator=self.generator, device=self.device)
+                   for w in matrices}
+
+        def read_all() -> None:
+            for w in matrices:
+                F.linear(vectors[w.shape[1]], w)
+
+        nbytes = sum(w.numel() * w.element_size() for w in matrices)
+        timing = self._time(read_all, 2 * nbytes / 4)
+        return {"ms": timing.median * 1e3, "timing": timing.to_dict(), "bytes": nbytes, "matrices": len(matrices),
+                "gb_per_s": nbytes / timing.median / 1e9}
+
+    @torch.inference_mode()
+    def attention(self) -> dict[str, Any]:
+        """softmax(QK^T / sqrt(head_dim)) V written out, next to F.scaled_dot_product_attention."""
+        m = self.m
+        dtype = self.precision.autocast_dtype or torch.float32
+        lengths = []
+        T = 64
+        while T < self.options.max_seq:
+            lengths.append(T)
+            T *= 2
+        lengths.append(self.options.max_seq)
+        rows = []
+        method = None
+        for i, T in enumerate(lengths):
+            self.progress(f"attention: sequence length {T} ({i + 1}/{len(lengths)})")
+            scores = m.n_head * T * T * dtype.itemsize  # one (1, n_head, T, T) matrix
+            if not self._fits(3 * scores):
+                self.notes.append(f"attention at length {T} skipped: the written-out scores need "
+                                  f"{3 * scores / 2**30:.1f} GiB")
+                break
+            q, k, v = (torch.randn(1, m.n_head, T, m.head_dim, generator=self.generator, device=self.device,
+                                   dtype=dtype) for _ in range(3))  # (B, n_head, T, head_dim)
+            mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+            scale = 1.0 / math.sqrt(m.head_dim)
+
+            def plain() -> torch.Tensor:
+                att = (q @ k.transpose(-2, -1)) * scale  # (B, n_head, T, T)
+                att = att.masked_fill(~mask, float("-inf"))
+                return att.softmax(dim=-1) @ v  # (B, n_head, T, head_dim)
+
+            def fused() -> torch.Tensor:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            flops = 4 * m.n_head * T * T * m.head_dim
+            plain_t, fused_t = self._time(plain, flops), self._time(fused, flops)
+            plain_b, method = peak_bytes(plain, self.device)
+            fused_b, method = peak_bytes(fused, self.device)
+            rows.append({"seq_len": T, "plain_ms": plain_t.to_dict(), "sdpa_ms": fused_t.to_dict(),
+                         "plain_peak_bytes": plain_b, "sdpa_peak_bytes": fused_b,
+                         "speedup": plain_t.median / fused_t.median})
+            del q, k, v, mask
+        return {"batch_size": 1, "n_head": m.n_head, "head_dim": m.head_dim, "dtype": str(dtype).removeprefix("torch."),
+                "causal": True, "memory_method": method, "rows": rows}
+
+    def memory(self) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            return {"peak_bytes": torch.cuda.max_memory_allocated(self.device),
+                    "method": "CUDA allocator peak (torch.cuda.max_memory_allocated) over the bench"}
+        return {"peak_bytes": peak_rss_bytes(),
+                "method": "peak resident set of this process (getrusage ru_maxrss), including Python and torch"}
+
+
+def _param_estimate(m: ModelConfig, vocab_size: int) -> int:
+    per_layer = (4 + 2 * m.mlp_ratio) * m.n_embd * m.n_embd + 16 * m.n_embd
+    positions = m.block_size * m.n_embd if m.pos_encoding == "learned" else 0
+    heads = 0 if m.tie_weights else vocab_size * m.n_embd
+    return m.n_layer * per_layer + vocab_size * m.n_embd + positions + heads
+
+
+def bench(target: Target, options: BenchOptions | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    return Bench(target, options or BenchOptions(), progress).run()
+

@@ -1,0 +1,128 @@
+"""How well a trained run predicts a text: NLL per character, bits per character, perplexity."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minigpt_cli.checkpoint import LoadedCheckpoint, load_checkpoint
+from minigpt_cli.config import UserError
+from minigpt_cli.data import encode_array, load_corpus, read_text
+from minigpt_cli.device import Precision, choose_precision, resolve_device
+from minigpt_cli.model import GPT
+from minigpt_cli.tokenizer import UnknownCharactersError
+from minigpt_cli.trainer import score_text
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class EvalRequest:
+    run: Path | None = None
+    # None: the run's own validation split; "-": stdin; otherwise a file or a folder of .txt files.
+    data: str | None = None
+    # None: block_size // 2, so every character after the first window sees at least half a window of context.
+    stride: int | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    dtype: str = "float32"
+    which: str = "best"
+
+
+@dataclass
+class EvalResult:
+    nll: float  # mean negative log-likelihood per scored character, in nats
+    bpc: float  # the same in bits
+    perplexity: float  # exp(nll)
+    chars_scored: int
+    text_chars: int
+    source: str
+    stride: int
+    block_size: int
+    min_context: int  # context every character after the first window has, at least
+    batch_size: int
+    checkpoint: str
+    step: int
+    checkpoint_val_loss: float | None  # what training measured on its validation split, for comparison
+    device: str
+    precision: str
+    seconds: float
+    chars_per_second: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def score(model: GPT, ids: np.ndarray, stride: int, batch_size: int, device: torch.device,
+          precision: Precision) -> tuple[float, int]:
+    """Mean -log p (nats) over every character after the first, and how many characters that is."""
+    total, count = score_text(model, ids, model.config.block_size, stride, batch_size, device, precision)
+    return total / max(count, 1), count
+
+
+def _validation_ids(loaded: LoadedCheckpoint, warnings: list[str]) -> tuple[np.ndarray, str]:
+    """The run's validation split, rebuilt from its data path with its own vocabulary."""
+    data = loaded.config.data
+    if data.path == "-":
+        raise UserError("this run was trained on text from stdin, so its validation split cannot be read "
+                        "again; pass the text with --data PATH (or --data - to pipe it in)")
+    corpus = load_corpus(data.path or None, data.val_fraction, loaded.tokenizer)
+    trained_on = loaded.meta.get("data_fingerprint")
+    if trained_on and trained_on != corpus.fingerprint:
+        warnings.append(f"{corpus.source} has changed since this run was trained on it (fingerprint "
+                        f"{corpus.fingerprint[:12]}, trained on {trained_on[:12]}); scoring its current "
+                        f"last {data.val_fraction:.0%}")
+    return corpus.val, f"validation split of {corpus.source} (last {data.val_fraction:.0%})"
+
+
+def _text_ids(loaded: LoadedCheckpoint, path: str) -> tuple[np.ndarray, str]:
+    text, source = read_text(path)
+    unknown = loaded.tokenizer.unknown(text)
+    if unknown:
+        raise UnknownCharactersError(unknown, source)
+    return encode_array(text, loaded.tokenizer), source
+
+
+def evaluate(request: EvalRequest) -> EvalResult:
+    if request.which not in ("best", "latest"):
+        raise UserError(f"--checkpoint must be best or latest, got {request.which!r}")
+    if request.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
+    device = resolve_device(request.device).device
+    if request.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {request.dtype!r}")
+    if request.dtype == "float16" and device.type == "cpu":
+        raise UserError("--dtype float16 is for GPUs; on CPU use bfloat16 or float32")
+    precision = choose_precision(device, request.dtype)
+    loaded = load_checkpoint(request.run, which=request.which)
+    block_size = loaded.config.model.block_size
+    stride = request.stride if request.stride is not None else max(1, block_size // 2)
+    if not 1 <= stride <= block_size:
+        raise UserError(f"--stride must be between 1 and block_size ({block_size}), got {stride}")
+    warnings: list[str] = []
+    if request.data is None:
+        ids, source = _validation_ids(loaded, warnings)
+    else:
+        ids, source = _text_ids(loaded, request.data)
+    if len(ids) < 2:
+        raise UserError(f"{source} has {len(ids)} character(s); at least 2 are needed (the first is only context)")
+    model = loaded.build_model(device)
+    began = time.perf_counter()
+    nll, count = score(model, ids, stride, request.batch_size, device, precision)
+    seconds = time.perf_counter() - began
+    val_loss = loaded.meta.get("val_loss")
+    return EvalResult(
+        nll=nll, bpc=nll / LN2, perplexity=math.exp(nll), chars_scored=count, text_chars=len(ids), source=source,
+        stride=stride, block_size=block_size, min_context=block_size - stride, batch_size=request.batch_size,
+        checkpoint=str(loaded.path), step=loaded.step,
+        checkpoint_val_loss=float(val_loss) if val_loss is not None else None,
+        device=str(device), precision=precision.name, seconds=seconds,
+        chars_per_second=count / seconds if seconds > 0 else math.nan, warnings=warnings)

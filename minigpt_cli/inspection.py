@@ -1,0 +1,359 @@
+"""What a run or a config is made of: modules and parameters, FLOPs, cache size, shapes, training record.
+
+The model is built on the meta device (shapes without storage), so even GPT-2 XL is inspected
+instantly and without memory.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from minigpt_cli import checkpoint as ckpt
+from minigpt_cli.bench import Target, flops_per_token, resolve_target
+from minigpt_cli.config import UserError
+from minigpt_cli.kv_cache import cache_bytes_per_token
+from minigpt_cli.model import GPT, MLP, CausalSelfAttention, Norm
+
+LN2 = math.log(2.0)
+
+
+def escape_vocab(chars: Sequence[str]) -> str:
+    """The vocabulary as one line: unprintable characters (newline, tab, ...) and the backslash escaped."""
+    out = []
+    for c in chars:
+        if c == "\\":
+            out.append("\\\\")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(c.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules and parameters
+# ---------------------------------------------------------------------------------------------
+
+def _describe(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return f"{module.in_features} -> {module.out_features}" + (", bias" if module.bias is not None else "")
+    if isinstance(module, nn.Embedding):
+        return f"{module.num_embeddings} x {module.embedding_dim}"
+    if isinstance(module, Norm):
+        return f"{module.kind} over {module.weight.shape[0]}"
+    if isinstance(module, CausalSelfAttention):
+        return f"{module.n_head} heads x {module.head_dim}, causal"
+    if isinstance(module, MLP):
+        return f"{module.activation}, {module.c_fc.out_features // module.c_fc.in_features}x wide"
+    if isinstance(module, nn.Dropout):
+        return f"p={module.p}"
+    if isinstance(module, GPT):
+        return f"{module.config.n_layer} layers, {module.config.pos_encoding} positions"
+    return ""
+
+
+def _signature(module: nn.Module) -> tuple:
+    return tuple((name, tuple(p.shape)) for name, p in module.named_parameters()) + (type(module).__name__,)
+
+
+def module_tree(module: nn.Module, name: str = "", seen: set[int] | None = None,
+                owners: dict[int, str] | None = None, path: str = "") -> dict[str, Any]:
+    """A node per module: own parameters, total parameters, children.
+
+    `params` = `own_params` + sum(child `params` * child `repeat`), so summing over the tree gives
+    the model's total. A parameter shared by two modules (tied weights) is counted at the first one
+    and named in `tied_to` at the other. Identical layers of a ModuleList collapse into one child
+    with `repeat` = their number.
+    """
+    seen = set() if seen is None else seen
+    owners = {} if owners is None else owners
+    own = 0
+    tied = []
+    for pname, p in module.named_parameters(recurse=False):
+        full = f"{path}.{pname}" if path else pname
+        if id(p) in seen:
+            tied.append(f"{pname} = {owners[id(p)]}")
+            continue
+        seen.add(id(p))
+        owners[id(p)] = full
+        own += p.numel()
+    children = []
+    items = list(module.named_children())
+    if isinstance(module, nn.ModuleList) and len(items) > 1 and len({_signature(m) for _, m in items}) == 1:
+        first_name, first = items[0]
+        child = module_tree(first, f"{first_name}..{items[-1][0]}", seen, owners,
+                            f"{path}.{first_name}" if path else first_name)
+        child["repeat"] = len(items)
+        children.append(child)
+    else:
+        for child_name, child_module in items:
+            children.append(module_tree(child_module, child_name, seen, owners,
+                                        f"{path}.{child_name}" if path else child_name))
+    total = own + sum(c["params"] * c["repeat"] for c in children)
+    node: dict[str, Any] = {"name": name or type(module).__name__, "type": type(module).__name__,
+                            "detail": _describe(module), "params": total, "own_params": own, "repeat": 1,
+                            "children": children}
+    if tied:
+        node["tied_to"] = tied
+    return node
+
+
+def meta_model(target: Target) -> GPT:
+    with torch.device("meta"):
+        return GPT(target.config.model, target.vocab_size)
+
+
+def parameter_counts(model: GPT) -> dict[str, Any]:
+    tree = module_tree(model)
+    top = {child["name"]: child["params"] * child["repeat"] for child in tree["children"]}
+    embedding = model.wte.weight.numel() + (model.wpe.weight.numel() if model.wpe is not None else 0)
+    # One layer: the collapsed child of `blocks` (or its only child when n_layer is 1).
+    block = tree_child(tree, "blocks")["children"][0]
+    return {
+        "total": model.num_parameters(),
+        "by_module": top,
+        "embedding": embedding,
+        "non_embedding": model.num_parameters() - embedding,
+        "per_layer": block["params"],
+        "tied_weights": model.config.tie_weights,
+        "tree": tree,
+    }
+
+
+def tree_child(node: dict[str, Any], name: str) -> dict[str, Any]:
+    for child in node["children"]:
+        if child["name"] == name:
+            return child
+    raise KeyError(name)
+
+
+def counted_flops(model: GPT, seq_len: int) -> dict[str, float] | None:
+    """FLOPs per token of one forward and one training step as torch.utils.flop_counter counts them
+    on the meta model; it counts attention in full (the masked half too)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:  # pragma: no cover - very old torch
+        return None
+    idx = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        logits = model(idx)
+    forward = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        model(idx).float().sum().backward()
+    train = counter.get_total_flops()
+    del logits
+    for p in model.parameters():
+        p.grad = None
+    return {"forward": forward / seq_len, "train": train / seq_len}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def batch_shapes(model: GPT, batch_size: int) -> list[dict[str, Any]]:
+    """The shapes a training batch and a decoding step take, read from forward hooks on the meta model."""
+    c = model.config
+    B, T, C, V, H, D = batch_size, c.block_size, c.n_embd, model.vocab_size, c.n_head, c.head_dim
+    seen: dict[str, tuple[int, ...]] = {}
+    hooks = []
+
+    def record(key: str):
+        def hook(module, inputs, output):
+            seen.setdefault(key, tuple(output.shape))
+        return hook
+
+    block = model.blocks[0]
+    for key, module in (("embeddings", model.wte), ("qkv", block.attn.c_attn), ("attention_out", block.attn),
+                        ("mlp_hidden", block.mlp.c_fc), ("block_out", block), ("logits", model.lm_head)):
+        hooks.append(module.register_forward_hook(record(key)))
+    rows: list[dict[str, Any]] = []
+
+    def add(stage: str, name: str, shape: Sequence[int], symbols: str, note: str = "") -> None:
+        rows.append({"stage": stage, "name": name, "shape": list(shape), "symbols": symbols, "note": note})
+
+    try:
+        idx = torch.zeros(B, T, dtype=torch.long, device="meta")
+        logits = model(idx)
+        add("training", "idx (token ids)", idx.shape, "(B, T)")
+        add("training", "token embeddings wte(idx)", seen["embeddings"], "(B, T, C)")
+        if model.wpe is not None:
+            add("training", "position embeddings wpe", (T, C), "(T, C)", "added to every row")
+        elif c.pos_encoding == "rope":
+            add("training", "rotary cos/sin tables", (T, D), "(T, head_dim)", "rotate q and k")
+        else:
+            add("training", "sinusoidal position table", (T, C), "(T, C)", "added to every row")
+        add("training", "q, k, v (each, per layer)", (B, H, T, D), "(B, n_head, T, head_dim)",
+            f"from c_attn's {tuple(seen['qkv'])}")
+        add("training", "attention weights softmax(QK^T/sqrt(d))", (B, H, T, T), "(B, n_head, T, T)",
+            "never written out by the fused kernel")
+        add("training", "attention output", seen["attention_out"], "(B, T, C)")
+        add("training", "MLP hidden", seen["mlp_hidden"], f"(B, T, {c.mlp_ratio}C)")
+        add("training", "block output", seen["block_out"], "(B, T, C)", f"after each of {c.n_layer} layers")
+        add("training", "logits", logits.shape, "(B, T, vocab_size)")
+        seen.clear()
+        cache = model.new_kv_cache(B)
+        cache.advance(T - 1)
+        step = torch.zeros(B, 1, dtype=torch.long, device="meta")
+        step_logits = model(step, cache)
+        add("decoding", "idx (one new token per sample)", step.shape, "(B, 1)")
+        add("decoding", "KV cache keys (values alike)", cache.k.shape, "(n_layer, B, n_head, block_size, head_dim)",
+            "allocated once")
+        add("decoding", "attention weights at the last position", (B, H, 1, T), "(B, n_head, 1, T)")
+        add("decoding", "logits", step_logits.shape, "(B, 1, vocab_size)")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert tuple(logits.shape) == (B, T, V) and tuple(step_logits.shape) == (B, 1, V)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Training record of a run
+# ---------------------------------------------------------------------------------------------
+
+def loss_curves(run_dir: Path) -> dict[str, list[list[float]]]:
+    """train: [step, loss] at every log line; val: [step, val_loss] at every evaluation."""
+    train, val = [], []
+    for record in ckpt.read_metrics(run_dir):
+        kind, step = record.get("kind"), record.get("step")
+        if step is None:
+            continue
+        if kind == "train" and record.get("loss") is not None:
+            train.append([int(step), float(record["loss"])])
+        elif kind == "eval" and record.get("val_loss") is not None:
+            val.append([int(step), float(record["val_loss"])])
+    return {"train": train, "val": val}
+
+
+def run_record(target: Target) -> dict[str, Any]:
+    loaded = target.loaded
+    assert loaded is not None
+    meta = loaded.meta
+    best = meta.get("best_val_loss")
+    best = float(best) if best is not None and math.isfinite(float(best)) else None
+    return {
+        "run_dir": str(loaded.run_dir),
+        "checkpoint": str(loaded.path),
+        "steps": loaded.step,
+        "tokens_seen": int(meta.get("tokens", 0)),
+        "wall_seconds": float(meta.get("train_seconds", 0.0)),
+        "device": meta.get("device"),
+        "precision": meta.get("precision"),
+        "torch_version": meta.get("torch_version"),
+        "saved_at": meta.get("saved_at"),
+        "best_val_loss": best,
+        "best_val_bpc": best / LN2 if best is not None else None,
+        "data_fingerprint": meta.get("data_fingerprint"),
+        "vocab": {"size": loaded.tokenizer.vocab_size, "chars": escape_vocab(loaded.tokenizer.chars)},
+        "curves": loss_curves(loaded.run_dir),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------------------------
+
+def inspect(arg: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    target = resolve_target(arg, overrides, which="latest")
+    c = target.config.model
+    model = meta_model(target)
+    params = parameter_counts(model)
+    flops = flops_per_token(c, target.vocab_size)
+    flops["counted"] = counted_flops(model, c.block_size)
+    kv = {
+        "bytes_per_token": cache_bytes_per_token(c.n_layer, c.n_embd, 4),
+        "bytes_per_token_bf16": cache_bytes_per_token(c.n_layer, c.n_embd, 2),
+        "bytes_at_block_size": cache_bytes_per_token(c.n_layer, c.n_embd, 4) * c.block_size,
+        "block_size": c.block_size,
+        "layout": "(n_layer, B, n_head, block_size, head_dim), keys and values, float32",
+    }
+    result: dict[str, Any] = {
+        "target": target.describe(),
+        "config": target.config.to_dict(),
+        "params": params,
+        "flops_per_token": flops,
+        "kv_cache": kv,
+        "weights_bytes": 4 * params["total"],
+        "shapes": batch_shapes(model, target.config.train.batch_size),
+    }
+    if target.kind == "run":
+        result["run"] = run_record(target)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing the loss curves
+# ---------------------------------------------------------------------------------------------
+
+def text_chart(series: dict[str, list[list[float]]], width: int = 64, height: int = 14,
+               marks: dict[str, str] | None = None) -> list[str]:
+    """Lines of plain text: each series' points on a character grid, with the y range at the left."""
+    marks = marks or {"train": ".", "val": "o"}
+    points = [(name, x, y) for name, values in series.items() for x, y in values if math.isfinite(y)]
+    if not points:
+        return ["(no losses recorded yet)"]
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    if y1 - y0 < 1e-9:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    if x1 == x0:
+        x1 = x0 + 1
+    grid = [[" "] * width for _ in range(height)]
+    for name in series:  # later series are drawn over earlier ones
+        for _, x, y in (p for p in points if p[0] == name):
+            col = round((x - x0) / (x1 - x0) * (width - 1))
+            row = round((y1 - y) / (y1 - y0) * (height - 1))
+            grid[row][col] = marks.get(name, "*")
+    label = max(len(f"{y1:.3f}"), len(f"{y0:.3f}"))
+    lines = []
+    for i, row in enumerate(grid):
+        value = y1 - (y1 - y0) * i / (height - 1)
+        tick = f"{value:.3f}" if i in (0, height // 2, height - 1) else ""
+        lines.append(f"{tick:>{label}} |{''.join(row)}")
+    lines.append(" " * label + " +" + "-" * width)
+    left, right = f"step {int(x0)}", f"{int(x1)}"
+    lines.append(" " * (label + 2) + left + right.rjust(width - len(left)))
+    legend = "   ".join(f"{marks.get(name, '*')} {name}" for name, values in series.items() if values)
+    lines.append(" " * (label + 2) + legend)
+    return lines
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str) -> Path:
+    """Write the loss curves as an image (PNG, SVG or PDF by the file's suffix); needs matplotlib."""
+    path = Path(path)
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise UserError(f"--plot {path}: use a file ending in {', '.join(PLOT_SUFFIXES)}")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("--plot needs matplotlib, which is not installed: pip install 'minigpt-cli[plot]' "
+                        "(or pip install matplotlib)") from None
+    if not any(curves.values()):
+        raise UserError(f"{title}: no losses recorded yet, nothing to plot")
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    styles = {"train": dict(linewidth=1, alpha=0.8), "val": dict(marker="o", linewidth=1.5)}
+    for name, values in curves.items():
+        if values:
+            axes.plot([v[0] for v in values], [v[1] for v in values], label=name, **styles.get(name, {}))
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats per character)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path

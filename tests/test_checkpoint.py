@@ -1,0 +1,242 @@
+"""Checkpoints: exact save/load, atomic writes, a full disk, damaged files, and nothing unpickled."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+
+from conftest import assert_usage_error, invoke, train_in_process, FAST
+from minigpt_cli import checkpoint as ckpt
+from minigpt_cli.config import Config, ModelConfig, UserError, apply_overrides, load_config
+from minigpt_cli.model import GPT
+from minigpt_cli.tokenizer import CharTokenizer
+
+
+def save_random_model(run_dir: Path, step: int = 1, is_best: bool = True, **model_overrides) -> GPT:
+    config = Config(model=ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, **model_overrides))
+    tokenizer = CharTokenizer.from_text("abcdefghij \n")
+    torch.manual_seed(step)
+    model = GPT(config.model, tokenizer.vocab_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    ckpt.save_checkpoint(run_dir, model, config, tokenizer, {"step": step}, {}, {}, is_best=is_best)
+    return model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_weights": True, "pos_encoding": "learned", "bias": True,
+                                            "norm": "layernorm"}], ids=["default", "tied-learned-bias"])
+def test_save_then_load_gives_bit_identical_logits(tmp_path: Path, overrides: dict):
+    model = save_random_model(tmp_path / "run", **overrides).eval()
+    loaded = ckpt.load_checkpoint(tmp_path / "run")
+    again = loaded.build_model().eval()
+    idx = torch.randint(0, 12, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(idx), again(idx))
+    assert loaded.tokenizer.chars == CharTokenizer.from_text("abcdefghij \n").chars
+    assert loaded.config.model == model.config
+
+
+def test_a_run_holds_everything_needed(tiny_run: Path):
+    latest = json.loads((tiny_run / "latest.json").read_text())
+    folder = tiny_run / latest["checkpoint"]
+    for name in (ckpt.MODEL_FILE, ckpt.META_FILE, ckpt.STATE_FILE, ckpt.STATE_JSON):
+        assert (folder / name).is_file(), name
+    meta = json.loads((folder / ckpt.META_FILE).read_text())
+    assert meta["format_version"] == ckpt.FORMAT_VERSION
+    assert meta["step"] == 6
+    assert len(meta["data_fingerprint"]) == 64
+    assert "chars" in meta["vocab"] and "model" in meta["config"]
+    assert (tiny_run / "best.json").is_file()
+    kinds = {r["kind"] for r in ckpt.read_metrics(tiny_run)}
+    assert kinds == {"train", "eval"}
+    # Only the newest and the best checkpoints are kept, and no leftovers of saves.
+    assert len(list((tiny_run / "checkpoints").iterdir())) <= 2
+    assert not [p for p in tiny_run.rglob(f"{ckpt.TMP_PREFIX}*")]
+
+
+def test_the_same_step_saved_twice_keeps_a_whole_checkpoint(tmp_path: Path):
+    run = tmp_path / "run"
+    save_random_model(run, step=3)
+    first = ckpt.find_checkpoint(run, "latest")
+    # A second save of step 3 (an interrupt right after a periodic save) must not remove the first
+    # before the pointers move: the pointed-at folder is always whole.
+    model = save_random_model(run, step=3, is_best=False)
+    latest = ckpt.find_checkpoint(run, "latest")
+    assert (latest / ckpt.META_FILE).is_file()
+    assert ckpt.find_checkpoint(run, "best") == first
+    with torch.no_grad():
+        idx = torch.zeros(1, 4, dtype=torch.long)
+        assert torch.equal(ckpt.load_checkpoint(run, "latest").build_model().eval()(idx), model.eval()(idx))
+
+
+def test_leftovers_of_an_interrupted_save_are_ignored_and_cleaned(tmp_path: Path):
+    run = tmp_path / "run"
+    save_random_model(run, step=1)
+    good = ckpt.find_checkpoint(run, "latest")
+    # What a kill -9 in the middle of a save leaves behind: a half-written folder and pointer file.
+    half = run / "checkpoints" / f"{ckpt.TMP_PREFIX}step-0000002.4242"
+    half.mkdir()
+    (half / ckpt.MODEL_FILE).write_bytes(b"\x00" * 10)
+    (run / f"{ckpt.TMP_PREFIX}latest.json.4242").write_text('{"checkp')
+    assert ckpt.find_checkpoint(run, "latest") == good
+    ckpt.load_checkpoint(run, "latest")
+    save_random_model(run, step=2)
+    assert not list(run.rglob(f"{ckpt.TMP_PREFIX}*"))
+    assert ckpt.load_checkpoint(run, "latest").step == 2
+
+
+def test_a_pointer_to_a_missing_checkpoint_falls_back(tmp_path: Path):
+    run = tmp_path / "run"
+    save_random_model(run, step=1)
+    (run / "latest.json").write_text(json.dumps({"checkpoint": "checkpoints/step-0000009", "step": 9}))
+    (run / "best.json").unlink()
+    assert ckpt.load_checkpoint(run, "latest").step == 1
+
+
+def full_disk(*args, **kwargs):
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def full_disk_os(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("target, failure", [("save_file", full_disk), ("_write_bytes_synced", full_disk_os),
+                                             ("atomic_write_json", full_disk_os)])
+def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, failure):
+    run = tmp_path / "run"
+    model = save_random_model(run, step=1).eval()
+    monkeypatch.setattr(ckpt, target, failure)
+    with pytest.raises(ckpt.CheckpointWriteError, match="No space left on device") as info:
+        save_random_model(run, step=2)
+    assert "step 2" in str(info.value)
+    monkeypatch.undo()
+    loaded = ckpt.load_checkpoint(run, "latest")
+    assert loaded.step == 1
+    with torch.no_grad():
+        idx = torch.zeros(1, 4, dtype=torch.long)
+        assert torch.equal(loaded.build_model().eval()(idx), model(idx))
+    assert not list(run.rglob(f"{ckpt.TMP_PREFIX}*"))
+
+
+def test_full_disk_during_training_exits_1_and_keeps_the_run(run_copy: Path, monkeypatch: pytest.MonkeyPatch):
+    before = ckpt.load_checkpoint(run_copy, "latest")
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    result = invoke("train", "--resume", "--out", run_copy, "--set", "train.max_iters=7")
+    assert result.exit_code == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "No space left on device" in result.stderr
+    monkeypatch.undo()
+    after = ckpt.load_checkpoint(run_copy, "latest")
+    assert after.step == before.step == 6
+    assert after.model_state.keys() == before.model_state.keys()
+
+
+# -- damaged checkpoints: one line naming the file, exit code 2 -------------------------------------
+
+def damage(folder: Path, name: str, how: str) -> Path:
+    path = folder / name
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "garbage":
+        path.write_bytes(os.urandom(64))
+    elif how == "missing":
+        path.unlink()
+    return path
+
+
+@pytest.mark.parametrize("name", [ckpt.MODEL_FILE, ckpt.META_FILE])
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage", "missing"])
+def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(run_copy: Path, name: str, how: str):
+    for which in ("latest", "best"):
+        damage(ckpt.find_checkpoint(run_copy, which), name, how)
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load_checkpoint(run_copy)
+    result = invoke("sample", run_copy, "--max-new-tokens", "3", "--no-stream")
+    # A missing meta.json makes the folder no checkpoint at all; the error names the run then.
+    assert_usage_error(result, name if (name, how) != (ckpt.META_FILE, "missing") else str(run_copy))
+
+
+@pytest.mark.parametrize("name", [ckpt.STATE_FILE, ckpt.STATE_JSON])
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
+def test_damaged_training_state_refuses_resume_naming_the_file(run_copy: Path, name: str, how: str):
+    damage(ckpt.find_checkpoint(run_copy, "latest"), name, how)
+    before = (run_copy / "metrics.jsonl").read_bytes()
+    result = invoke("train", "--resume", "--out", run_copy, "--set", "train.max_iters=8")
+    assert_usage_error(result, name)
+    assert (run_copy / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_file_that_is_not_a_run_is_refused(tmp_path: Path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    assert_usage_error(invoke("sample", path, "--no-stream"), str(path))
+
+
+# -- nothing runs from a file -----------------------------------------------------------------------
+
+class Payload:
+    """Unpickling this object runs os.system: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_pickle_bomb(path: Path, marker: Path) -> Path:
+    torch.save({"model": Payload(marker)}, path)
+    # The payload is real: a plain unpickle would create the marker.
+    assert b"system" in path.read_bytes()
+    return path
+
+
+def test_crafted_pickle_given_as_run_is_not_executed(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    bomb = write_pickle_bomb(tmp_path / "model.pt", marker)
+    assert_usage_error(invoke("sample", bomb, "--no-stream"), str(bomb))
+    assert not marker.exists()
+    with pytest.raises(UserError):
+        ckpt.load_checkpoint(bomb, with_train_state=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", [ckpt.MODEL_FILE, ckpt.STATE_FILE])
+def test_crafted_pickle_inside_a_checkpoint_is_not_executed(run_copy: Path, tmp_path: Path, name: str):
+    marker = tmp_path / "pwned"
+    for which in ("latest", "best"):
+        write_pickle_bomb(ckpt.find_checkpoint(run_copy, which) / name, marker)
+    if name == ckpt.MODEL_FILE:
+        result = invoke("sample", run_copy, "--no-stream", "--max-new-tokens", "2")
+    else:
+        result = invoke("train", "--resume", "--out", run_copy, "--set", "train.max_iters=8")
+    assert_usage_error(result, name)
+    assert not marker.exists()
+    # Sanity check that the test would notice: unpickling the file for real runs the payload.
+    with open(ckpt.find_checkpoint(run_copy, "latest") / name, "rb") as f:
+        try:
+            pickle.load(f)
+        except Exception:
+            pass
+    if not marker.exists():
+        torch.load(ckpt.find_checkpoint(run_copy, "latest") / name, weights_only=False)
+    assert marker.exists()
+
+
+def test_checkpoint_code_never_unpickles():
+    source = Path(ckpt.__file__).read_text(encoding="utf-8")
+    assert "import pickle" not in source
+    assert "torch.load(" not in source or "weights_only=True" in source

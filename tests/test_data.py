@@ -1,0 +1,205 @@
+"""Reading text (file, folder, stdin), the encoded cache, and reproducible batches."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST, assert_usage_error, invoke, set_flags
+from minigpt_cli import data
+from minigpt_cli.config import UserError
+from minigpt_cli.tokenizer import CharTokenizer
+
+
+def test_non_utf8_file_names_the_file_and_byte_offset(tmp_path: Path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("héllo".encode("utf-8") + b" w\xe9rld")  # 6 bytes + 2: the bad byte is at offset 8
+    with pytest.raises(UserError) as info:
+        data.read_text(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "offset 8" in message
+    assert "0xe9" in message
+
+
+def test_non_utf8_file_in_a_folder_names_that_file(tmp_path: Path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "a.txt").write_text("fine\n", encoding="utf-8")
+    (folder / "b.txt").write_bytes(b"ok\n\xff")
+    with pytest.raises(UserError, match=r"b\.txt.*offset 3"):
+        data.read_text(folder)
+
+
+def test_folder_of_txt_files_is_read_in_name_order(tmp_path: Path):
+    folder = tmp_path / "books"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("second", encoding="utf-8")
+    (folder / "a.txt").write_text("first\n", encoding="utf-8")
+    (folder / "sub" / "c.txt").write_text("third\n", encoding="utf-8")
+    (folder / "notes.md").write_text("ignored", encoding="utf-8")
+    (folder / "image.bin").write_bytes(b"\xff\xfe")
+    text, source = data.read_text(folder)
+    assert text == "first\nsecond\nthird\n"
+    assert "3 files" in source
+
+
+def test_folder_without_txt_files_is_an_error(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .txt files"):
+        data.read_text(tmp_path / "empty")
+
+
+def test_stdin(monkeypatch: pytest.MonkeyPatch):
+    class Pipe(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return False
+
+    monkeypatch.setattr(sys, "stdin", Pipe(io.BytesIO("to be or not\n".encode("utf-8")), encoding="utf-8"))
+    text, source = data.read_text("-")
+    assert text == "to be or not\n"
+    assert source == "stdin"
+
+
+def test_utf8_byte_order_mark_is_dropped(tmp_path: Path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfabc")
+    assert data.read_text(path)[0] == "abc"
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p / "missing.txt", "missing.txt"),
+    (lambda p: (p / "empty.txt").write_text("") and None or p / "empty.txt", "empty"),
+])
+def test_missing_or_empty_file_is_an_error(tmp_path: Path, make, fragment):
+    with pytest.raises(UserError, match=fragment):
+        data.read_text(make(tmp_path))
+
+
+@pytest.mark.parametrize("vocab_size, dtype", [(2, np.uint8), (256, np.uint8), (257, np.uint16),
+                                               (65536, np.uint16), (65537, np.uint32)])
+def test_smallest_integer_dtype(vocab_size: int, dtype):
+    assert data.dtype_for_vocab(vocab_size) == np.dtype(dtype)
+
+
+def test_cache_uses_the_smallest_dtype_and_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    path = tmp_path / "text.txt"
+    path.write_text("abcabc\n" * 200, encoding="utf-8")
+    corpus = data.load_corpus(path, 0.1)
+    cached = list((tmp_path / "cache").glob("*.npy"))
+    assert len(cached) == 1
+    assert np.load(cached[0]).dtype == np.uint8
+    assert corpus.train.dtype == np.uint8
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the cached array should have been used")
+
+    monkeypatch.setattr(data, "encode_array", no_encoding)
+    again = data.load_corpus(path, 0.1)
+    assert np.array_equal(np.concatenate([again.train, again.val]), np.concatenate([corpus.train, corpus.val]))
+    assert again.fingerprint == corpus.fingerprint
+
+
+def test_cache_with_more_than_256_characters_uses_uint16(tmp_path: Path):
+    path = tmp_path / "wide.txt"
+    path.write_text("".join(chr(0x4E00 + i) for i in range(300)) * 3, encoding="utf-8")
+    corpus = data.load_corpus(path, 0.1)
+    assert corpus.tokenizer.vocab_size == 300
+    assert corpus.train.dtype == np.uint16
+    assert CharTokenizer.from_text(path.read_text(encoding="utf-8")).encode(path.read_text(encoding="utf-8")) == \
+        np.concatenate([corpus.train, corpus.val]).tolist()
+
+
+def test_a_corrupt_cache_file_is_rebuilt(tmp_path: Path):
+    path = tmp_path / "text.txt"
+    path.write_text("hello world\n" * 50, encoding="utf-8")
+    first = data.load_corpus(path, 0.1)
+    (cache_file,) = (tmp_path / "cache").glob("*.npy")
+    cache_file.write_bytes(b"garbage")
+    second = data.load_corpus(path, 0.1)
+    assert np.array_equal(first.train, second.train)
+
+
+def test_split_is_the_tail_of_the_text(tmp_path: Path):
+    path = tmp_path / "text.txt"
+    path.write_text("0123456789" * 10, encoding="utf-8")
+    corpus = data.load_corpus(path, 0.2)
+    assert len(corpus.train) == 80 and len(corpus.val) == 20
+    assert corpus.tokenizer.decode(corpus.val.tolist()) == "0123456789" * 2
+
+
+def test_batches_are_reproducible_from_seed_and_step():
+    a = data.batch_indices(10_000, 32, 8, seed=7, step=3)
+    assert np.array_equal(a, data.batch_indices(10_000, 32, 8, seed=7, step=3))
+    assert not np.array_equal(a, data.batch_indices(10_000, 32, 8, seed=7, step=4))
+    assert not np.array_equal(a, data.batch_indices(10_000, 32, 8, seed=8, step=3))
+    assert not np.array_equal(a, data.batch_indices(10_000, 32, 8, seed=7, step=3, micro_step=1))
+    assert a.min() >= 0 and a.max() <= 10_000 - 32 - 1
+
+
+def test_ranks_split_the_global_batch():
+    whole = data.batch_indices(10_000, 32, 8, seed=1, step=5, world_size=1)
+    ranks = [data.batch_indices(10_000, 32, 4, seed=1, step=5, rank=r, world_size=2) for r in range(2)]
+    assert np.array_equal(np.concatenate(ranks), whole)
+
+
+def test_targets_are_inputs_shifted_by_one():
+    ids = np.arange(100, dtype=np.uint8)
+    starts = data.batch_indices(len(ids), 10, 4, seed=0, step=0)
+    x, y = data.get_batch(ids, starts, 10)
+    assert x.shape == y.shape == (4, 10)
+    assert x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(x[:, 0], torch.from_numpy(starts.astype(np.int64)))
+
+
+def test_short_split_is_a_clear_error(tmp_path: Path):
+    path = tmp_path / "short.txt"
+    path.write_text("x" * 300, encoding="utf-8")
+    corpus = data.load_corpus(path, 0.1)  # 30 characters of validation text
+    data.check_split_lengths(corpus, block_size=29)
+    with pytest.raises(UserError, match=r"val split.*30 characters.*block_size \+ 1 = 31"):
+        data.check_split_lengths(corpus, block_size=30)
+
+
+# -- through the CLI ---------------------------------------------------------------------------------
+
+def test_cli_non_utf8_data(tmp_path: Path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"abc\x80def")
+    assert_usage_error(invoke("train", "tiny", "--data", path), str(path), "offset 3")
+
+
+def test_cli_missing_data(tmp_path: Path):
+    assert_usage_error(invoke("train", "tiny", "--data", tmp_path / "nowhere.txt"), "nowhere.txt")
+
+
+def test_cli_empty_data(tmp_path: Path):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(b"")
+    assert_usage_error(invoke("train", "tiny", "--data", path), "empty")
+
+
+def test_cli_short_split(tmp_path: Path):
+    path = tmp_path / "short.txt"
+    path.write_text("to be or not to be\n" * 10, encoding="utf-8")  # 190 chars: 19 of validation
+    result = invoke("train", "tiny", "--data", path, *set_flags(*FAST, "model.block_size=32"))
+    assert_usage_error(result, "val split", "block_size + 1 = 33")
+    assert not any(Path("runs").glob("*/latest.json"))
+
+
+def test_cli_data_folder(tmp_path: Path, small_corpus: Path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    text = small_corpus.read_text(encoding="utf-8")
+    (folder / "1.txt").write_text(text[:10_000], encoding="utf-8")
+    (folder / "2.txt").write_text(text[10_000:], encoding="utf-8")
+    result = invoke("train", "tiny", "--data", folder, "--out", "runs/folder", "--json",
+                    *set_flags(*FAST, "train.max_iters=2", "train.eval_interval=100"))
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["steps"] == 2

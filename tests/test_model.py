@@ -1,0 +1,147 @@
+"""The model's contract: logits (B, T, vocab_size), and a KV cache that changes nothing but the cost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt_cli.config import ModelConfig
+from minigpt_cli.kv_cache import KVCache
+from minigpt_cli.model import GPT
+
+VOCAB = 37
+SMALL = dict(n_layer=2, n_head=2, n_embd=16, block_size=24, dropout=0.0)
+# Every option value appears at least once, in varied combinations.
+VARIANTS = [
+    dict(pos_encoding="learned", norm="layernorm", norm_placement="pre", activation="gelu", tie_weights=True),
+    dict(pos_encoding="learned", norm="rmsnorm", norm_placement="post", activation="relu2"),
+    dict(pos_encoding="sinusoidal", norm="layernorm", norm_placement="post", activation="gelu"),
+    dict(pos_encoding="sinusoidal", norm="rmsnorm", norm_placement="pre", activation="relu2", tie_weights=True),
+    dict(pos_encoding="rope", norm="layernorm", norm_placement="pre", activation="relu2", qk_norm=False),
+    dict(pos_encoding="rope", norm="rmsnorm", norm_placement="post", activation="gelu", tie_weights=True),
+    dict(pos_encoding="rope", bias=True, norm="layernorm", zero_init_proj=False, logit_softcap=15.0, mlp_ratio=2),
+]
+
+
+def make_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(**{**SMALL, **overrides}), VOCAB)
+    # zero_init_proj starts every block as the identity; random projections exercise attention fully.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def variant_id(v: dict) -> str:
+    return "-".join(f"{k}={val}" for k, val in v.items())
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[variant_id(v) for v in VARIANTS])
+def test_logits_shape_and_cache_equals_recompute(variant: dict):
+    model = make_model(**variant)
+    idx = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))  # (B, T)
+    with torch.no_grad():
+        full = model(idx)
+        assert full.shape == (3, 20, VOCAB)
+        assert torch.isfinite(full).all()
+        # Prefill 12 positions, then feed one at a time: every step's logits are (B, 1, vocab_size).
+        cache = model.new_kv_cache(3)
+        parts = [model(idx[:, :12], cache)]
+        assert parts[0].shape == (3, 12, VOCAB)
+        for t in range(12, 20):
+            step = model(idx[:, t:t + 1], cache)
+            assert step.shape == (3, 1, VOCAB)
+            parts.append(step)
+        assert cache.length == 20
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_prefill_after_cached_positions_matches():
+    model = make_model()
+    idx = torch.randint(0, VOCAB, (2, 18), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_kv_cache(2)
+        first = model(idx[:, :5], cache)
+        rest = model(idx[:, 5:], cache)  # several new positions after cached ones
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_is_preallocated_and_reports_its_size():
+    model = make_model()
+    cache = model.new_kv_cache(2)
+    assert isinstance(cache, KVCache)
+    assert cache.block_size == SMALL["block_size"]
+    per_layer = 2 * SMALL["n_head"] * SMALL["block_size"] * (SMALL["n_embd"] // SMALL["n_head"])
+    assert cache.nbytes == 2 * SMALL["n_layer"] * per_layer * 4
+    cache.advance(5)
+    cache.reset()
+    assert cache.length == 0
+
+
+def test_sequence_longer_than_block_size_is_refused():
+    model = make_model()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, SMALL["block_size"] + 1, dtype=torch.long))
+    cache = model.new_kv_cache(1)
+    with torch.no_grad():
+        model(torch.zeros(1, SMALL["block_size"], dtype=torch.long), cache)
+        with pytest.raises(ValueError):
+            model(torch.zeros(1, 1, dtype=torch.long), cache)
+
+
+def test_positions_are_causal():
+    """Changing a later token never changes the logits of earlier positions."""
+    model = make_model()
+    idx = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % VOCAB
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_tied_weights_share_one_tensor():
+    model = make_model(tie_weights=True)
+    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
+
+
+def test_dropout_only_in_training_mode():
+    model = make_model(dropout=0.5)
+    idx = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(model(idx), model(idx))
+        model.train()
+        torch.manual_seed(0)
+        a = model(idx)
+        torch.manual_seed(1)
+        b = model(idx)
+    assert not torch.equal(a, b)
+
+
+def test_model_holds_no_inference_state():
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long), model.new_kv_cache(1))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(isinstance(v, KVCache) for v in vars(model).values())
+
+
+def test_greedy_generation_with_cache_equals_without():
+    from minigpt_cli.sampler import SamplingSettings, generate
+
+    model = make_model(block_size=16)
+    greedy = SamplingSettings(temperature=0.0)
+    prompt = [1, 2, 3, 4, 5]
+
+    def tokens(use_cache: bool) -> list[int]:
+        # 40 new tokens: the window slides past block_size=16 several times.
+        return [s.tokens.item() for s in generate(model, prompt, 40, greedy, use_cache=use_cache)]
+
+    assert tokens(True) == tokens(False)
