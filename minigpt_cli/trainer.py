@@ -115,10 +115,12 @@ class _SignalCatcher:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum:
-            # The last good checkpoint is whole on disk: every save is a rename into place.
+        # A repeat of the same signal exits at once: the last good checkpoint is whole on disk,
+        # since every save is a rename into place. A different one (torchrun turns the Ctrl-C it
+        # received into SIGTERM for its workers) does not cut the save short.
+        if self.signum == signum:
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -483,6 +485,9 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def _save(self, model: GPT, corpus: Corpus, optimizers, state: dict, is_best: bool,
               val_loss: float | None = None, final: bool = False) -> None:
+        # An update can break the weights while the step's own loss was still finite: never save those.
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise NonFiniteLoss(state["step"], self.run_dir)
         if self.dist.is_main:
             tensors, plain = self._train_state(optimizers)
             meta = dict(step=state["step"], tokens=state["tokens"], best_val_loss=state["best_val"],
