@@ -18,8 +18,8 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # Per-layer views, made once, so a step indexes no more than it must.
-        self.k_layers = self.k.unbind(0)
-        self.v_layers = self.v.unbind(0)
+        self.k_layers = [self.k[i] for i in range(n_layer)]
+        self.v_layers = [self.v[i] for i in range(n_layer)]
         self.length = 0
 
     @property

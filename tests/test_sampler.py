@@ -1,0 +1,229 @@
+"""Sampling: the KV-cached path equals the uncached reference, and the sampling rules do what they say."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+
+import pytest
+import torch
+
+from conftest import assert_usage_error, cli_command, cli_env, invoke
+from minigpt_cli.config import ModelConfig
+from minigpt_cli.kv_cache import KVCache
+from minigpt_cli.model import GPT, prepare_for_inference
+from minigpt_cli.sampler import SamplingSettings, apply_repetition_penalty, generate, next_token, slide_keep
+
+VOCAB = 11
+
+
+def small_model(**options) -> GPT:
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=12, zero_init_proj=False, **options)
+    return GPT(config, VOCAB).eval()
+
+
+VARIANTS = [dict(pos_encoding=p, norm=n, norm_placement=pl)
+            for p in ("learned", "sinusoidal", "rope") for n in ("layernorm", "rmsnorm") for pl in ("pre", "post")]
+
+
+@pytest.mark.parametrize("options", VARIANTS, ids=lambda o: "-".join(o.values()))
+def test_cached_logits_equal_uncached_at_every_step_across_a_window_slide(options):
+    model = small_model(**options)
+    greedy = SamplingSettings(temperature=0.0)
+    # 30 new tokens after 5 of prompt in a 12-position window: the window slides several times.
+    cached = list(generate(model, [1, 2, 3, 4, 5], 30, greedy, use_cache=True))
+    uncached = list(generate(model, [1, 2, 3, 4, 5], 30, greedy, use_cache=False))
+    assert len(cached) == len(uncached) == 30
+    for a, b in zip(cached, uncached):
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.tokens, b.tokens)
+
+
+def test_prefill_then_steps_equal_one_forward_pass():
+    model = small_model(pos_encoding="rope")
+    idx = torch.randint(0, VOCAB, (3, 12))
+    full = model(idx)  # (B, T, vocab_size)
+    cache = model.new_kv_cache(3)
+    parts = [model(idx[:, :4], cache)] + [model(idx[:, t:t + 1], cache) for t in range(4, 12)]
+    assert parts[1].shape == (3, 1, VOCAB)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_is_allocated_once_per_generation(monkeypatch):
+    model = small_model()
+    made = []
+    original = KVCache.__init__
+
+    def counting(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(KVCache, "__init__", counting)
+    pointers = set()
+    for _ in generate(model, [1], 40, SamplingSettings(temperature=0.0), use_cache=True):
+        pointers.add(made[0].k.data_ptr())
+    assert len(made) == 1 and len(pointers) == 1
+    assert made[0].k.shape[3] == model.config.block_size
+
+
+def test_window_keeps_three_quarters_when_full():
+    assert slide_keep(256) == 192
+    assert slide_keep(4) == 3
+    assert slide_keep(1) == 1
+
+
+def test_bfloat16_weights_keep_greedy_text_close():
+    model = small_model()
+    reference = [s.tokens.item() for s in generate(model, [1, 2], 20, SamplingSettings(temperature=0.0))]
+    half = prepare_for_inference(small_model(), torch.bfloat16)
+    assert half.lm_head.weight.dtype == torch.bfloat16 and half.wte.weight.dtype == torch.float32
+    logits = [s.logits for s in generate(half, [1, 2], 20, SamplingSettings(temperature=0.0))]
+    assert all(torch.isfinite(x).all() for x in logits)
+    agree = sum(a == b for a, b in zip(reference, [x.argmax().item() for x in logits]))
+    assert agree >= 15
+
+
+# -- the pure sampling function on hand-made logits -------------------------------------------
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
+
+
+def draws(settings: SamplingSettings, n: int = 4000, history=None) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    logits = LOGITS.expand(n, -1)
+    hist = None if history is None else torch.tensor(history).expand(n, -1)
+    return torch.bincount(next_token(logits, settings, generator, hist), minlength=5).float() / n
+
+
+def test_temperature_zero_and_top_k_one_and_tiny_top_p_are_greedy():
+    for settings in (SamplingSettings(temperature=0.0), SamplingSettings(temperature=1.0, top_k=1),
+                     SamplingSettings(temperature=1.0, top_p=1e-6)):
+        assert draws(settings)[0] == 1.0
+
+
+def test_same_seed_same_draws_different_seed_different_draws():
+    logits = torch.zeros(1, 50)
+    s = SamplingSettings(temperature=1.0)
+    pick = lambda seed: [next_token(logits, s, torch.Generator().manual_seed(seed)).item() for _ in range(1)]
+    gen_a, gen_b, gen_c = (torch.Generator().manual_seed(x) for x in (1, 1, 2))
+    a = [next_token(logits, s, gen_a).item() for _ in range(20)]
+    b = [next_token(logits, s, gen_b).item() for _ in range(20)]
+    c = [next_token(logits, s, gen_c).item() for _ in range(20)]
+    assert a == b and a != c
+    assert pick(3) == pick(3)
+
+
+def test_top_k_keeps_only_the_k_most_likely():
+    freq = draws(SamplingSettings(temperature=1.0, top_k=2))
+    assert freq[2:].sum() == 0 and freq[0] > freq[1] > 0
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.softmax(LOGITS, -1)[0]  # 0.61, 0.22, 0.14, 0.03, 0.004
+    freq = draws(SamplingSettings(temperature=1.0, top_p=0.7))
+    assert probs[0] < 0.7 <= probs[:2].sum()
+    assert freq[2:].sum() == 0 and freq[1] > 0
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+    probs = torch.softmax(LOGITS, -1)[0]
+    freq = draws(SamplingSettings(temperature=1.0, min_p=0.2))
+    kept = probs >= 0.2 * probs[0]
+    assert kept.tolist() == [True, True, True, False, False]
+    assert freq[~kept].sum() == 0
+    expected = probs * kept / (probs * kept).sum()
+    torch.testing.assert_close(freq, expected, atol=0.03, rtol=0)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    out = apply_repetition_penalty(LOGITS.clone(), torch.tensor([[0, 3, 3]]), 2.0)
+    assert out.tolist() == [[1.0, 1.0, 0.5, -2.0, -3.0]]
+    # Seen tokens become rarer, the others more common.
+    before, after = draws(SamplingSettings(temperature=1.0)), draws(
+        SamplingSettings(temperature=1.0, repetition_penalty=2.0), history=[[0]])
+    assert after[0] < before[0] and after[1] > before[1]
+
+
+def test_stop_sequence_ends_generation_where_it_first_appears():
+    model = small_model()
+    greedy = SamplingSettings(temperature=0.0)
+    tokens = [s.tokens.item() for s in generate(model, [1], 12, greedy)]
+    stop = tokens[3:5]
+    first_end = next(i + 2 for i in range(len(tokens) - 1) if tokens[i:i + 2] == stop)
+    steps = list(generate(model, [1], 12, greedy, stop=[stop]))
+    assert len(steps) == first_end
+    assert [s.tokens.item() for s in steps] == tokens[:first_end]
+    assert all(s.active.item() for s in steps)  # the token completing the stop text still belongs to the sample
+
+
+# -- the command --------------------------------------------------------------------------------
+
+def test_greedy_text_is_the_same_with_and_without_the_cache(run_copy):
+    with_cache = invoke("sample", run_copy, "--prompt", "ROMEO:", "--temperature", "0", "-n", "60", "--json")
+    without = invoke("sample", run_copy, "--prompt", "ROMEO:", "--temperature", "0", "-n", "60", "--json",
+                     "--no-kv-cache")
+    assert with_cache.exit_code == 0 and without.exit_code == 0
+    assert with_cache.json()["samples"] == without.json()["samples"]
+    assert len(with_cache.json()["samples"][0]) == 60
+
+
+def test_json_reports_samples_speed_seed_and_settings(run_copy):
+    result = invoke("sample", run_copy, "-p", "ROMEO:", "-n", "25", "--num-samples", "3", "--seed", "7",
+                    "--top-k", "1000", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = result.json()
+    assert data["prompt"] == "ROMEO:" and data["seed"] == 7
+    assert len(data["samples"]) == 3 and all(len(s) == 25 for s in data["samples"])
+    assert data["tokens_generated"] == 75 and data["tokens_per_second"] > 0
+    assert data["settings"]["top_k"] <= 65  # clamped to the vocabulary
+    again = invoke("sample", run_copy, "-p", "ROMEO:", "-n", "25", "--num-samples", "3", "--seed", "7", "--json")
+    other = invoke("sample", run_copy, "-p", "ROMEO:", "-n", "25", "--num-samples", "3", "--seed", "8", "--json")
+    assert again.json()["samples"] == data["samples"]
+    assert other.json()["samples"] != data["samples"]
+
+
+def test_generation_runs_past_block_size(run_copy):
+    result = invoke("sample", run_copy, "-n", "100", "--seed", "1", "--json")
+    assert result.exit_code == 0
+    assert len(result.json()["samples"][0]) == 100  # block_size is 16 in the test run
+
+
+def test_stop_text_ends_the_sample_and_is_not_printed(run_copy):
+    result = invoke("sample", run_copy, "-p", "ROMEO:", "-n", "300", "--seed", "1", "--stop", "\n", "--json")
+    sample = result.json()["samples"][0]
+    assert "\n" not in sample and len(sample) < 300
+
+
+def test_prompt_checks(run_copy):
+    assert_usage_error(invoke("sample", run_copy, "--prompt", "héllo€"), "'é'", "'€'")
+    skipped = invoke("sample", run_copy, "--prompt", "héllo€", "--unknown", "skip", "-n", "5", "--json")
+    assert skipped.exit_code == 0 and skipped.json()["prompt"] == "héllo€"
+    empty = invoke("sample", run_copy, "--prompt", "", "-n", "5", "--json")
+    assert empty.exit_code == 0
+    piped = invoke("sample", run_copy, "--prompt", "-", "-n", "5", "--json", input="JULIET:")
+    assert piped.json()["prompt"] == "JULIET:"
+
+
+@pytest.mark.parametrize("flag,value,allowed", [
+    ("--temperature", "-1", "0 (greedy) or positive"), ("--top-p", "0", "(0, 1]"), ("--top-p", "1.5", "(0, 1]"),
+    ("--top-k", "0", "at least 1"), ("--min-p", "2", "[0, 1]"), ("--repetition-penalty", "0", "positive"),
+    ("--dtype", "float16", "GPU"), ("--dtype", "int3", "float32, bfloat16 or float16")])
+def test_out_of_range_settings_exit_2_with_the_allowed_range(run_copy, flag, value, allowed):
+    assert_usage_error(invoke("sample", run_copy, flag, value), flag if flag != "--dtype" else "dtype", allowed)
+
+
+def test_output_piped_into_head_ends_quietly(run_copy):
+    shell = " ".join(f"'{a}'" for a in cli_command("sample", str(run_copy), "-n", "3000", "--seed", "1"))
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {shell} | head -c 100"], capture_output=True,
+                          text=True, env=cli_env(), timeout=120)
+    assert len(proc.stdout) == 100
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode in (0, 141)
+
+
+def test_several_samples_are_separated_by_a_line_a_shell_can_split_on(run_copy):
+    result = invoke("sample", run_copy, "-p", "A", "-n", "10", "--num-samples", "3", "--seed", "2", "--no-stream")
+    assert result.exit_code == 0
+    assert result.stdout.count("\n-----\n") == 2
+    assert math.isclose(len(result.stdout.split("\n-----\n")), 3)
