@@ -67,10 +67,12 @@ GPU_PEAK_TFLOPS: list[tuple[str, float, float | None]] = [
     ("MI250X", 383.0, None),
 ]
 
-# Work per timed call on a CPU (or Apple GPU), in FLOPs: big enough to time, small enough that a
-# GPT-2-sized model still finishes in about a minute on two cores.
-CPU_FLOP_BUDGET = 1.2e11
-QUICK_FLOP_BUDGET = 2e10
+# Work per timed call on a CPU (or Apple GPU), in FLOPs: big enough to time, small enough that
+# `minigpt bench gpt2_small` finishes in well under a minute on two cores.
+CPU_FLOP_BUDGET = 5e10
+QUICK_FLOP_BUDGET = 1e10
+# Median absolute deviation, relative to the median, above which a timing is called unsteady.
+UNSTEADY = 0.2
 # Memory a single measurement may take, as a fraction of what the device has free.
 MEMORY_FRACTION = 0.5
 
@@ -261,6 +263,13 @@ class LiveTensorBytes(TorchDispatchMode):
             del self.live[key]
 
 
+def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
+    """softmax(QK^T / sqrt(head_dim)) V with the (T, T) scores in memory; q, k, v: (B, n_head, T, head_dim)."""
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, n_head, T, T)
+    att = att.masked_fill(future, float("-inf"))
+    return att.softmax(dim=-1) @ v  # (B, n_head, T, head_dim)
+
+
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
     """Extra memory fn needs at its peak: the allocator's peak on CUDA, tensors alive elsewhere."""
     if device.type == "cuda":
@@ -391,6 +400,7 @@ class Bench:
         self.max_seconds = o.max_seconds if o.max_seconds is not None else (0.5 if o.quick else 2.0)
         self.flops = flops_per_token(self.m, self.V)
         self.notes: list[str] = []
+        self.unsteady = 0
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0)
 
@@ -400,7 +410,10 @@ class Bench:
         warmup, repeats = self.warmup, self.repeats
         if flops > self.budget / 4:
             warmup, repeats = min(warmup, 1), min(repeats, 3)
-        return measure(fn, self.device, warmup, repeats, self.max_seconds)
+        timing = measure(fn, self.device, warmup, repeats, self.max_seconds)
+        if timing.repeats > 2 and timing.mad > UNSTEADY * timing.median:
+            self.unsteady += 1
+        return timing
 
     def _tokens(self, *shape: int) -> torch.Tensor:
         return torch.randint(0, self.V, shape, generator=self.generator, device=self.device)
@@ -414,11 +427,7 @@ class Bench:
         return tokens * (2 * self.flops["matmul_params"] + 4 * self.m.n_layer * self.m.n_embd * context)
 
     def build_model(self) -> GPT:
-        loaded = self.target.loaded
-        if loaded is not None:
-            weights = sum(t.numel() * 4 for t in loaded.model_state.values())
-        else:
-            weights = 4 * _param_estimate(self.m, self.V)
+        weights = 4 * _param_count(self.m, self.V)
         if not self._fits(weights):
             free = available_memory(self.device) or 0
             raise UserError(f"{self.cfg.name} needs {weights / 2**30:.1f} GiB for its float32 weights, but "
@@ -442,21 +451,25 @@ class Bench:
             "threads": torch.get_num_threads(),
             "quick": self.options.quick,
         }
+        sections = self.options.sections
+        result["model"] = {"n_params": _param_count(self.m, self.V), "matmul_params": self.flops["matmul_params"],
+                           "n_layer": self.m.n_layer, "n_head": self.m.n_head, "n_embd": self.m.n_embd,
+                           "block_size": self.m.block_size, "vocab_size": self.V, "flops_per_token": self.flops}
         with preserved_global_state(self.device):
-            model = self.build_model()
-            result["model"] = {"n_params": model.num_parameters(), "matmul_params": self.flops["matmul_params"],
-                               "n_layer": self.m.n_layer, "n_head": self.m.n_head, "n_embd": self.m.n_embd,
-                               "block_size": self.m.block_size, "vocab_size": self.V,
-                               "flops_per_token": self.flops}
-            # Attention and sampling first: the training section changes the weights.
-            if "attention" in self.options.sections:
+            # Attention first (it needs no model), then sampling: the training section changes the weights.
+            if "attention" in sections:
                 result["attention"] = self.attention()
-            if "sample" in self.options.sections:
-                result["sample"] = self.sample(model)
-            if "train" in self.options.sections:
-                result["train"] = self.train(model)
-            del model
+            if "sample" in sections or "train" in sections:
+                model = self.build_model()
+                if "sample" in sections:
+                    result["sample"] = self.sample(model)
+                if "train" in sections:
+                    result["train"] = self.train(model)
+                del model
         result["memory"] = self.memory()
+        if self.unsteady:
+            self.notes.append(f"{self.unsteady} timing(s) varied by more than {UNSTEADY:.0%} between repeats: "
+                              f"another program may be using the {self.device.type}; rerun for steadier numbers")
         result["notes"] = self.notes
         result["seconds"] = time.perf_counter() - began
         return result
@@ -466,6 +479,7 @@ class Bench:
 
         B = self.options.batch_size or self.cfg.train.batch_size
         T = min(self.options.seq_len or self.m.block_size, self.m.block_size)
+
         def per_token(seq_len: int) -> float:
             return flops_per_token(self.m, self.V, seq_len)["train"]
 
@@ -487,7 +501,7 @@ class Bench:
                       f"{MEMORY_FRACTION:.0%} of the {(available_memory(self.device) or 0) / 2**30:.1f} GiB free")
             self.notes.append(f"training {reason}")
             return {"skipped": reason, "batch_size": B, "seq_len": T}
-        self.progress(f"training: batch {B} x {T} tokens, {self.repeats} timed steps")
+        self.progress(f"training: timing steps of batch {B} x {T} tokens")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -535,7 +549,6 @@ class Bench:
         else:
             out["peak_tflops"] = out["mfu"] = None
             out["peak_source"] = f"no published peak for {self.device.type}: achieved GFLOP/s only"
-        del optimizers
         for p in model.parameters():
             p.grad = None
         return out
@@ -616,7 +629,6 @@ class Bench:
             timing = self._time(batch_step, self._forward_flops(B, L + 1))
             batch.append({"batch_size": B, "context": L, "step_ms": timing.to_dict(),
                           "tokens_per_sec": B / timing.median})
-            del batch_cache
         out["batch"] = batch
         return out
 
@@ -667,13 +679,11 @@ class Bench:
                 break
             q, k, v = (torch.randn(1, m.n_head, T, m.head_dim, generator=self.generator, device=self.device,
                                    dtype=dtype) for _ in range(3))  # (B, n_head, T, head_dim)
-            mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
-            scale = 1.0 / math.sqrt(m.head_dim)
+            # Made once, as a model would keep it in a buffer: True above the diagonal (the future).
+            future = torch.ones(T, T, dtype=torch.bool, device=self.device).triu(diagonal=1)
 
             def plain() -> torch.Tensor:
-                att = (q @ k.transpose(-2, -1)) * scale  # (B, n_head, T, T)
-                att = att.masked_fill(~mask, float("-inf"))
-                return att.softmax(dim=-1) @ v  # (B, n_head, T, head_dim)
+                return written_out_attention(q, k, v, future)
 
             def fused() -> torch.Tensor:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -685,7 +695,6 @@ class Bench:
             rows.append({"seq_len": T, "plain_ms": plain_t.to_dict(), "sdpa_ms": fused_t.to_dict(),
                          "plain_peak_bytes": plain_b, "sdpa_peak_bytes": fused_b,
                          "speedup": plain_t.median / fused_t.median})
-            del q, k, v, mask
         return {"batch_size": 1, "n_head": m.n_head, "head_dim": m.head_dim, "dtype": str(dtype).removeprefix("torch."),
                 "causal": True, "memory_method": method, "rows": rows}
 
@@ -697,11 +706,10 @@ class Bench:
                 "method": "peak resident set of this process (getrusage ru_maxrss), including Python and torch"}
 
 
-def _param_estimate(m: ModelConfig, vocab_size: int) -> int:
-    per_layer = (4 + 2 * m.mlp_ratio) * m.n_embd * m.n_embd + 16 * m.n_embd
-    positions = m.block_size * m.n_embd if m.pos_encoding == "learned" else 0
-    heads = 0 if m.tie_weights else vocab_size * m.n_embd
-    return m.n_layer * per_layer + vocab_size * m.n_embd + positions + heads
+def _param_count(m: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the model, counted on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        return GPT(m, vocab_size).num_parameters()
 
 
 def bench(target: Target, options: BenchOptions | None = None, progress: Progress | None = None) -> dict[str, Any]:

@@ -227,22 +227,22 @@ def _default_config_name(device: Optional[str]) -> tuple[str, str]:
     return "default", f"config default (sized for {choice.device.type})"
 
 
-@app.command(epilog="Examples:  minigpt train  |  minigpt train shakespeare_char --device cuda  |  "
-                    "minigpt train --data my.txt --set model.n_layer=2 --time-budget 60")
+@app.command(epilog="Examples:\n\n  minigpt train\n\n  minigpt train shakespeare_char --device cuda\n\n"
+                    "  minigpt train --data my.txt --set model.n_layer=2 --time-budget 60")
 @handle_errors
 def train(
-    config: Optional[str] = typer.Argument(None, help="YAML path or shipped config name [default: default, "
-                                                      "or shakespeare_char on a CUDA GPU]."),
+    config: Optional[str] = typer.Argument(None, help="YAML path or shipped config name (default: default, "
+                                                      "or shakespeare_char on a CUDA GPU)."),
     data: Optional[str] = typer.Option(None, "--data", help="Text file, folder of .txt files, or - for stdin "
-                                                            "[default: the bundled tiny Shakespeare]."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory [default: runs/<config>-<date>-<time>]."),
+                                                            "(default: the bundled tiny Shakespeare)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<config>-<date>-<time>)."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. --set model.n_layer=4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (default: newest under ./runs) "
                                                         "from its latest checkpoint."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop after this many seconds of "
                                                 "wall clock, with the learning-rate decay planned to end then."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps [default: auto]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: the config's train.seed]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: auto)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the config's train.seed)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Use PyTorch's deterministic algorithms "
                                                                       "(matters on CUDA)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result on stdout."),
@@ -314,26 +314,27 @@ def _read_prompt(prompt: Optional[str]) -> str:
     return prompt or ""
 
 
-@app.command(epilog="Examples:  minigpt sample --prompt \"ROMEO:\"  |  minigpt sample runs/default-... "
-                    "--temperature 0 --max-new-tokens 200  |  echo \"JULIET:\" | minigpt sample --prompt - --json")
+@app.command(epilog="Examples:\n\n  minigpt sample --prompt \"ROMEO:\"\n\n"
+                    "  minigpt sample runs/default-20261124-101500 --temperature 0 --max-new-tokens 200\n\n"
+                    "  echo \"JULIET:\" | minigpt sample --prompt - --json")
 @handle_errors
 def sample(
-    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint folder [default: newest under ./runs]."),
+    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint folder (default: newest under ./runs)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue, or - for stdin "
-                                                                       "[default: a newline]."),
+                                                                       "(default: a newline)."),
     max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n", help="Characters to generate per sample."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="Softness of sampling; 0 is greedy."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely characters [default: off]."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely characters (default: off)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: smallest set with this much probability "
-                                                     "[default: 1, off]."),
+                                                     "(default: 1, off)."),
     min_p: float = typer.Option(0.0, "--min-p", help="Drop characters below this fraction of the top one's "
-                                                     "probability [default: 0, off]."),
+                                                     "probability (default: 0, off)."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Penalise characters already in the "
                                                                                "context; 1 is off."),
     num_samples: int = typer.Option(1, "--num-samples", help="Samples generated together from one prefill."),
     stop: List[str] = typer.Option([], "--stop", help="End a sample when its text ends with this (repeatable; "
                                                       "the stop text is not printed)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: a fresh one, shown with --json]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: a fresh one, shown with --json)."),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole window every step "
                                                                    "(slow; the reference)."),
     dtype: str = typer.Option("float32", "--dtype", help="Inference precision: float32, bfloat16, or float16 "
@@ -341,7 +342,7 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     unknown: str = typer.Option("error", "--unknown", help="Prompt characters outside the vocabulary: error or skip."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Print text as it is made "
-                                                                             "[default: on a terminal]."),
+                                                                             "(default: on a terminal)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with samples and speed."),
 ) -> None:
     """Generate text from a trained run (prints the prompt, then its continuation)."""
@@ -411,7 +412,8 @@ def _ms(timing: Optional[dict]) -> str:
     """Median and median absolute deviation of a bench timing."""
     if not timing:
         return "-"
-    return f"{timing['median_ms']:.3g} ± {timing['mad_ms']:.2g} ms"
+    spread = 100 * timing["mad_ms"] / timing["median_ms"] if timing["median_ms"] else 0.0
+    return f"{timing['median_ms']:.3g} ms ±{spread:.0f}%"
 
 
 def _key_value_table(title: str, rows: List[tuple]) -> Any:
@@ -516,8 +518,8 @@ def _render_bench(result: dict) -> None:
               f"{_count(model['n_params'])} parameters, {model['n_layer']} layers x {model['n_embd']}, "
               f"block_size {model['block_size']}, vocabulary {model['vocab_size']}")
     out.print(f"on {result['device']} ({result['device_name']}), {result['threads']} threads, "
-              f"torch {result['torch_version']}; median ± median absolute deviation of repeated, "
-              f"synchronised runs after warm-up", markup=False)
+              f"torch {result['torch_version']}; times are medians ± median absolute deviation of "
+              f"repeated, synchronised runs after warm-up", markup=False)
     train = result.get("train")
     if train:
         if "skipped" in train:
@@ -571,9 +573,10 @@ def _render_bench(result: dict) -> None:
     attention = result.get("attention")
     if attention and attention["rows"]:
         table = Table(title=f"causal attention, batch 1 x {attention['n_head']} heads x {attention['head_dim']}, "
-                            f"{attention['dtype']} (memory: {attention['memory_method']})",
+                            f"{attention['dtype']}: softmax(QK^T/sqrt(d))V written out, and "
+                            f"F.scaled_dot_product_attention (SDPA); memory: {attention['memory_method']}",
                       title_justify="left", title_style="bold")
-        for column in ("T", "written out", "memory", "scaled_dot_product_attention", "memory", "speed-up"):
+        for column in ("T", "written out", "memory", "SDPA", "memory", "SDPA speed-up"):
             table.add_column(column, justify="right")
         for row in attention["rows"]:
             table.add_row(str(row["seq_len"]), _ms(row["plain_ms"]), _mib(row["plain_peak_bytes"]),

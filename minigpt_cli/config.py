@@ -83,6 +83,8 @@ class TrainConfig:
     # Steps this invocation runs before it saves a checkpoint and exits (0: no limit). The schedule still
     # follows max_iters, so a run stopped this way and resumed matches an uninterrupted one step for step.
     stop_after: int = 0
+    # Periodic evaluations score the whole validation split instead of eval_iters sampled batches.
+    eval_full: bool = False
 
 
 @dataclass(frozen=True)
@@ -328,7 +330,9 @@ def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
         if "." not in dotted:
             raise UserError(f"--set key must be section.key (e.g. model.n_layer), got {dotted!r}")
         section, key = dotted.strip().split(".", 1)
-        raw.setdefault(section, {})[key] = parse_value(text)
+        # Text fields take the text as typed: YAML would read a path such as '-' or '~' as a list or null.
+        is_text = section in SECTIONS and _field_types(SECTIONS[section]).get(key) is str
+        raw.setdefault(section, {})[key] = text if is_text else parse_value(text)
     if not raw:
         return config
     return from_dict(raw, name=config.name, base=config)

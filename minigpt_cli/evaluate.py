@@ -101,8 +101,9 @@ def evaluate(request: EvalRequest) -> EvalResult:
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {request.dtype!r}")
     if request.dtype == "float16" and device.type == "cpu":
         raise UserError("--dtype float16 is for GPUs; on CPU use bfloat16 or float32")
-    precision = choose_precision(device, request.dtype)
     loaded = load_checkpoint(request.run, which=request.which)
+    # auto: the precision the run was trained in (bfloat16 autocast on most CUDA GPUs, float32 elsewhere).
+    precision = choose_precision(device, loaded.config.train.dtype if request.dtype == "auto" else request.dtype)
     block_size = loaded.config.model.block_size
     stride = request.stride if request.stride is not None else max(1, block_size // 2)
     if not 1 <= stride <= block_size:

@@ -271,10 +271,10 @@ class Trainer:
             tokens_seen = int(loaded.meta.get("tokens", 0))
             best_val = float(loaded.meta.get("best_val_loss", math.inf))
             prior_seconds = float(loaded.meta.get("train_seconds", 0.0))
-            if self.dist.is_main:
-                ckpt.truncate_metrics(self.run_dir, step)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # Resumed: drop records past the checkpoint. New: drop those of an attempt killed before its first save.
+            ckpt.truncate_metrics(self.run_dir, step)
 
         train_model: torch.nn.Module = model
         if t.compile:
@@ -449,34 +449,48 @@ class Trainer:
         began = time.perf_counter()
         losses = self._estimate(model, corpus)
         seconds = time.perf_counter() - began
-        state["eval_seconds"] += seconds
         state["eval_rate"] = 2 * t.eval_iters * t.batch_size * m.block_size / max(seconds, 1e-9)
+        scope = f"{t.eval_iters} sampled batches"
+        if t.eval_full:
+            losses["val"] = self._full_val_loss(model, corpus)
+            seconds = time.perf_counter() - began
+            scope = "whole validation split"
+        state["eval_seconds"] += seconds
         is_best = losses["val"] < state["best_val"]
         state["best_val"] = min(state["best_val"], losses["val"])
         step = state["step"]
         if self.dist.is_main:
             ckpt.append_metrics(self.run_dir, dict(kind="eval", step=step, train_loss=losses["train"],
-                                                   val_loss=losses["val"], elapsed=self._elapsed(), scope="sampled"))
+                                                   val_loss=losses["val"], elapsed=self._elapsed(),
+                                                   scope="full" if t.eval_full else "sampled",
+                                                   eval_seconds=state["eval_seconds"]))
         self.emit("eval", step, train_loss=losses["train"], val_loss=losses["val"], best_val_loss=state["best_val"],
-                  scope=f"{t.eval_iters} sampled batches", seconds=seconds)
+                  scope=scope, seconds=seconds, elapsed=self._elapsed(), eval_seconds=state["eval_seconds"])
         self._save(model, corpus, optimizers, state, is_best=is_best, val_loss=losses["val"])
 
-    def _final_eval(self, model: GPT, corpus: Corpus, optimizers, state: dict) -> tuple[float, int]:
-        """Validation loss over the whole validation split, in non-overlapping block_size windows."""
+    def _full_val_loss(self, model: GPT, corpus: Corpus, with_count: bool = False):
+        """Mean loss over the whole validation split, in non-overlapping block_size windows."""
         t, m = self.config.train, self.config.model
-        began = time.perf_counter()
         total, count = score_text(model, corpus.val, m.block_size, m.block_size, max(t.batch_size, 32),
                                   self.device, self.precision)
         loss = total / max(count, 1)
         if self.dist.enabled:
             loss = self._mean(loss)
+        return (loss, count) if with_count else loss
+
+    def _final_eval(self, model: GPT, corpus: Corpus, optimizers, state: dict) -> tuple[float, int]:
+        """Validation loss over the whole validation split, in non-overlapping block_size windows."""
+        t, m = self.config.train, self.config.model
+        began = time.perf_counter()
+        loss, count = self._full_val_loss(model, corpus, with_count=True)
         seconds = time.perf_counter() - began
         state["eval_seconds"] += seconds
         is_best = loss < state["best_val"]
         state["best_val"] = min(state["best_val"], loss)
         if self.dist.is_main:
             ckpt.append_metrics(self.run_dir, dict(kind="eval", step=state["step"], val_loss=loss, scope="full",
-                                                   elapsed=self._elapsed()))
+                                                   elapsed=self._elapsed(), eval_seconds=state["eval_seconds"],
+                                                   final=True))
         self.emit("final_eval", state["step"], val_loss=loss, bpc=loss / LN2, tokens=count, seconds=seconds,
                   best_val_loss=state["best_val"])
         self._save(model, corpus, optimizers, state, is_best=is_best, val_loss=loss, final=True)

@@ -123,6 +123,12 @@ def test_set_converts_values_like_the_yaml_file():
     assert parse_value("4") == 4
 
 
+@pytest.mark.parametrize("text", ["-", "~", "yes", "null", "notes: v2.txt", "[a].txt", "007"])
+def test_set_text_fields_keep_the_text_as_typed(text: str):
+    # '--data -' (stdin) becomes data.path=-, which YAML alone would read as a list.
+    assert apply_overrides(load_config("tiny"), [f"data.path={text}"]).data.path == text
+
+
 def test_duplicate_key_is_an_error(tmp_path: Path):
     path = tmp_path / "dup.yaml"
     path.write_text("model:\n  n_layer: 2\n  n_layer: 3\n", encoding="utf-8")

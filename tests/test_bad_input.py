@@ -1,0 +1,89 @@
+"""Bad input: exit code 2, one line naming the problem, no traceback, nothing overwritten.
+
+Config and data mistakes are also covered next to their modules (test_config.py, test_data.py);
+this file holds the sampling settings, prompts, devices, missing runs, and a few checks in a real
+process so that the exit code and stderr are exactly what a shell sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_usage_error, invoke, run_cli, set_flags
+
+
+def snapshot(run: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--temperature", "-1", "--temperature"),
+    ("--temperature", "nan", "--temperature"),
+    ("--top-k", "0", "--top-k"),
+    ("--top-p", "0", "--top-p"),
+    ("--top-p", "1.5", "--top-p"),
+    ("--min-p", "-0.1", "--min-p"),
+    ("--min-p", "2", "--min-p"),
+    ("--repetition-penalty", "0", "--repetition-penalty"),
+    ("--max-new-tokens", "-1", "--max-new-tokens"),
+    ("--num-samples", "0", "--num-samples"),
+    ("--dtype", "float64", "--dtype"),
+    ("--unknown", "ignore", "--unknown"),
+])
+def test_out_of_range_sampling_settings(run_copy: Path, option: str, value: str, fragment: str):
+    before = snapshot(run_copy)
+    result = invoke("sample", run_copy, option, value, "--max-new-tokens" if option != "--max-new-tokens" else "-n",
+                    "5" if option != "--max-new-tokens" else value, "--no-stream")
+    assert_usage_error(result, fragment)
+    assert result.stdout == ""
+    assert snapshot(run_copy) == before
+
+
+def test_prompt_characters_outside_the_vocabulary_are_named(run_copy: Path):
+    result = invoke("sample", run_copy, "--prompt", "ROMEO€ 🙂", "--no-stream", "-n", "5")
+    assert_usage_error(result, "'€'", "'🙂'", "prompt")
+    skipped = invoke("sample", run_copy, "--prompt", "ROMEO€", "--unknown", "skip", "-n", "5", "--json")
+    assert skipped.exit_code == 0, skipped.stderr
+    assert "'€'" in skipped.stderr
+    assert skipped.json()["prompt"]
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "tpu", "mps:7"])
+def test_a_device_that_is_not_available(run_copy: Path, small_corpus: Path, device: str):
+    before = snapshot(run_copy)
+    assert_usage_error(invoke("sample", run_copy, "--device", device, "--no-stream"), device)
+    assert_usage_error(invoke("train", "tiny", "--data", small_corpus, "--device", device), device)
+    assert snapshot(run_copy) == before
+    assert not any(Path("runs").glob("tiny-*"))
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_sample_or_eval_when_no_run_exists(command: str):
+    assert_usage_error(invoke(command), "no trained run")
+    assert_usage_error(invoke(command, "runs/missing"), "runs/missing")
+    Path("runs/empty").mkdir(parents=True)
+    assert_usage_error(invoke(command, "runs/empty"), "runs/empty")
+
+
+@pytest.mark.parametrize("flag", ["model.n_layer", "n_layer=2", "=2", "model.n_layr=2", "optim.lr=1"])
+def test_malformed_or_unknown_set_on_resume_changes_nothing(run_copy: Path, flag: str):
+    before = snapshot(run_copy)
+    result = invoke("train", "--resume", "--out", run_copy, "--set", flag)
+    assert_usage_error(result)
+    assert snapshot(run_copy) == before
+
+
+def test_in_a_real_process_config_error_is_one_line_and_exit_2(tmp_path: Path):
+    result = run_cli("train", "tiny", *set_flags("model.n_layr=2"), cwd=tmp_path)
+    line = assert_usage_error(result, "model.n_layr", "model.n_layer")
+    assert line.startswith("error:")
+    assert result.stdout == ""
+    assert not (tmp_path / "runs").exists()
+
+
+def test_in_a_real_process_sampling_error_is_one_line_and_exit_2(tiny_run: Path, tmp_path: Path):
+    result = run_cli("sample", tiny_run, "--top-p", "7", "--json", cwd=tmp_path)
+    assert_usage_error(result, "--top-p")
+    assert result.stdout == ""

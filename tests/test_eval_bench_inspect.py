@@ -1,0 +1,391 @@
+"""eval, bench and inspect: exit codes, JSON keys, and values checked against what they must equal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BUNDLED_TEXT, assert_usage_error, invoke, train_in_process, write_small_corpus
+
+BLOCK_SIZE = 16
+MAX_ITERS = 30
+
+
+@pytest.fixture(scope="module")
+def tiny(module_dir: Path):
+    """A tiny run on a small corpus, with sampled evaluations at steps 10 and 20 and a full one at 30."""
+    corpus = write_small_corpus(module_dir / "small.txt")
+    run_dir = module_dir / "runs" / "tiny"
+    result = train_in_process([f"data.path={corpus}", f"train.max_iters={MAX_ITERS}", "train.eval_interval=10",
+                               "train.eval_iters=2", "train.batch_size=8", f"model.block_size={BLOCK_SIZE}",
+                               "train.log_interval=2"], run_dir)
+    return {"run": run_dir, "result": result, "corpus": corpus}
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------
+
+def test_eval_equals_the_training_loops_own_val_loss(tiny):
+    # The loop's final loss scores the whole validation split in non-overlapping block_size windows.
+    got = invoke("eval", tiny["run"], "--checkpoint", "latest", "--stride", BLOCK_SIZE, "--json")
+    assert got.exit_code == 0, got.stderr
+    assert len(got.stdout.strip().splitlines()) == 1
+    data = got.json()
+    result = tiny["result"]
+    assert data["nll"] == pytest.approx(result.final_val_loss, rel=1e-6)
+    assert data["chars_scored"] == result.val_tokens_scored
+    assert data["bpc"] == pytest.approx(data["nll"] / math.log(2))
+    assert data["perplexity"] == pytest.approx(math.exp(data["nll"]))
+    assert data["checkpoint_val_loss"] == pytest.approx(result.final_val_loss, rel=1e-6)
+    assert data["stride"] == BLOCK_SIZE and data["min_context"] == 0
+    assert "validation split" in data["source"]
+
+
+def test_eval_default_is_a_strided_window_over_the_validation_split(tiny):
+    got = invoke("eval", tiny["run"], "--json")
+    assert got.exit_code == 0, got.stderr
+    data = got.json()
+    assert data["stride"] == BLOCK_SIZE // 2
+    assert data["min_context"] == BLOCK_SIZE - BLOCK_SIZE // 2
+    assert data["chars_scored"] == tiny["result"].val_tokens_scored  # every character once, however strided
+    assert 0 < data["nll"] < math.log(65) + 0.5
+    human = invoke("eval", tiny["run"])
+    assert human.exit_code == 0
+    assert "bits per character" in human.stdout and f"every {BLOCK_SIZE // 2} characters" in human.stdout
+
+
+def test_eval_reads_a_file_or_stdin(tiny, tmp_path: Path):
+    text = BUNDLED_TEXT.read_text(encoding="utf-8")[50_000:53_000]
+    path = tmp_path / "other.txt"
+    path.write_text(text, encoding="utf-8")
+    from_file = invoke("eval", tiny["run"], "--data", path, "--json")
+    from_stdin = invoke("eval", tiny["run"], "--data", "-", "--json", input=text)
+    assert from_file.exit_code == 0 and from_stdin.exit_code == 0, from_file.stderr + from_stdin.stderr
+    assert from_file.json()["chars_scored"] == len(text) - 1
+    assert from_file.json()["nll"] == pytest.approx(from_stdin.json()["nll"], rel=1e-9)
+
+
+def test_eval_names_characters_outside_the_vocabulary(tiny, tmp_path: Path):
+    path = tmp_path / "odd.txt"
+    path.write_text("To be, or not to be: ☃ é\n", encoding="utf-8")
+    got = invoke("eval", tiny["run"], "--data", path)
+    assert_usage_error(got, "'é'", "'☃'", "not in the model's vocabulary")
+
+
+def test_eval_bad_input_exits_2(tiny, tmp_path: Path):
+    assert_usage_error(invoke("eval", tiny["run"], "--stride", 0), "--stride")
+    assert_usage_error(invoke("eval", tiny["run"], "--stride", BLOCK_SIZE + 1), "--stride")
+    assert_usage_error(invoke("eval", tmp_path / "nowhere"), "not found")
+    assert_usage_error(invoke("eval", tiny["run"], "--data", tmp_path / "missing.txt"), "missing.txt")
+
+
+def _hand_built_run(run_dir: Path, text: str, probs) -> None:
+    """A GPT whose every prediction is `probs`: blocks are the identity (output projections zero),
+    every token embeds to the same vector, and the head's rows are log(probs)."""
+    import torch
+
+    from minigpt_cli.checkpoint import save_checkpoint
+    from minigpt_cli.config import apply_overrides, load_config
+    from minigpt_cli.model import GPT
+    from minigpt_cli.tokenizer import CharTokenizer
+
+    config = apply_overrides(load_config("tiny"), [f"model.block_size={BLOCK_SIZE}", "model.norm_placement=pre",
+                                                   "model.logit_softcap=0", "model.tie_weights=false"])
+    tokenizer = CharTokenizer.from_text(text)
+    model = GPT(config.model, tokenizer.vocab_size)
+    C = config.model.n_embd
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        model.wte.weight.fill_(1.0)
+        # rms_norm(ones) is ones / sqrt(1 + eps); this gain makes it exactly ones.
+        model.norm_f.weight.fill_(math.sqrt(1.0 + model.norm_f.eps))
+        model.lm_head.weight.copy_(torch.log(probs)[:, None].expand(-1, C) / C)  # logits = log(probs)
+    save_checkpoint(run_dir, model, config, tokenizer, {"step": 0}, {}, {}, is_best=True)
+
+
+def test_eval_nll_equals_the_exact_value_of_a_hand_built_model(tmp_path: Path):
+    import torch
+
+    from minigpt_cli.tokenizer import CharTokenizer
+
+    text = "abracadabra, a cab; a bad baccarat.\n" * 5
+    tokenizer = CharTokenizer.from_text(text)
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(tokenizer.vocab_size, generator=generator, dtype=torch.float64), 0)
+    _hand_built_run(tmp_path / "hand", text, probs.float())
+    data_path = tmp_path / "text.txt"
+    data_path.write_text(text, encoding="utf-8")
+    targets = torch.tensor(tokenizer.encode(text[1:]))
+    exact = -torch.log(probs)[targets].mean().item()
+    for stride in (BLOCK_SIZE, 5, 1):
+        got = invoke("eval", tmp_path / "hand", "--data", data_path, "--stride", stride, "--json")
+        assert got.exit_code == 0, got.stderr
+        data = got.json()
+        assert data["chars_scored"] == len(text) - 1
+        assert data["nll"] == pytest.approx(exact, rel=1e-5), f"stride {stride}"
+        assert data["bpc"] == pytest.approx(exact / math.log(2), rel=1e-5)
+
+
+def test_a_model_that_knows_nothing_scores_log_vocab_size():
+    import numpy as np
+    import torch
+
+    from minigpt_cli.config import ModelConfig
+    from minigpt_cli.device import choose_precision
+    from minigpt_cli.evaluate import score
+    from minigpt_cli.model import GPT
+
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8), vocab_size=11)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: uniform over the vocabulary
+    ids = np.random.default_rng(0).integers(0, 11, size=100).astype(np.uint8)
+    cpu = torch.device("cpu")
+    nll, count = score(model, ids, 3, 4, cpu, choose_precision(cpu, "float32"))
+    assert count == 99
+    assert nll == pytest.approx(math.log(11), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------------------------
+
+def _walk(node: dict, factor: int = 1):
+    yield node, factor
+    for child in node["children"]:
+        yield from _walk(child, factor * child["repeat"])
+
+
+def test_inspect_run_json(tiny):
+    import torch
+
+    from minigpt_cli.checkpoint import load_checkpoint
+
+    got = invoke("inspect", tiny["run"], "--json")
+    assert got.exit_code == 0, got.stderr
+    assert len(got.stdout.strip().splitlines()) == 1
+    data = got.json()
+    loaded = load_checkpoint(tiny["run"], which="latest")
+    m = loaded.config.model
+    V = loaded.tokenizer.vocab_size
+    params = data["params"]
+
+    # Parameter counts: the checkpoint's tensors, the top-level modules, and every node of the tree agree.
+    assert params["total"] == sum(t.numel() for t in loaded.model_state.values())
+    assert params["total"] == sum(params["by_module"].values())
+    assert sum(node["own_params"] * factor for node, factor in _walk(params["tree"])) == params["total"]
+    for node, _ in _walk(params["tree"]):
+        assert node["params"] == node["own_params"] + sum(c["params"] * c["repeat"] for c in node["children"])
+    assert params["per_layer"] * m.n_layer == params["by_module"]["blocks"]
+
+    # FLOPs per token: within a few percent of 6N plus attention, and what torch's own counter counts.
+    flops = data["flops_per_token"]
+    n_non_embedding = params["total"] - params["embedding"] + (V * m.n_embd if m.tie_weights else 0)
+    attention = 6 * m.n_layer * m.block_size * m.n_embd  # training, causal average
+    assert flops["train"] == pytest.approx(6 * n_non_embedding + attention, rel=0.03)
+    assert flops["train"] == pytest.approx(3 * flops["forward"])
+    assert flops["counted"]["forward"] == pytest.approx(flops["forward_full_attention"], rel=1e-6)
+    assert flops["counted"]["train"] == pytest.approx(flops["train_full_attention"], rel=1e-6)
+
+    kv = data["kv_cache"]
+    assert kv["bytes_per_token"] == 2 * m.n_layer * m.n_embd * 4
+    assert kv["bytes_at_block_size"] == kv["bytes_per_token"] * m.block_size
+    B, T, H = loaded.config.train.batch_size, m.block_size, m.n_head
+    shapes = {(row["stage"], row["symbols"]): row["shape"] for row in data["shapes"]}
+    assert shapes[("training", "(B, T, C)")] == [B, T, m.n_embd]
+    assert shapes[("training", "(B, n_head, T, T)")] == [B, H, T, T]
+    assert shapes[("training", "(B, T, vocab_size)")] == [B, T, V]
+    assert shapes[("decoding", "(B, 1, vocab_size)")] == [B, 1, V]
+
+    run = data["run"]
+    assert run["steps"] == MAX_ITERS
+    assert run["tokens_seen"] == tiny["result"].tokens
+    assert run["vocab"]["size"] == V and "\\n" in run["vocab"]["chars"]
+    assert run["best_val_loss"] == pytest.approx(tiny["result"].best_val_loss)
+    assert run["best_val_bpc"] == pytest.approx(run["best_val_loss"] / math.log(2))
+    assert run["data_fingerprint"] == hashlib.sha256(tiny["corpus"].read_bytes()).hexdigest()
+    assert run["torch_version"] == torch.__version__
+    assert [step for step, _ in run["curves"]["train"]] == list(range(2, MAX_ITERS + 1, 2))
+    assert [step for step, _ in run["curves"]["val"]] == [10, 20, 30]
+
+
+def test_inspect_for_people_draws_the_tree_and_the_loss_curve(tiny):
+    got = invoke("inspect", tiny["run"])
+    assert got.exit_code == 0, got.stderr
+    for fragment in ("lm_head", "(x2)", "(B, T, vocab_size)", "(B, 1, vocab_size)", "loss against step",
+                     "o val", ". train", "bits per character"):
+        assert fragment in got.stdout, fragment
+
+
+GPT2 = {"gpt2_small": (12, 768), "gpt2_medium": (24, 1024), "gpt2_large": (36, 1280), "gpt2_xl": (48, 1600)}
+
+
+def test_inspect_gpt2_configs_count_what_the_closed_form_says():
+    previous = None
+    for name, (L, C) in GPT2.items():
+        got = invoke("inspect", name, "--json")
+        assert got.exit_code == 0, got.stderr
+        data = got.json()
+        V = data["target"]["vocab_size"]
+        assert V == 65
+        params = data["params"]
+        # Per layer: 12 C^2 weights plus 13 C of biases and layernorm; a final layernorm; tied head.
+        assert params["total"] == L * (12 * C * C + 13 * C) + 2 * C + V * C + 1024 * C
+        assert params["non_embedding"] == pytest.approx(12 * L * C * C, rel=0.002)
+        assert params["by_module"]["lm_head"] == 0  # tied to wte
+        now = (params["total"], data["flops_per_token"]["train"], data["kv_cache"]["bytes_per_token"])
+        if previous:
+            assert all(a > b for a, b in zip(now, previous)), name
+        previous = now
+    assert previous[0] > 1.4e9  # XL
+
+
+def test_inspect_plot_needs_matplotlib_and_a_run(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    assert_usage_error(invoke("inspect", "tiny", "--plot", tmp_path / "x.png"), "--plot", "run")
+    assert_usage_error(invoke("inspect", tiny["run"], "--plot", tmp_path / "x.txt"), ".png")
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)
+        patch.setitem(sys.modules, "matplotlib.figure", None)
+        assert_usage_error(invoke("inspect", tiny["run"], "--plot", tmp_path / "x.png"), "matplotlib", "pip install")
+
+
+def test_inspect_plot_writes_an_image(tiny, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    png, svg = tmp_path / "curves.png", tmp_path / "curves.svg"
+    assert invoke("inspect", tiny["run"], "--plot", png, "--json").exit_code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert invoke("inspect", tiny["run"], "--plot", svg).exit_code == 0
+    assert b"<svg" in svg.read_bytes()[:2000]
+
+
+def test_inspect_errors_exit_2(tmp_path: Path):
+    assert_usage_error(invoke("inspect", "no_such_config"), "no_such_config")
+    assert_usage_error(invoke("inspect", tmp_path / "nowhere" / "run"), "no such run directory or config")
+    assert_usage_error(invoke("inspect", "tiny", "--set", "model.n_layers=3"), "n_layers")
+
+
+def test_text_chart_places_both_series():
+    from minigpt_cli.inspection import text_chart
+
+    lines = text_chart({"train": [[0, 4.0], [10, 3.0], [20, 2.0]], "val": [[20, 2.5]]}, width=20, height=5)
+    assert lines[0].startswith("4.000") and lines[0].rstrip().endswith("|.")
+    assert lines[4].startswith("2.000") and lines[4].rstrip().endswith(".")
+    assert any(line.rstrip().endswith("o") for line in lines)
+    assert text_chart({"train": [], "val": []}) == ["(no losses recorded yet)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------
+
+def _positive(*values) -> bool:
+    return all(isinstance(v, (int, float)) and v > 0 and math.isfinite(v) for v in values)
+
+
+def test_bench_json_on_a_run(tiny):
+    import torch
+
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    got = invoke("bench", tiny["run"], "--quick", "--max-seq", 128, "--batch-sizes", "1,2", "--repeats", 2,
+                 "--json")
+    assert got.exit_code == 0, got.stderr
+    assert torch.equal(torch.get_rng_state(), state), "bench changed the global random state"
+    assert len(got.stdout.strip().splitlines()) == 1
+    data = got.json()
+    assert data["target"]["kind"] == "run" and data["device"] == "cpu"
+    assert data["model"]["n_params"] == tiny["result"].n_params
+
+    train = data["train"]
+    assert train["batch_size"] == 8 and train["seq_len"] == BLOCK_SIZE
+    assert _positive(train["ms_per_iter"]["median_ms"], train["tokens_per_sec"], train["achieved_gflops"])
+    assert train["tokens_per_sec"] == pytest.approx(8 * BLOCK_SIZE / (train["ms_per_iter"]["median_ms"] / 1e3))
+    assert train["mfu"] is None  # no published CPU peak
+
+    sample = data["sample"]
+    assert _positive(sample["time_to_first_token_ms"]["median_ms"], sample["prefill_tokens_per_sec"],
+                     sample["weight_floor"]["ms"], sample["floor_pct"])
+    assert [row["context"] for row in sample["decode"]] == [2, 8, 15]
+    for row in sample["decode"]:
+        assert _positive(row["cached_tokens_per_sec"], row["uncached_tokens_per_sec"], row["floor_pct"])
+    m = data["model"]
+    weights = 4 * (m["n_layer"] * 12 * m["n_embd"] ** 2 + m["n_embd"] * m["vocab_size"])
+    assert sample["weight_floor"]["bytes"] == weights
+    assert [row["batch_size"] for row in sample["batch"]] == [1, 2]
+
+    attention = data["attention"]
+    rows = {row["seq_len"]: row for row in attention["rows"]}
+    assert sorted(rows) == [64, 128]
+    for row in rows.values():
+        assert _positive(row["plain_ms"]["median_ms"], row["sdpa_ms"]["median_ms"], row["plain_peak_bytes"])
+    # The written-out scores are (B, n_head, T, T): twice the length, four times the memory.
+    assert rows[128]["plain_peak_bytes"] / rows[64]["plain_peak_bytes"] == pytest.approx(4, rel=0.35)
+    assert rows[128]["sdpa_peak_bytes"] < rows[128]["plain_peak_bytes"] / 4
+    assert data["memory"]["peak_bytes"] > 0
+
+
+def test_bench_leaves_the_random_state_as_it_was():
+    import torch
+
+    from minigpt_cli.bench import BenchOptions, bench, resolve_target
+
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    messages = []
+    result = bench(resolve_target("tiny", ["model.block_size=16"]),
+                   BenchOptions(quick=True, repeats=1, warmup=0, max_seq=64, batch_sizes=[1], sections=["sample"]),
+                   progress=messages.append)
+    assert torch.equal(torch.rand(4), expected)
+    assert messages and all(isinstance(m, str) for m in messages)
+    assert set(result) >= {"target", "model", "sample", "memory", "notes"} and "train" not in result
+
+
+def test_bench_for_people_on_a_config():
+    got = invoke("bench", "tiny", "--quick", "--max-seq", 64, "--batch-sizes", "1", "--repeats", 1,
+                 "--set", "model.block_size=16")
+    assert got.exit_code == 0, got.stderr
+    for fragment in ("training", "tokens per second", "time to first token", "weight-read floor",
+                     "decode step", "causal attention", "peak memory"):
+        assert fragment in got.stdout, fragment
+    assert "bench:" in got.stderr  # the progress line
+
+
+def test_bench_errors_exit_2(tiny):
+    assert_usage_error(invoke("bench", "tiny", "--only", "everything"), "everything")
+    assert_usage_error(invoke("bench", "tiny", "--max-seq", 8), "--max-seq")
+    assert_usage_error(invoke("bench", "tiny", "--batch-sizes", "1,x"), "--batch-sizes")
+    assert_usage_error(invoke("bench", tiny["run"], "--set", "model.n_layer=3"), "--set")
+
+
+def test_flops_per_token_is_the_standard_estimate():
+    from minigpt_cli.bench import flops_per_token
+    from minigpt_cli.config import ModelConfig
+
+    m = ModelConfig(n_layer=3, n_head=4, n_embd=64, block_size=128, mlp_ratio=4)
+    f = flops_per_token(m, vocab_size=50)
+    N = 3 * 12 * 64 * 64 + 64 * 50
+    assert f["matmul_params"] == N
+    assert f["forward"] == 2 * N + 2 * 3 * 128 * 64
+    assert f["train"] == 3 * f["forward"]
+    assert json.loads(json.dumps(f)) == f
+
+
+def test_the_written_out_attention_is_the_same_function_as_sdpa():
+    import torch
+    import torch.nn.functional as F
+
+    from minigpt_cli.bench import written_out_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 8, generator=generator) for _ in range(3))
+    future = torch.ones(40, 40, dtype=torch.bool).triu(diagonal=1)
+    assert torch.allclose(written_out_attention(q, k, v, future),
+                          F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
