@@ -169,6 +169,11 @@ def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: GPT, state: dict[str, torch.Tensor], source: Path) -> None:
+    expected = model.state_dict()
+    wrong = [f"{k} is {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(f"{source}: weights do not fit the model in its config ({'; '.join(wrong[:3])})")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if model.config.tie_weights:
         missing = [k for k in missing if k != "lm_head.weight"]
@@ -302,6 +307,8 @@ def load_checkpoint(path: Path | None, which: str = "best", with_train_state: bo
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: checkpoint format {version!r}; this minigpt reads format {FORMAT_VERSION}")
+    if type(meta.get("step", 0)) is not int or meta.get("step", 0) < 0:
+        raise CheckpointError(f"{meta_path}: 'step' must be a whole number, got {meta.get('step')!r}")
     try:
         config = config_from_checkpoint_dict(meta["config"], name=meta.get("config_name", "checkpoint"))
         tokenizer = CharTokenizer.from_dict(meta["vocab"])
@@ -331,8 +338,12 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise CheckpointWriteError(f"could not write {run_dir / 'metrics.jsonl'}: {exc.strerror or exc}; "
+                                   f"the last checkpoint is intact") from exc
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -354,5 +365,9 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
         return
     kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= step]
     tmp = path.with_name(f"{TMP_PREFIX}metrics.{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"could not rewrite {path}: {exc.strerror or exc}") from exc

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from conftest import assert_usage_error, invoke, train_in_process, FAST
+from conftest import assert_usage_error, invoke
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.config import Config, ModelConfig, UserError, apply_overrides, load_config
+from minigpt_cli.config import Config, ModelConfig, UserError
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer
 
@@ -141,6 +141,33 @@ def test_full_disk_during_training_exits_1_and_keeps_the_run(run_copy: Path, mon
     assert after.model_state.keys() == before.model_state.keys()
 
 
+def test_full_disk_while_logging_exits_1_and_keeps_the_run(run_copy: Path, monkeypatch: pytest.MonkeyPatch):
+    real_open = open
+
+    def no_space_for_metrics(file, mode="r", *args, **kwargs):
+        if str(file).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "open", no_space_for_metrics, raising=False)
+    result = invoke("train", "--resume", "--out", run_copy, "--set", "train.max_iters=8")
+    assert result.exit_code == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "metrics.jsonl" in result.stderr and "No space left on device" in result.stderr
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(run_copy, "latest", with_train_state=True).step == 6
+
+
+def test_weights_of_another_shape_are_a_clear_error(run_copy: Path, tmp_path: Path):
+    other = tmp_path / "other"
+    save_random_model(other)  # n_embd 16 and another vocabulary: nothing fits
+    for folder in both_checkpoints(run_copy):
+        shutil.copy(ckpt.find_checkpoint(other) / ckpt.MODEL_FILE, folder / ckpt.MODEL_FILE)
+    assert_usage_error(invoke("sample", run_copy, "--no-stream", "-n", "2"), ckpt.MODEL_FILE, "do not fit")
+    assert_usage_error(invoke("eval", run_copy), ckpt.MODEL_FILE)
+    assert_usage_error(invoke("train", "--resume", "--out", run_copy, "--set", "train.max_iters=8"), ckpt.MODEL_FILE)
+
+
 # -- damaged checkpoints: one line naming the file, exit code 2 -------------------------------------
 
 def both_checkpoints(run: Path) -> set[Path]:
@@ -181,6 +208,17 @@ def test_damaged_training_state_refuses_resume_naming_the_file(run_copy: Path, n
     result = invoke("train", "--resume", "--out", run_copy, "--set", "train.max_iters=8")
     assert_usage_error(result, name)
     assert (run_copy / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("change", [
+    {"format_version": 99}, {"step": "ten"}, {"step": None}, {"config": {"model": {"n_layers": 2}}},
+    {"vocab": {"type": "bpe"}}, {"vocab": None},
+], ids=lambda c: ",".join(c))
+def test_metadata_that_is_json_but_not_ours_is_refused(run_copy: Path, change: dict):
+    for folder in both_checkpoints(run_copy):
+        meta = json.loads((folder / ckpt.META_FILE).read_text())
+        (folder / ckpt.META_FILE).write_text(json.dumps({**meta, **change}))
+    assert_usage_error(invoke("sample", run_copy, "--no-stream", "-n", "2"), ckpt.META_FILE)
 
 
 def test_a_file_that_is_not_a_run_is_refused(tmp_path: Path):

@@ -144,4 +144,5 @@ def test_kill_9_at_random_moments_never_loses_the_run(tmp_path: Path, small_corp
         ckpt.load_checkpoint(run, "latest", with_train_state=True)
         if attempt == 0:
             proc = start_training(run, small_corpus, resume=True)
-    assert_resumes_exactly(run, small_corpus, tmp_path, *every_step), f"kill delays {delays}"
+    print(f"killed {delays} seconds after a new checkpoint appeared")  # shown if the test fails
+    assert_resumes_exactly(run, small_corpus, tmp_path, *every_step)

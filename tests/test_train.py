@@ -7,7 +7,6 @@ import math
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import (BUNDLED_TEXT, FAST, assert_same_weights, invoke, latest_weights, run_cli, set_flags,

@@ -1,0 +1,46 @@
+"""The shape DESIGN.md gives the code: imports point one way, and nothing heavy happens at import."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import minigpt_cli
+
+PACKAGE = Path(minigpt_cli.__file__).resolve().parent
+
+# DESIGN.md's module table, top to bottom: a module may import only modules before it.
+ORDER = ["config", "tokenizer", "device", "data", "kv_cache", "model", "optim", "checkpoint", "sampler",
+         "trainer", "evaluate", "bench", "inspection", "cli", "__main__"]
+
+
+def package_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minigpt_cli."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "minigpt_cli":
+            found |= {alias.name for alias in node.names if (PACKAGE / f"{alias.name}.py").exists()}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("minigpt_cli.")}
+    return found
+
+
+def test_imports_point_one_way():
+    modules = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    unplaced = [m for m in modules if m not in ORDER]
+    assert not unplaced, f"place these modules in ORDER (and in DESIGN.md's table): {unplaced}"
+    for module in modules:
+        for imported in package_imports(PACKAGE / f"{module}.py"):
+            assert ORDER.index(imported) < ORDER.index(module), f"{module} imports {imported}, which comes after it"
+
+
+def test_help_config_and_tokenizer_do_not_import_torch():
+    code = ("import sys; from minigpt_cli import config, tokenizer, cli; "
+            "from typer.testing import CliRunner; r = CliRunner().invoke(cli.app, ['--help']); "
+            "assert r.exit_code == 0, r.output; print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
