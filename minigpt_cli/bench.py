@@ -30,9 +30,9 @@ from torch.utils._pytree import tree_leaves
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, ModelConfig, UserError, apply_overrides, default_data_path, load_config
 from minigpt_cli.data import read_text
-from minigpt_cli.device import autocast, choose_precision, resolve_device, synchronize
+from minigpt_cli.device import DTYPES, autocast, choose_precision, resolve_device, synchronize
 from minigpt_cli.kv_cache import KVCache, cache_bytes_per_token
-from minigpt_cli.model import GPT
+from minigpt_cli.model import GPT, prepare_for_inference
 
 Progress = Callable[[str], None]
 
@@ -304,6 +304,14 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
+def _load_average() -> float | None:
+    """Processes running or waiting for a CPU, averaged over the last minute (None where unknown)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def peak_rss_bytes() -> int:
     """The process's resident-set high-water mark (ru_maxrss is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -363,6 +371,8 @@ class BenchOptions:
     seq_len: int | None = None
     batch_sizes: Sequence[int] | None = None
     sections: Sequence[str] = ("train", "sample", "attention")
+    # Sampling precision, as `minigpt sample --dtype` (weight matrices in it, the rest float32).
+    dtype: str = "float32"
     # Stop repeating one measurement after this many seconds (once it has 3 repeats).
     max_seconds: float | None = None
 
@@ -378,6 +388,8 @@ class BenchOptions:
         unknown = set(self.sections) - {"train", "sample", "attention"}
         if unknown:
             raise UserError(f"unknown bench section(s) {', '.join(sorted(unknown))} (use train, sample, attention)")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.batch_sizes is not None and any(b < 1 for b in self.batch_sizes):
             raise UserError(f"--batch-sizes must all be at least 1, got {list(self.batch_sizes)}")
 
@@ -392,6 +404,8 @@ class Bench:
         self.m = target.config.model
         self.V = target.vocab_size
         self.precision = choose_precision(self.device, self.cfg.train.dtype)
+        if options.dtype == "float16" and self.device.type == "cpu":
+            raise UserError("--dtype float16 is for GPUs; on CPU use bfloat16 or float32")
         o = options
         bounded = self.device.type != "cuda"
         self.budget = (QUICK_FLOP_BUDGET if o.quick else CPU_FLOP_BUDGET) if bounded else math.inf
@@ -450,21 +464,28 @@ class Bench:
             "torch_version": torch.__version__,
             "threads": torch.get_num_threads(),
             "quick": self.options.quick,
+            "load_average": _load_average(),
         }
+        cores = os.cpu_count() or 1
+        if self.device.type == "cpu" and result["load_average"] is not None and result["load_average"] > cores / 2:
+            self.notes.append(f"the load average was {result['load_average']:.1f} on {cores} CPU cores before the "
+                              f"bench began: other programs compete for the CPU, so times will be slower and less "
+                              f"steady than on an idle machine")
         sections = self.options.sections
         result["model"] = {"n_params": _param_count(self.m, self.V), "matmul_params": self.flops["matmul_params"],
                            "n_layer": self.m.n_layer, "n_head": self.m.n_head, "n_embd": self.m.n_embd,
                            "block_size": self.m.block_size, "vocab_size": self.V, "flops_per_token": self.flops}
         with preserved_global_state(self.device):
-            # Attention first (it needs no model), then sampling: the training section changes the weights.
+            # Training before sampling: sampling then readies the same model the way `minigpt sample`
+            # does (prepare_for_inference), which leaves it unfit for training.
             if "attention" in sections:
                 result["attention"] = self.attention()
             if "sample" in sections or "train" in sections:
                 model = self.build_model()
-                if "sample" in sections:
-                    result["sample"] = self.sample(model)
                 if "train" in sections:
                     result["train"] = self.train(model)
+                if "sample" in sections:
+                    result["sample"] = self.sample(prepare_for_inference(model, DTYPES[self.options.dtype]))
                 del model
         result["memory"] = self.memory()
         if self.unsteady:
@@ -489,10 +510,6 @@ class Bench:
                 B = max(1, B // 2)
             while B * T * per_token(T) > self.budget and T > 16:
                 T //= 2
-        if (B, T) != requested:
-            self.notes.append(f"training measured at batch {B} x {T} tokens instead of the config's "
-                              f"{requested[0]} x {requested[1]}, to bound the time on {self.device.type} "
-                              f"(--batch-size and --seq-len choose)")
         # float32 weights, their gradients, two optimizer moments, activations of every layer.
         n_params = model.num_parameters()
         need = 16 * n_params + B * T * (self.m.n_layer * self.m.n_embd * 4 * 24 + 3 * 4 * self.V)
@@ -501,6 +518,10 @@ class Bench:
                       f"{MEMORY_FRACTION:.0%} of the {(available_memory(self.device) or 0) / 2**30:.1f} GiB free")
             self.notes.append(f"training {reason}")
             return {"skipped": reason, "batch_size": B, "seq_len": T}
+        if (B, T) != requested:
+            self.notes.append(f"training measured at batch {B} x {T} tokens instead of the config's "
+                              f"{requested[0]} x {requested[1]}, to bound the time on {self.device.type} "
+                              f"(--batch-size and --seq-len choose)")
         self.progress(f"training: timing steps of batch {B} x {T} tokens")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -570,7 +591,7 @@ class Bench:
             model(prompt, cache)[:, -1].argmax(-1).item()
 
         ttft = self._time(prefill, self._forward_flops(P, P))
-        out: dict[str, Any] = {"dtype": "float32", "prompt_len": P, "time_to_first_token_ms": ttft.to_dict(),
+        out: dict[str, Any] = {"dtype": self.options.dtype, "prompt_len": P, "time_to_first_token_ms": ttft.to_dict(),
                                "prefill_tokens_per_sec": P / ttft.median}
 
         floor = self.weight_floor(model)
@@ -603,7 +624,7 @@ class Bench:
                 row["uncached_ms"] = row["uncached_tokens_per_sec"] = row["cache_speedup"] = None
                 self.notes.append(f"decode without the KV cache at context {L} skipped: one step is "
                                   f"{self._forward_flops(L + 1, L + 1) / 1e9:.0f} GFLOP, over the "
-                                  f"{self.device.type} budget")
+                                  f"{self.device.type} time bound")
             decode.append(row)
         out["decode"] = decode
         out["floor_pct"] = decode[0]["floor_pct"]
@@ -613,9 +634,12 @@ class Bench:
         batch = []
         for B in sizes:
             need = cache_bytes_per_token(m.n_layer, m.n_embd) * B * (L + 1)
-            if not self._fits(need) or self._forward_flops(B, L + 1) > self.budget:
-                self.notes.append(f"decode at batch {B} skipped: its KV cache ({need / 2**20:,.0f} MiB) or its work "
-                                  f"is over this device's bound")
+            if not self._fits(need):
+                self.notes.append(f"decode at batch {B} skipped: its KV cache needs {need / 2**30:.1f} GiB")
+                continue
+            if self._forward_flops(B, L + 1) > self.budget:
+                self.notes.append(f"decode at batch {B} skipped: one step is {self._forward_flops(B, L + 1) / 1e9:.0f} "
+                                  f"GFLOP, over the {self.device.type} time bound")
                 continue
             self.progress(f"sampling: one decode step for a batch of {B} after {L} tokens")
             batch_cache = KVCache(m.n_layer, B, m.n_head, L + 1, m.head_dim, device=self.device)
@@ -645,12 +669,12 @@ class Bench:
             matrices += [block.attn.c_attn.weight, block.attn.c_proj.weight, block.mlp.c_fc.weight,
                          block.mlp.c_proj.weight]
         matrices.append(model.lm_head.weight)
-        vectors = {w.shape[1]: torch.randn(1, w.shape[1], generator=self.generator, device=self.device)
-                   for w in matrices}
+        vectors = {(w.shape[1], w.dtype): torch.randn(1, w.shape[1], generator=self.generator, device=self.device)
+                   .to(w.dtype) for w in matrices}
 
         def read_all() -> None:
             for w in matrices:
-                F.linear(vectors[w.shape[1]], w)
+                F.linear(vectors[w.shape[1], w.dtype], w)
 
         nbytes = sum(w.numel() * w.element_size() for w in matrices)
         timing = self._time(read_all, 2 * nbytes / 4)

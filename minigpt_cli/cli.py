@@ -235,7 +235,7 @@ def train(
                                                       "or shakespeare_char on a CUDA GPU)."),
     data: Optional[str] = typer.Option(None, "--data", help="Text file, folder of .txt files, or - for stdin "
                                                             "(default: the bundled tiny Shakespeare)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<config>-<date>-<time>)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<config>-<date>-<time>)."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. --set model.n_layer=4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (default: newest under ./runs) "
                                                         "from its latest checkpoint."),
@@ -249,7 +249,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result."),
 ) -> None:
     """Train a model on text and save checkpoints in a run directory."""
-    cfg, run_dir, note = _resolve_train_config(config, resume, out, set_, data, time_budget, device, seed,
+    cfg, run_dir, note = _resolve_train_config(config, resume, out_dir, set_, data, time_budget, device, seed,
                                                deterministic)
     from minigpt_cli.checkpoint import CheckpointWriteError
     from minigpt_cli.trainer import NonFiniteLoss, TrainingStopped, detect_distributed
@@ -545,7 +545,7 @@ def _render_bench(result: dict) -> None:
     if sample:
         floor = sample["weight_floor"]
         out.print()
-        out.print(_key_value_table("sampling (batch 1, float32)", [
+        out.print(_key_value_table(f"sampling (batch 1, {sample['dtype']} weights, as minigpt sample runs)", [
             ("time to first token", f"{_ms(sample['time_to_first_token_ms'])} (prefill of {sample['prompt_len']} "
                                     f"tokens + choosing one)"),
             ("prefill", f"{sample['prefill_tokens_per_sec']:,.0f} tokens/s"),
@@ -609,6 +609,8 @@ def bench(
                                                                           "1,8,32 (default: 1,4,16,64; 1,4 quick)."),
     only: Optional[str] = typer.Option(None, "--only", help="Sections to run, comma-separated: train, sample, "
                                                             "attention (default: all)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Sampling precision, as for minigpt sample: float32, "
+                                                         "bfloat16, or float16 (GPU only)."),
     set_: List[str] = typer.Option([], "--set", help="Override a key of a CONFIG, e.g. --set model.n_layer=8 "
                                                      "(repeatable)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every measurement."),
@@ -620,7 +622,8 @@ def bench(
 
     sections = tuple(s.strip() for s in only.split(",") if s.strip()) if only else ("train", "sample", "attention")
     options = BenchOptions(device=device, quick=quick, repeats=repeats, max_seq=max_seq, batch_size=batch_size,
-                           seq_len=seq_len, batch_sizes=_comma_ints(batch_sizes, "--batch-sizes"), sections=sections)
+                           seq_len=seq_len, batch_sizes=_comma_ints(batch_sizes, "--batch-sizes"), sections=sections,
+                           dtype=dtype)
     chosen = resolve_target(target, set_)
     progress = _ProgressLine(quiet)
     try:

@@ -240,4 +240,6 @@ def prepare_for_inference(model: GPT, dtype: torch.dtype = torch.float32) -> GPT
             if on_cpu:
                 weight = weight.t().contiguous().t()
             module.weight = nn.Parameter(weight, requires_grad=False)
+            if module.bias is not None:
+                module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
     return model

@@ -5,6 +5,7 @@ The trainer never prints: it reports TrainEvents through a callback and returns 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -376,7 +377,7 @@ class Trainer:
             x, y = get_batch(corpus.train, starts, m.block_size, self.device)
             last = micro == t.grad_accum_steps - 1
             # Under DDP, gradients are all-reduced only after the last micro-step.
-            sync = train_model.no_sync() if (self.dist.enabled and not last) else _null()
+            sync = train_model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
             with sync:
                 with autocast(self.device, self.precision):
                     logits = train_model(x)
@@ -552,14 +553,6 @@ class Trainer:
             wall_seconds=wall, train_seconds=wall - state["eval_seconds"], eval_seconds=state["eval_seconds"],
             stopped=stopped, device=str(self.device), precision=self.precision.name,
             n_params=model.num_parameters(), val_tokens_scored=scored)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(config: Config, run_dir: Path, resume: bool = False,

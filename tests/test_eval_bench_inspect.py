@@ -363,6 +363,21 @@ def test_bench_errors_exit_2(tiny):
     assert_usage_error(invoke("bench", "tiny", "--max-seq", 8), "--max-seq")
     assert_usage_error(invoke("bench", "tiny", "--batch-sizes", "1,x"), "--batch-sizes")
     assert_usage_error(invoke("bench", tiny["run"], "--set", "model.n_layer=3"), "--set")
+    assert_usage_error(invoke("bench", "tiny", "--device", "cpu", "--dtype", "float16"), "float16")
+
+
+def test_bench_samples_in_the_precision_sample_would_use():
+    from minigpt_cli.bench import BenchOptions, bench, resolve_target
+
+    target = resolve_target("tiny", ["model.block_size=16"])
+    floors = {}
+    for dtype in ("float32", "bfloat16"):
+        options = BenchOptions(device="cpu", quick=True, repeats=1, warmup=0, max_seq=64, batch_sizes=[1],
+                               sections=["sample"], dtype=dtype)
+        sample = bench(target, options)["sample"]
+        assert sample["dtype"] == dtype
+        floors[dtype] = sample["weight_floor"]["bytes"]
+    assert floors["bfloat16"] * 2 == floors["float32"]  # weight matrices in 2 bytes instead of 4
 
 
 def test_flops_per_token_is_the_standard_estimate():
