@@ -96,10 +96,8 @@ class CausalSelfAttention(nn.Module):
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         elif T == 1:
-            # One new position attends to every cached one, so no mask; written out because for a
-            # single query these three small products cost less than the fused kernel's set-up.
-            att = torch.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim)), dim=-1)  # (B, n_head, 1, L)
-            y = att @ v  # (B, n_head, 1, head_dim)
+            # One new position attends to every cached one: no mask needed.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:
             # Several new positions after cached ones: position past + i sees keys 0 .. past + i.
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)

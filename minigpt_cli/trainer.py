@@ -142,6 +142,9 @@ def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_
     scored_to = 0
     for begin in range(0, max(n - 1, 0), stride):
         end = min(begin + block_size, n - 1)
+        # The last window ends at the text's end; start it a full window earlier so its characters
+        # get full context too (and it batches with the others).
+        begin = max(0, end - block_size)
         windows.append((begin, end, scored_to - begin))
         scored_to = end
         if end == n - 1:

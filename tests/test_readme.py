@@ -1,0 +1,85 @@
+"""Every `minigpt` command in README.md runs and exits 0, so the documentation cannot drift from the tool.
+
+Commands run as written, in order, in one folder (a run trained by an early command is sampled by a
+later one), with settings appended that make them quick: a one-layer model for two steps, a few
+sampled characters, the quick benchmark. Lines for torchrun need several GPUs or machines and are
+checked for their shape only; tests/test_distributed.py runs `minigpt train` under torchrun on CPU.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import BUNDLED_TEXT, REPO, cli_env
+
+README = REPO / "README.md"
+
+QUICK = {
+    "train": ["--device", "cpu", "--set", "train.max_iters=2", "--set", "train.eval_interval=1",
+              "--set", "train.eval_iters=1", "--set", "train.batch_size=2", "--set", "model.n_layer=1",
+              "--set", "model.n_head=2", "--set", "model.n_embd=16", "--set", "model.block_size=16"],
+    "sample": ["--max-new-tokens", "20"],
+    "eval": ["--batch-size", "64"],
+    "bench": ["--quick", "--max-seq", "64", "--repeats", "1", "--set", "model.n_layer=1", "--set", "model.n_embd=32",
+              "--set", "model.n_head=2", "--set", "model.block_size=32"],
+    "inspect": [],
+}
+
+
+def readme_commands() -> list[str]:
+    """Shell lines from the README's bash blocks that run minigpt (comments and continuations joined)."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    lines = []
+    for block in blocks:
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if "minigpt" in line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def quick(line: str) -> str:
+    """The README line with quick settings appended to its minigpt command (the last one in a pipeline)."""
+    if "pip install" in line:
+        line = line.split("&&")[-1].strip()  # the set-up commands: run what follows the install
+    parts = line.split("|")
+    words = shlex.split(parts[-1])
+    if "minigpt" in words:
+        at = words.index("minigpt")
+        command = words[at + 1]
+        words = [sys.executable, "-m", "minigpt_cli", *words[at + 1:], *QUICK[command]]
+        parts[-1] = " " + shlex.join(words)
+    return "|".join(parts)
+
+
+def test_readme_opens_with_the_train_and_test_commands():
+    text = README.read_text(encoding="utf-8")
+    first_blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)[:2]
+    assert "pip install -e ." in first_blocks[0] and "minigpt train" in first_blocks[0]
+    assert "pytest" in first_blocks[1] and "<!-- test-command -->" in text
+
+
+def test_every_readme_command_runs(tmp_path: Path):
+    (tmp_path / "my_novel.txt").write_text(BUNDLED_TEXT.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text(BUNDLED_TEXT.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    (tmp_path / "my_config.yaml").write_text((REPO / "configs" / "tiny.yaml").read_text(), encoding="utf-8")
+    commands = readme_commands()
+    assert len(commands) >= 10
+    ran = 0
+    for line in commands:
+        if line.startswith("torchrun"):
+            assert "-m minigpt_cli train" in line
+            continue
+        command = quick(line)
+        proc = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], cwd=tmp_path, env=cli_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"README command failed: {line}\n{proc.stderr[-2000:]}"
+        assert "Traceback" not in proc.stderr
+        ran += 1
+    assert ran >= 10
