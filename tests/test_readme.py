@@ -18,14 +18,17 @@ from conftest import BUNDLED_TEXT, REPO, cli_env
 
 README = REPO / "README.md"
 
+# A bench of a named config (not of a trained run) also gets a small model.
+SMALL_MODEL = ["--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2",
+               "--set", "model.block_size=32"]
+
 QUICK = {
     "train": ["--device", "cpu", "--set", "train.max_iters=2", "--set", "train.eval_interval=1",
               "--set", "train.eval_iters=1", "--set", "train.batch_size=2", "--set", "model.n_layer=1",
               "--set", "model.n_head=2", "--set", "model.n_embd=16", "--set", "model.block_size=16"],
     "sample": ["--max-new-tokens", "20"],
     "eval": ["--batch-size", "64"],
-    "bench": ["--quick", "--max-seq", "64", "--repeats", "1", "--set", "model.n_layer=1", "--set", "model.n_embd=32",
-              "--set", "model.n_head=2", "--set", "model.block_size=32"],
+    "bench": ["--quick", "--max-seq", "64", "--repeats", "1"],
     "inspect": [],
 }
 
@@ -52,7 +55,10 @@ def quick(line: str) -> str:
     if "minigpt" in words:
         at = words.index("minigpt")
         command = words[at + 1]
-        words = [sys.executable, "-m", "minigpt_cli", *words[at + 1:], *QUICK[command]]
+        extra = list(QUICK[command])
+        if command == "bench" and any(not w.startswith("-") for w in words[at + 2:]):
+            extra += SMALL_MODEL
+        words = [sys.executable, "-m", "minigpt_cli", *words[at + 1:], *extra]
         parts[-1] = " " + shlex.join(words)
     return "|".join(parts)
 
