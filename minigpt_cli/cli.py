@@ -441,8 +441,8 @@ def _key_value_table(title: str, rows: List[tuple]) -> Any:
     return table
 
 
-@app.command(name="eval", epilog="Examples:  minigpt eval  |  minigpt eval runs/default-... --data other.txt  |  "
-                                 "cat notes.txt | minigpt eval --data - --json")
+@app.command(name="eval", epilog="Examples:\n\n  minigpt eval\n\n  minigpt eval runs/default-20261124-101500 "
+                                 "--data other.txt\n\n  cat notes.txt | minigpt eval --data - --json")
 @handle_errors
 def eval_(
     run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint folder (default: newest under ./runs)."),
@@ -603,8 +603,8 @@ def _render_bench(result: dict) -> None:
         err.print(f"note: {note}", markup=False)
 
 
-@app.command(epilog="Examples:  minigpt bench  |  minigpt bench gpt2_small --quick  |  "
-                    "minigpt bench runs/default-... --device cuda --json")
+@app.command(epilog="Examples:\n\n  minigpt bench\n\n  minigpt bench gpt2_small --quick\n\n"
+                    "  minigpt bench runs/default-20261124-101500 --device cuda --json")
 @handle_errors
 def bench(
     target: Optional[str] = typer.Argument(None, help="Run directory, config path or shipped config name "
@@ -743,8 +743,8 @@ def _render_inspect(result: dict) -> None:
             out.print(line, markup=False, highlight=False)
 
 
-@app.command(epilog="Examples:  minigpt inspect  |  minigpt inspect gpt2_small  |  "
-                    "minigpt inspect runs/default-... --plot losses.png --json")
+@app.command(epilog="Examples:\n\n  minigpt inspect\n\n  minigpt inspect gpt2_small\n\n"
+                    "  minigpt inspect runs/default-20261124-101500 --plot losses.png")
 @handle_errors
 def inspect(
     target: Optional[str] = typer.Argument(None, help="Run directory, config path or shipped config name "

@@ -336,7 +336,13 @@ class Trainer:
                     self._save(model, corpus, optimizers, state, is_best=False)
                     return self._result(model, state, math.nan, 0, "stop_after")
             final_loss, scored = self._final_eval(model, corpus, optimizers, state)
-        return self._result(model, state, final_loss, scored, stopped)
+            # A signal during the final evaluation: it finished and saved, so stop as a signal stops.
+            signum = int(self._agree([float(signals.signum)])[0])
+        result = self._result(model, state, final_loss, scored, stopped)
+        if signum:
+            result.stopped = "interrupted" if signum == signal.SIGINT else "terminated"
+            raise TrainingStopped(signum, result)
+        return result
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self.started_at
