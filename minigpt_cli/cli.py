@@ -46,8 +46,16 @@ app = typer.Typer(
 )
 
 # Logs and progress go to stderr, results to stdout; rich drops colour for NO_COLOR and non-terminals.
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+class _Console(Console):
+    """A reader that went away (`| head`) ends the command quietly with code 0, as `sample` does."""
+
+    def on_broken_pipe(self) -> None:
+        _silence_stdout()
+        raise typer.Exit(0)
+
+
+err = _Console(stderr=True, highlight=False, soft_wrap=True)
+out = _Console(highlight=False, soft_wrap=True)
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
@@ -385,21 +393,18 @@ def sample(
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-        result = session.result()
-    else:
-        for _ in session.stream():
-            pass
-        result = session.result()
-        if json_out:
-            emit_json(result)
-            return
-        for i, continuation in enumerate(result["samples"]):
-            if i:
-                sys.stdout.write(f"{SAMPLE_SEPARATOR}\n")
-            sys.stdout.write(text + continuation + "\n")
-        sys.stdout.flush()
+        return
+    for _ in session.stream():
+        pass
+    result = session.result()
     if json_out:
         emit_json(result)
+        return
+    for i, continuation in enumerate(result["samples"]):
+        if i:
+            sys.stdout.write(f"{SAMPLE_SEPARATOR}\n")
+        sys.stdout.write(text + continuation + "\n")
+    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------

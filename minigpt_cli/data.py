@@ -98,14 +98,17 @@ def _cached_encode(text: str, fingerprint: str, tokenizer: CharTokenizer) -> np.
     except (OSError, ValueError):
         pass
     ids = encode_array(text, tokenizer)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            tmp = f.name
             np.save(f, ids, allow_pickle=False)
-        os.replace(f.name, path)
+        os.replace(tmp, path)
     except OSError:
         # A cache that cannot be written only costs time on the next run.
-        pass
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
     return ids
 
 

@@ -37,6 +37,10 @@ class SamplingSettings:
 def check_settings(settings: SamplingSettings, vocab_size: int) -> SamplingSettings:
     """Reject out-of-range settings with the allowed range; clamp top_k to the vocabulary."""
     s = settings
+    for flag, value in (("--temperature", s.temperature), ("--top-p", s.top_p), ("--min-p", s.min_p),
+                        ("--repetition-penalty", s.repetition_penalty)):
+        if not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
     if not s.temperature >= 0:
         raise UserError(f"--temperature must be 0 (greedy) or positive, got {s.temperature}")
     if s.top_k is not None and s.top_k < 1:
@@ -45,8 +49,8 @@ def check_settings(settings: SamplingSettings, vocab_size: int) -> SamplingSetti
         raise UserError(f"--top-p must be in (0, 1], got {s.top_p}")
     if not 0.0 <= s.min_p <= 1.0:
         raise UserError(f"--min-p must be in [0, 1], got {s.min_p}")
-    if not s.repetition_penalty > 0:
-        raise UserError(f"--repetition-penalty must be positive (1 is off), got {s.repetition_penalty}")
+    if not 0.01 <= s.repetition_penalty <= 100:
+        raise UserError(f"--repetition-penalty must be in [0.01, 100] (1 is off), got {s.repetition_penalty}")
     if s.top_k is not None and s.top_k > vocab_size:
         s = SamplingSettings(s.temperature, vocab_size, s.top_p, s.min_p, s.repetition_penalty)
     return s
@@ -67,7 +71,8 @@ def next_token(logits: torch.Tensor, settings: SamplingSettings, generator: torc
         logits = apply_repetition_penalty(logits, history, settings.repetition_penalty)
     if settings.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / settings.temperature
+    # Subtract the maximum first, so a tiny temperature cannot overflow to inf - inf = NaN.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / settings.temperature
     if settings.top_k is not None and settings.top_k < logits.shape[-1]:
         kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

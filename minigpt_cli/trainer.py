@@ -49,7 +49,7 @@ class TrainResult:
     wall_seconds: float
     train_seconds: float
     eval_seconds: float
-    stopped: str  # completed | max_iters | time_budget | interrupted | terminated
+    stopped: str  # max_iters | time_budget | stop_after | interrupted | terminated
     device: str
     precision: str
     n_params: int
@@ -70,9 +70,11 @@ class TrainingStopped(Exception):
 
 class NonFiniteLoss(Exception):
     def __init__(self, step: int, run_dir: Path):
+        kept = (f"the last good checkpoint in {run_dir} is kept" if (run_dir / "latest.json").exists()
+                else "no checkpoint had been saved yet")
         super().__init__(
-            f"loss became non-finite at step {step}; stopped without saving it. The last good checkpoint "
-            f"in {run_dir} is kept (try a lower train.learning_rate or train.grad_clip)"
+            f"loss became non-finite at step {step}; stopped without saving it; {kept} "
+            f"(try a lower train.learning_rate or train.grad_clip)"
         )
         self.step = step
 
@@ -276,7 +278,10 @@ class Trainer:
             best_val = float(loaded.meta.get("best_val_loss", math.inf))
             prior_seconds = float(loaded.meta.get("train_seconds", 0.0))
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"cannot create run directory {self.run_dir}: {exc.strerror or exc}") from None
             # Resumed: drop records past the checkpoint. New: drop those of an attempt killed before its first save.
             ckpt.truncate_metrics(self.run_dir, step)
 
@@ -544,10 +549,14 @@ class Trainer:
                             f"'{self.config.train.optimizer}' needs {len(optimizers)}")
         for i, opt in enumerate(optimizers):
             state = ckpt.unflatten_optimizer(f"optimizer.{i}", loaded.train_tensors, plain[i])
+            # load_state_dict also restores the saved hyper-parameters; the config given now wins.
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             try:
                 opt.load_state_dict(state)
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise UserError(f"cannot resume: optimizer state does not fit ({exc})") from None
+            for group, values in zip(opt.param_groups, settings):
+                group.update(values)
         if "rng.torch" in loaded.train_tensors and self.dist.world_size == int(loaded.train_state.get("world_size", 1)):
             torch.set_rng_state(loaded.train_tensors["rng.torch"])
         if "rng.cuda" in loaded.train_tensors and self.device.type == "cuda":

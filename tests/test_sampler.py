@@ -207,7 +207,7 @@ def test_prompt_checks(run_copy):
 
 @pytest.mark.parametrize("flag,value,allowed", [
     ("--temperature", "-1", "0 (greedy) or positive"), ("--top-p", "0", "(0, 1]"), ("--top-p", "1.5", "(0, 1]"),
-    ("--top-k", "0", "at least 1"), ("--min-p", "2", "[0, 1]"), ("--repetition-penalty", "0", "positive"),
+    ("--top-k", "0", "at least 1"), ("--min-p", "2", "[0, 1]"), ("--repetition-penalty", "0", "[0.01, 100]"), ("--temperature", "inf", "finite"),
     ("--dtype", "float16", "GPU"), ("--dtype", "int3", "float32, bfloat16 or float16")])
 def test_out_of_range_settings_exit_2_with_the_allowed_range(run_copy, flag, value, allowed):
     assert_usage_error(invoke("sample", run_copy, flag, value), flag if flag != "--dtype" else "dtype", allowed)

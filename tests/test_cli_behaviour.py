@@ -1,0 +1,35 @@
+"""Command-line behaviour a script relies on: pipes, unwritable paths, and resume honouring new settings."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from conftest import FAST, assert_usage_error, cli_command, cli_env, invoke, set_flags, train_in_process
+
+
+def test_a_table_piped_into_head_ends_with_exit_0():
+    shell = " ".join(f"'{a}'" for a in cli_command("inspect", "gpt2_small"))
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {shell} | head -2"], capture_output=True, text=True,
+                          env=cli_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 2 and "Traceback" not in proc.stderr
+
+
+def test_an_out_that_cannot_be_created_is_a_usage_error(tmp_path: Path, small_corpus: Path):
+    (tmp_path / "afile").write_text("x")
+    result = invoke("train", "tiny", "--out", tmp_path / "afile" / "run", *set_flags(*FAST, "train.max_iters=1",
+                                                                                  f"data.path={small_corpus}"))
+    assert_usage_error(result, "cannot create run directory")
+
+
+def test_resume_uses_the_learning_rate_given_now(tmp_path: Path, small_corpus: Path):
+    run = tmp_path / "run"
+    flags = [*FAST, f"data.path={small_corpus}", "train.max_iters=8", "train.eval_interval=100",
+             "train.warmup_iters=0", "train.schedule=wsd", "train.decay_fraction=0.0", "train.optimizer=adamw"]
+    train_in_process([*flags, "train.stop_after=4"], run)
+    events: list = []
+    train_in_process([*flags, "train.stop_after=0", "train.learning_rate=1e-4", "train.min_lr=1e-5"], run,
+                     resume=True, events=events)
+    lrs = [e.data["lr"] for e in events if e.kind == "step"]
+    assert lrs and all(abs(lr - 1e-4) < 1e-12 for lr in lrs)
