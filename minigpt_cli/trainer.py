@@ -342,7 +342,9 @@ class Trainer:
                     return self._result(model, state, math.nan, 0, "stop_after")
             final_loss, scored = self._final_eval(model, corpus, optimizers, state)
             # A signal during the final evaluation: it finished and saved, so stop as a signal stops.
-            signum = int(self._agree([float(signals.signum)])[0])
+            # (Each rank's own signal: no collective is left to agree on, and none should run this
+            # close to the process group's teardown.)
+            signum = signals.signum
         result = self._result(model, state, final_loss, scored, stopped)
         if signum:
             result.stopped = "interrupted" if signum == signal.SIGINT else "terminated"
