@@ -300,7 +300,11 @@ def load_config(name_or_path: str | None = None) -> Config:
     except OSError as exc:
         raise UserError(f"cannot read config {path}: {exc.strerror}") from None
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _StrictLoader(text)  # a SafeLoader: no Python object tags
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         mark = getattr(exc, "problem_mark", None)

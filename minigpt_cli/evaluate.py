@@ -18,9 +18,8 @@ from minigpt_cli.data import encode_array, load_corpus, read_text
 from minigpt_cli.device import Precision, choose_precision, resolve_device
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import UnknownCharactersError
-from minigpt_cli.trainer import score_text
+from minigpt_cli.trainer import LN2, score_text
 
-LN2 = math.log(2.0)
 
 
 @dataclass
