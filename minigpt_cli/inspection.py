@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.trainer import LN2
 from minigpt_cli.bench import Target, flops_per_token, resolve_target
 from minigpt_cli.config import UserError
 from minigpt_cli.kv_cache import cache_bytes_per_token
 from minigpt_cli.model import GPT, MLP, CausalSelfAttention, Norm
+from minigpt_cli.trainer import LN2
 
 
 
