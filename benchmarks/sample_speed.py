@@ -1,5 +1,6 @@
 """Sampling speed of the classic Shakespeare model shape: cached vs uncached, float32 vs bfloat16,
-and a decode step against the weight-read floor, all measured in one process.
+the decode step against the weight-read floor, and the fast CPU path against the plain one, all
+measured in one process.
 
     python benchmarks/sample_speed.py [--repeats 7] [--new-tokens 255] [--threads N] [--json]
 
@@ -7,9 +8,13 @@ Random weights (speed does not depend on them). Each configuration runs once as 
 the configurations take turns for --repeats rounds, so a slow moment on a shared machine hits them
 all alike; the figure reported is the median round.
 
-The weight-read floor is the time to push one vector through every weight matrix of the model
-once (one matrix-vector product per matrix, back to back, on the same tensors the model reads):
-no decode step can be faster, since it must read all of them.
+Floors, for each dtype:
+- weight-read floor: the time to push one vector through every weight matrix of the model once
+  (one matrix-vector product per matrix, back to back, on the same matrices the model reads), the
+  fastest of three ways: F.linear (MKL) on every matrix, oneDNN on every matrix packed, and the
+  model's own choice per matrix. A decode step must do at least this work.
+- bandwidth floor: the bytes of those matrices divided by the rate this machine streams memory
+  (a sum over 256 MiB): what a perfect matrix-vector kernel would take.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt_cli.config import ModelConfig
-from minigpt_cli.model import GPT, Linear, prepare_for_inference
+from minigpt_cli.model import _LINEAR, GPT, Linear, _project, pack_weight, packing_supported, prepare_for_inference
 from minigpt_cli.sampler import SamplingSettings, generate
 
 CLASSIC = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.0, pos_encoding="learned",
@@ -37,14 +42,39 @@ def weight_matrices(model: GPT) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, Linear)]
 
 
+def matrix_passes(model: GPT) -> dict[str, list]:
+    """Ways to push one vector through every weight matrix: F.linear (MKL) on every matrix, oneDNN
+    on every matrix packed, and the model's own choice per matrix (what a decode step does)."""
+    modules = [m for m in model.modules() if isinstance(m, Linear)]
+    linear = [(lambda x, w=m.weight: F.linear(x, w), m.in_features) for m in modules]
+    passes = {"linear": linear}
+    if packing_supported(modules[0].weight.dtype):
+        passes["packed"] = [(lambda x, w=pack_weight(m.weight): _LINEAR(x, w, None, "none", [], ""), m.in_features)
+                            for m in modules]
+        passes["model"] = [(lambda x, m=m: _project(x, m), m.in_features) for m in modules]
+    return passes
+
+
 @torch.inference_mode()
-def floor_seconds(model: GPT) -> float:
-    weights = weight_matrices(model)
-    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+def floor_seconds(model: GPT, matrices: list) -> float:
+    dtype = model.lm_head.weight.dtype
+    inputs = {n: torch.randn(1, n, dtype=dtype) for _, n in matrices}
     start = time.perf_counter()
-    for w in weights:
-        F.linear(inputs[w.shape[1]], w)
+    for product, n in matrices:
+        product(inputs[n])
     return time.perf_counter() - start
+
+
+def stream_bytes_per_second() -> float:
+    """How fast this machine reads memory: the median of 5 sums over 256 MiB, after a warm-up."""
+    x = torch.ones(64 * 2**20)
+    x.sum()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return x.nbytes / statistics.median(times)
 
 
 def generation_seconds(model: GPT, new_tokens: int, use_cache: bool) -> float:
@@ -64,18 +94,27 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    models = {name: prepare_for_inference(GPT(CLASSIC, VOCAB), dtype)
-              for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     n = args.new_tokens
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    models, plain = {}, {}
+    for name, dtype in dtypes.items():
+        torch.manual_seed(0)
+        models[name] = prepare_for_inference(GPT(CLASSIC, VOCAB), dtype)
+        torch.manual_seed(0)
+        plain[name] = prepare_for_inference(GPT(CLASSIC, VOCAB), dtype, fast=False)
+    packed = {name: packing_supported(dtype) for name, dtype in dtypes.items()}
     cases = {
         "cached_float32": lambda: generation_seconds(models["float32"], n, True),
         "uncached_float32": lambda: generation_seconds(models["float32"], n, False),
         "cached_bfloat16": lambda: generation_seconds(models["bfloat16"], n, True),
-        # The floor is summed over 20 back-to-back passes per round to get above timer noise.
-        "floor_float32": lambda: sum(floor_seconds(models["float32"]) for _ in range(20)) / 20,
-        "floor_bfloat16": lambda: sum(floor_seconds(models["bfloat16"]) for _ in range(20)) / 20,
+        "plain_cached_float32": lambda: generation_seconds(plain["float32"], n, True),
+        "plain_cached_bfloat16": lambda: generation_seconds(plain["bfloat16"], n, True),
     }
+    for name in dtypes:
+        for kind, matrices in matrix_passes(models[name]).items():
+            # Summed over 20 back-to-back passes per round to get above timer noise.
+            cases[f"floor_{kind}_{name}"] = (
+                lambda m=models[name], mats=matrices: sum(floor_seconds(m, mats) for _ in range(20)) / 20)
     times: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():
         fn()  # warm-up
@@ -83,40 +122,47 @@ def main() -> None:
         for name, fn in cases.items():
             times[name].append(fn())
     med = {k: statistics.median(v) for k, v in times.items()}
-    spread = {k: (min(v), max(v)) for k, v in times.items()}
-    step32 = med["cached_float32"] / n
-    step16 = med["cached_bfloat16"] / n
+    bandwidth = stream_bytes_per_second()
+    step = {name: med[f"cached_{name}"] / n for name in dtypes}
+    plain_step = {name: med[f"plain_cached_{name}"] / n for name in dtypes}
+    floor = {name: min(v for k, v in med.items() if k.startswith("floor") and k.endswith(name)) for name in dtypes}
+    weight_bytes = {name: sum(w.nbytes for w in weight_matrices(models[name])) for name in dtypes}
     result = {
         "model": "6 layers, 6 heads, 384 wide, block 256, vocab 65, batch 1",
         "params": models["float32"].num_parameters(),
         "threads": torch.get_num_threads(),
         "new_tokens": n,
         "repeats": args.repeats,
-        "tokens_per_second": {
-            "cached_float32": n / med["cached_float32"],
-            "uncached_float32": n / med["uncached_float32"],
-            "cached_bfloat16": n / med["cached_bfloat16"],
-        },
+        "packed_matrices": packed,
+        "tokens_per_second": {k: n / med[k] for k in cases if not k.startswith("floor")},
         "cached_over_uncached": med["uncached_float32"] / med["cached_float32"],
         "bfloat16_over_float32": med["cached_float32"] / med["cached_bfloat16"],
-        "decode_step_ms": {"float32": step32 * 1e3, "bfloat16": step16 * 1e3},
-        "floor_ms": {"float32": med["floor_float32"] * 1e3, "bfloat16": med["floor_bfloat16"] * 1e3},
-        "step_over_floor": {"float32": step32 / med["floor_float32"], "bfloat16": step16 / med["floor_bfloat16"]},
-        "spread_seconds": {k: [round(a, 5), round(b, 5)] for k, (a, b) in spread.items()},
+        "decode_step_ms": {name: step[name] * 1e3 for name in dtypes},
+        "plain_decode_step_ms": {name: plain_step[name] * 1e3 for name in dtypes},
+        "floor_ms": {name: floor[name] * 1e3 for name in dtypes},
+        "floor_kernel_ms": {k[len("floor_"):]: med[k] * 1e3 for k in med if k.startswith("floor")},
+        "step_over_floor": {name: step[name] / floor[name] for name in dtypes},
+        "stream_gb_per_s": bandwidth / 1e9,
+        "weight_mb": {name: weight_bytes[name] / 1e6 for name in dtypes},
+        "bandwidth_floor_ms": {name: weight_bytes[name] / bandwidth * 1e3 for name in dtypes},
+        "spread_seconds": {k: [round(min(v), 5), round(max(v), 5)] for k, v in times.items()},
     }
     if args.json:
         print(json.dumps(result))
         return
-    tps = result["tokens_per_second"]
+    tps, kernel = result["tokens_per_second"], result["floor_kernel_ms"]
     print(f"{result['model']}, {result['params'] / 1e6:.2f}M parameters, {result['threads']} threads, "
           f"{n} new tokens, median of {args.repeats}")
-    print(f"  cached   float32 : {tps['cached_float32']:8.1f} tok/s  step {step32 * 1e3:.3f} ms  "
-          f"floor {med['floor_float32'] * 1e3:.3f} ms  ratio {result['step_over_floor']['float32']:.2f}")
-    print(f"  uncached float32 : {tps['uncached_float32']:8.1f} tok/s  "
-          f"(cached is {result['cached_over_uncached']:.2f}x faster)")
-    print(f"  cached   bfloat16: {tps['cached_bfloat16']:8.1f} tok/s  step {step16 * 1e3:.3f} ms  "
-          f"floor {med['floor_bfloat16'] * 1e3:.3f} ms  ratio {result['step_over_floor']['bfloat16']:.2f}  "
-          f"({result['bfloat16_over_float32']:.2f}x float32)")
+    for name in dtypes:
+        kernels = "  ".join(f"{k.split('_')[0]} {v:.3f}" for k, v in kernel.items() if k.endswith(name))
+        print(f"  cached   {name:8}: {tps[f'cached_{name}']:7.1f} tok/s  step {step[name] * 1e3:.3f} ms  "
+              f"floor {floor[name] * 1e3:.3f} ms ({kernels})  ratio {result['step_over_floor'][name]:.2f}")
+        print(f"           {'':8}  plain path {tps[f'plain_cached_{name}']:7.1f} tok/s  step {plain_step[name] * 1e3:.3f} ms"
+              f"  ({plain_step[name] / step[name]:.2f}x slower)")
+    print(f"  uncached float32 : {tps['uncached_float32']:7.1f} tok/s  (cached is {result['cached_over_uncached']:.2f}x faster)")
+    print(f"  bfloat16 over float32 (cached): {result['bfloat16_over_float32']:.2f}x")
+    print(f"  bandwidth floor at {result['stream_gb_per_s']:.1f} GB/s: " + ", ".join(
+        f"{name} {weight_bytes[name] / 1e6:.1f} MB in {result['bandwidth_floor_ms'][name]:.3f} ms" for name in dtypes))
 
 
 if __name__ == "__main__":

@@ -8,16 +8,19 @@ import torch
 class KVCache:
     """Keys and values of the positions seen so far, written in place (no concatenation per step).
 
-    Layout (n_layer, B, n_head, block_size, head_dim). A forward pass writes each layer's new
+    One tensor `kv` of shape (n_layer, B, 2, n_head, block_size, head_dim) holds both, so a decode
+    step can store a position's key and value with a single copy; `k` and `v` are views of it,
+    (n_layer, B, n_head, block_size, head_dim) each. A forward pass writes each layer's new
     positions at [length, length + T) through `update`, then calls `advance(T)` once.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, block_size: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (n_layer, batch_size, n_head, block_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = torch.zeros((n_layer, batch_size, 2, n_head, block_size, head_dim), dtype=dtype, device=device)
+        self.k = self.kv[:, :, 0]
+        self.v = self.kv[:, :, 1]
         # Per-layer views, made once, so a step indexes no more than it must.
+        self.kv_layers = [self.kv[i] for i in range(n_layer)]  # (B, 2, n_head, block_size, head_dim)
         self.k_layers = [self.k[i] for i in range(n_layer)]
         self.v_layers = [self.v[i] for i in range(n_layer)]
         self.length = 0
@@ -55,7 +58,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.kv.nbytes
 
 
 def cache_bytes_per_token(n_layer: int, n_embd: int, dtype_bytes: int = 4) -> int:

@@ -11,7 +11,8 @@ import torch
 from conftest import assert_usage_error, cli_command, cli_env, invoke
 from minigpt_cli.config import ModelConfig
 from minigpt_cli.kv_cache import KVCache
-from minigpt_cli.model import GPT, prepare_for_inference
+from minigpt_cli import model as model_module
+from minigpt_cli.model import GPT, packing_supported, prepare_for_inference
 from minigpt_cli.sampler import SamplingSettings, apply_repetition_penalty, generate, next_token, slide_keep
 
 VOCAB = 11
@@ -38,6 +39,32 @@ def test_cached_logits_equal_uncached_at_every_step_across_a_window_slide(option
     for a, b in zip(cached, uncached):
         torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(a.tokens, b.tokens)
+
+
+INFERENCE_VARIANTS = VARIANTS + [dict(qk_norm=True, activation="relu2", pos_encoding="rope", norm="rmsnorm"),
+                                 dict(bias=True, logit_softcap=15.0, activation="gelu"),
+                                 dict(tie_weights=True, bias=True, norm_placement="post", activation="relu2")]
+
+
+@pytest.mark.parametrize("options", INFERENCE_VARIANTS, ids=lambda o: "-".join(str(v) for v in o.values()))
+@pytest.mark.parametrize("pack_min", [0, 10**9], ids=["packed", "unpacked"])
+def test_inference_decode_step_equals_the_uncached_reference(options, pack_min, monkeypatch):
+    """prepare_for_inference's one-position step, with every matrix packed (fused post-ops) or none,
+    against the plain modules on the whole window, for batch 1 and for several samples sharing one prefill."""
+    monkeypatch.setattr(model_module, "PACK_MIN_ELEMENTS", pack_min)
+    reference = small_model(**options)
+    fast = prepare_for_inference(small_model(**options), torch.float32)
+    if packing_supported(torch.float32):
+        assert fast.decoder is not None
+        assert (fast.blocks[0].mlp.c_fc.packed is not None) == (pack_min == 0)
+    greedy = SamplingSettings(temperature=0.0)
+    for samples in (1, 3):
+        cached = list(generate(fast, [1, 2, 3, 4, 5], 30, greedy, num_samples=samples, use_cache=True))
+        uncached = list(generate(reference, [1, 2, 3, 4, 5], 30, greedy, num_samples=samples, use_cache=False))
+        assert len(cached) == len(uncached) == 30
+        for a, b in zip(cached, uncached):
+            torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+            assert torch.equal(a.tokens, b.tokens)
 
 
 def test_prefill_then_steps_equal_one_forward_pass():
