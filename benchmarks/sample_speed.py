@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt_cli.config import ModelConfig
-from minigpt_cli.model import _LINEAR, GPT, Linear, _project, pack_weight, packing_supported, prepare_for_inference
+from minigpt_cli.model import GPT, Linear, onednn_linear, pack_weight, packing_supported, prepare_for_inference, project
 from minigpt_cli.sampler import SamplingSettings, generate
 
 CLASSIC = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.0, pos_encoding="learned",
@@ -49,9 +49,10 @@ def matrix_passes(model: GPT) -> dict[str, list]:
     linear = [(lambda x, w=m.weight: F.linear(x, w), m.in_features) for m in modules]
     passes = {"linear": linear}
     if packing_supported(modules[0].weight.dtype):
-        passes["packed"] = [(lambda x, w=pack_weight(m.weight): _LINEAR(x, w, None, "none", [], ""), m.in_features)
+        linear_packed = onednn_linear()[0]
+        passes["packed"] = [(lambda x, w=pack_weight(m.weight): linear_packed(x, w, None, "none", [], ""), m.in_features)
                             for m in modules]
-        passes["model"] = [(lambda x, m=m: _project(x, m), m.in_features) for m in modules]
+        passes["model"] = [(lambda x, m=m: project(x, m), m.in_features) for m in modules]
     return passes
 
 
@@ -75,6 +76,11 @@ def stream_bytes_per_second() -> float:
         x.sum()
         times.append(time.perf_counter() - start)
     return x.nbytes / statistics.median(times)
+
+
+def greedy_tokens(model: GPT, new_tokens: int, use_cache: bool) -> list[int]:
+    steps = generate(model, [0], new_tokens, SamplingSettings(temperature=0.0), None, 1, use_cache)
+    return [step.tokens.item() for step in steps]
 
 
 def generation_seconds(model: GPT, new_tokens: int, use_cache: bool) -> float:
@@ -115,6 +121,11 @@ def main() -> None:
             # Summed over 20 back-to-back passes per round to get above timer noise.
             cases[f"floor_{kind}_{name}"] = (
                 lambda m=models[name], mats=matrices: sum(floor_seconds(m, mats) for _ in range(20)) / 20)
+    # The speed figures are only worth having if the fast path computes the same thing.
+    reference = greedy_tokens(plain["float32"], n, False)
+    same_text = {"cached_float32": greedy_tokens(models["float32"], n, True) == reference,
+                 "uncached_float32": greedy_tokens(models["float32"], n, False) == reference,
+                 "plain_cached_float32": greedy_tokens(plain["float32"], n, True) == reference}
     times: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():
         fn()  # warm-up
@@ -134,6 +145,7 @@ def main() -> None:
         "new_tokens": n,
         "repeats": args.repeats,
         "packed_matrices": packed,
+        "greedy_text_equals_plain_uncached": same_text,
         "tokens_per_second": {k: n / med[k] for k in cases if not k.startswith("floor")},
         "cached_over_uncached": med["uncached_float32"] / med["cached_float32"],
         "bfloat16_over_float32": med["cached_float32"] / med["cached_bfloat16"],
@@ -160,6 +172,8 @@ def main() -> None:
         print(f"           {'':8}  plain path {tps[f'plain_cached_{name}']:7.1f} tok/s  step {plain_step[name] * 1e3:.3f} ms"
               f"  ({plain_step[name] / step[name]:.2f}x slower)")
     print(f"  uncached float32 : {tps['uncached_float32']:7.1f} tok/s  (cached is {result['cached_over_uncached']:.2f}x faster)")
+    print("  greedy text equal to the plain path without the cache: "
+          + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same_text.items()))
     print(f"  bfloat16 over float32 (cached): {result['bfloat16_over_float32']:.2f}x")
     print(f"  bandwidth floor at {result['stream_gb_per_s']:.1f} GB/s: " + ", ".join(
         f"{name} {weight_bytes[name] / 1e6:.1f} MB in {result['bandwidth_floor_ms'][name]:.3f} ms" for name in dtypes))

@@ -569,7 +569,8 @@ def _render_bench(result: dict) -> None:
                                     f"tokens + choosing one)"),
             ("prefill", f"{sample['prefill_tokens_per_sec']:,.0f} tokens/s"),
             ("weight-read floor", f"{floor['ms']:.3g} ms: {floor['matrices']} matrix-vector products reading "
-                                  f"{_mib(floor['bytes'])} ({floor['gb_per_s']:.1f} GB/s)"),
+                                  f"{_mib(floor['bytes'])} ({floor['gb_per_s']:.1f} GB/s, "
+                                  f"{'oneDNN packed' if floor['kernel'] == 'model' else 'F.linear'})"),
         ]))
         table = Table(title="decode step at a context length", title_justify="left", title_style="bold")
         for column in ("context", "KV cache", "tokens/s", "no cache", "tokens/s", "cache speed-up", "floor reached"):
