@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, ModelConfig, UserError, apply_overrides, default_data_path, load_config
 from minigpt_cli.data import read_text
-from minigpt_cli.device import DTYPES, autocast, choose_precision, resolve_device, synchronize
+from minigpt_cli.device import DTYPES, check_inference_dtype, choose_precision, resolve_device, synchronize
 from minigpt_cli.kv_cache import KVCache, cache_bytes_per_token
 from minigpt_cli.model import GPT, prepare_for_inference, project
 
@@ -371,7 +371,7 @@ class BenchOptions:
     seq_len: int | None = None
     batch_sizes: Sequence[int] | None = None
     sections: Sequence[str] = ("train", "sample", "attention")
-    # Sampling precision, as `minigpt sample --dtype` (weight matrices in it, the rest float32).
+    # Sampling precision, as `minigpt sample --dtype` runs it (see prepare_for_inference).
     dtype: str = "float32"
     # Stop repeating one measurement after this many seconds (once it has 3 repeats).
     max_seconds: float | None = None
@@ -388,8 +388,6 @@ class BenchOptions:
         unknown = set(self.sections) - {"train", "sample", "attention"}
         if unknown:
             raise UserError(f"unknown bench section(s) {', '.join(sorted(unknown))} (use train, sample, attention)")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.batch_sizes is not None and any(b < 1 for b in self.batch_sizes):
             raise UserError(f"--batch-sizes must all be at least 1, got {list(self.batch_sizes)}")
 
@@ -404,8 +402,7 @@ class Bench:
         self.m = target.config.model
         self.V = target.vocab_size
         self.precision = choose_precision(self.device, self.cfg.train.dtype)
-        if options.dtype == "float16" and self.device.type == "cpu":
-            raise UserError("--dtype float16 is for GPUs; on CPU use bfloat16 or float32")
+        check_inference_dtype(options.dtype, self.device)
         o = options
         bounded = self.device.type != "cuda"
         self.budget = (QUICK_FLOP_BUDGET if o.quick else CPU_FLOP_BUDGET) if bounded else math.inf
@@ -497,6 +494,7 @@ class Bench:
 
     def train(self, model: GPT) -> dict[str, Any]:
         from minigpt_cli.optim import build_optimizers
+        from minigpt_cli.trainer import apply_gradients, training_loss
 
         B = self.options.batch_size or self.cfg.train.batch_size
         T = min(self.options.seq_len or self.m.block_size, self.m.block_size)
@@ -533,21 +531,10 @@ class Bench:
         x, y = self._tokens(B, T), self._tokens(B, T)
 
         def step() -> None:
-            with autocast(self.device, self.precision):
-                logits = model(x)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+            # The trainer's own step: forward and loss under autocast, backward, clip, optimizers.
+            loss = training_loss(model, x, y, self.device, self.precision)
             (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                for opt in optimizers:
-                    scaler.unscale_(opt)
-            if self.cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
-            for opt in optimizers:
-                scaler.step(opt) if scaler else opt.step()
-            if scaler:
-                scaler.update()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
+            apply_gradients(model, optimizers, scaler, self.cfg.train.grad_clip)
 
         flops_per_iter = B * T * per_token(T)
         timing = self._time(step, flops_per_iter)

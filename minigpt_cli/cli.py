@@ -54,8 +54,25 @@ class _Console(Console):
         raise typer.Exit(0)
 
 
-err = _Console(stderr=True, highlight=False, soft_wrap=True)
-out = _Console(highlight=False, soft_wrap=True)
+class _LazyConsole:
+    """A _Console made on first use: rich reads the environment (NO_COLOR, COLUMNS, ...) when one is
+    made, and nothing should happen at import."""
+
+    def __init__(self, **options: Any):
+        self._options = options
+        self._console: _Console | None = None
+
+    def get(self) -> _Console:
+        if self._console is None:
+            self._console = _Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+err = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)
+out = _LazyConsole(highlight=False, soft_wrap=True)
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
@@ -174,7 +191,7 @@ class TrainView:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.description}"),
-                                     TimeElapsedColumn(), console=err, transient=True)
+                                     TimeElapsedColumn(), console=err.get(), transient=True)
             total = d["time_budget"] if d["time_budget"] else d["max_iters"]
             self.task = self.progress.add_task("", total=total, completed=0 if d["time_budget"] else step)
             self.progress.start()

@@ -51,6 +51,14 @@ def resolve_device(name: str = "auto") -> DeviceChoice:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_inference_dtype(name: str, device: torch.device, allowed: tuple[str, ...] = tuple(DTYPES)) -> None:
+    """Refuse a --dtype that is not one of `allowed`, or float16 on a CPU (no fast kernels there)."""
+    if name not in allowed:
+        raise UserError(f"--dtype must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {name!r}")
+    if name == "float16" and device.type == "cpu":
+        raise UserError("--dtype float16 is for GPUs; on CPU use bfloat16 or float32")
+
+
 @dataclass(frozen=True)
 class Precision:
     """Weights stay float32; `autocast_dtype` is the compute dtype inside autocast (None: plain fp32)."""

@@ -15,7 +15,7 @@ import torch
 from minigpt_cli.checkpoint import LoadedCheckpoint, load_checkpoint
 from minigpt_cli.config import UserError
 from minigpt_cli.data import encode_array, load_corpus, read_text
-from minigpt_cli.device import Precision, choose_precision, resolve_device
+from minigpt_cli.device import DTYPES, Precision, check_inference_dtype, choose_precision, resolve_device
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import UnknownCharactersError
 from minigpt_cli.trainer import LN2, score_text
@@ -96,10 +96,7 @@ def evaluate(request: EvalRequest) -> EvalResult:
     if request.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
     device = resolve_device(request.device).device
-    if request.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {request.dtype!r}")
-    if request.dtype == "float16" and device.type == "cpu":
-        raise UserError("--dtype float16 is for GPUs; on CPU use bfloat16 or float32")
+    check_inference_dtype(request.dtype, device, ("auto", *DTYPES))
     loaded = load_checkpoint(request.run, which=request.which)
     # auto: the precision the run was trained in (bfloat16 autocast on most CUDA GPUs, float32 elsewhere).
     precision = choose_precision(device, loaded.config.train.dtype if request.dtype == "auto" else request.dtype)

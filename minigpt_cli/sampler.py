@@ -261,13 +261,10 @@ class SampleSession:
 def prepare(request: SampleRequest) -> SampleSession:
     """Load the run, check every setting, and encode the prompt; nothing is generated yet."""
     from minigpt_cli.checkpoint import load_checkpoint
-    from minigpt_cli.device import DTYPES, resolve_device
+    from minigpt_cli.device import DTYPES, check_inference_dtype, resolve_device
 
-    if request.dtype not in DTYPES:
-        raise UserError(f"--dtype must be float32, bfloat16 or float16, got {request.dtype!r}")
     device = resolve_device(request.device).device
-    if request.dtype == "float16" and device.type == "cpu":
-        raise UserError("--dtype float16 is for GPUs; on CPU use bfloat16 or float32")
+    check_inference_dtype(request.dtype, device)
     loaded = load_checkpoint(request.run, which="best")
     tokenizer = loaded.tokenizer
     settings = check_settings(SamplingSettings(request.temperature, request.top_k, request.top_p, request.min_p,

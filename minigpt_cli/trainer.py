@@ -13,11 +13,12 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, UserError
@@ -170,6 +171,33 @@ def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_
             total += nll[keep].double().sum()
             count += int(keep.sum())
     return total.item(), count
+
+
+def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                  precision: Precision) -> torch.Tensor:
+    """Mean cross entropy of the next-token predictions for a batch x, y (B, T), under the run's autocast."""
+    with autocast(device, precision):
+        logits = model(x)  # (B, T, vocab_size)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+
+def apply_gradients(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+                    scaler: torch.amp.GradScaler | None, grad_clip: float) -> None:
+    """After backward: unscale (float16), clip the global gradient norm, step every optimizer, clear."""
+    if scaler:
+        for opt in optimizers:
+            scaler.unscale_(opt)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for opt in optimizers:
+        if scaler:
+            scaler.step(opt)
+        else:
+            opt.step()
+    if scaler:
+        scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
 
 
 class Trainer:
@@ -395,26 +423,10 @@ class Trainer:
             # Under DDP, gradients are all-reduced only after the last micro-step.
             sync = train_model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
             with sync:
-                with autocast(self.device, self.precision):
-                    logits = train_model(x)
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-                    loss = loss / t.grad_accum_steps
+                loss = training_loss(train_model, x, y, self.device, self.precision) / t.grad_accum_steps
                 (scaler.scale(loss) if scaler else loss).backward()
             total += loss.detach()
-        if scaler:
-            for opt in optimizers:
-                scaler.unscale_(opt)
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        for opt in optimizers:
-            if scaler:
-                scaler.step(opt)
-            else:
-                opt.step()
-        if scaler:
-            scaler.update()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        apply_gradients(model, optimizers, scaler, t.grad_clip)
         value = total.item()
         if self.dist.enabled:
             value = self._mean(value)
