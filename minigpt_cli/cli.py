@@ -727,8 +727,8 @@ def _render_inspect(result: dict) -> None:
                                              f"training per token (counts full attention)"))
     out.print(_key_value_table("FLOPs per token", rows))
     out.print(_key_value_table("KV cache", [
-        ("per token", f"{kv['bytes_per_token']:,} bytes float32 ({kv['bytes_per_token_bf16']:,} in bfloat16): "
-                      f"keys and values, every layer"),
+        ("per token", f"{kv['bytes_per_token']:,} bytes: keys and values of every layer, in float32 at "
+                      f"every sampling --dtype ({kv['bytes_per_token_bf16']:,} if they were bfloat16)"),
         ("per sequence at block_size", f"{_mib(kv['bytes_at_block_size'])} ({kv['block_size']} positions)"),
     ]))
     config = result["config"]
