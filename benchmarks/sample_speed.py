@@ -3,6 +3,7 @@ the decode step against the weight-read floor, and the fast CPU path against the
 measured in one process.
 
     python benchmarks/sample_speed.py [--repeats 7] [--new-tokens 255] [--threads N] [--json]
+        [--device cuda] [--compile] [--batch-sizes 1,64]
 
 Random weights (speed does not depend on them). Each configuration runs once as a warm-up, then
 the configurations take turns for --repeats rounds, so a slow moment on a shared machine hits them
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt_cli.config import ModelConfig
+from minigpt_cli.device import resolve_device, synchronize
 from minigpt_cli.model import GPT, Linear, onednn_linear, pack_weight, packing_supported, prepare_for_inference, project
 from minigpt_cli.sampler import SamplingSettings, generate
 
@@ -48,7 +50,7 @@ def matrix_passes(model: GPT) -> dict[str, list]:
     modules = [m for m in model.modules() if isinstance(m, Linear)]
     linear = [(lambda x, w=m.weight: F.linear(x, w), m.in_features) for m in modules]
     passes = {"linear": linear}
-    if packing_supported(modules[0].weight.dtype):
+    if modules[0].weight.device.type == "cpu" and packing_supported(modules[0].weight.dtype):
         linear_packed = onednn_linear()[0]
         passes["packed"] = [(lambda x, w=pack_weight(m.weight): linear_packed(x, w, None, "none", [], ""), m.in_features)
                             for m in modules]
@@ -58,22 +60,26 @@ def matrix_passes(model: GPT) -> dict[str, list]:
 
 @torch.inference_mode()
 def floor_seconds(model: GPT, matrices: list) -> float:
-    dtype = model.lm_head.weight.dtype
-    inputs = {n: torch.randn(1, n, dtype=dtype) for _, n in matrices}
+    weight = model.lm_head.weight
+    inputs = {n: torch.randn(1, n, dtype=weight.dtype, device=weight.device) for _, n in matrices}
+    synchronize(weight.device)
     start = time.perf_counter()
     for product, n in matrices:
         product(inputs[n])
+    synchronize(weight.device)
     return time.perf_counter() - start
 
 
-def stream_bytes_per_second() -> float:
-    """How fast this machine reads memory: the median of 5 sums over 256 MiB, after a warm-up."""
-    x = torch.ones(64 * 2**20)
+def stream_bytes_per_second(device: torch.device) -> float:
+    """How fast this device reads memory: the median of 5 sums over 256 MiB, after a warm-up."""
+    x = torch.ones(64 * 2**20, device=device)
     x.sum()
     times = []
     for _ in range(5):
+        synchronize(device)
         start = time.perf_counter()
         x.sum()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return x.nbytes / statistics.median(times)
 
@@ -83,11 +89,15 @@ def greedy_tokens(model: GPT, new_tokens: int, use_cache: bool) -> list[int]:
     return [step.tokens.item() for step in steps]
 
 
-def generation_seconds(model: GPT, new_tokens: int, use_cache: bool) -> float:
+def generation_seconds(model: GPT, new_tokens: int, use_cache: bool, batch: int = 1) -> float:
+    """Greedy decoding of `batch` samples together, each `new_tokens` long."""
+    device = model.lm_head.weight.device
     settings = SamplingSettings(temperature=0.0)
+    synchronize(device)
     start = time.perf_counter()
-    for _ in generate(model, [0], new_tokens, settings, None, 1, use_cache):
+    for _ in generate(model, [0], new_tokens, settings, None, batch, use_cache):
         pass
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -96,19 +106,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=255)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the decode step compiled with torch.compile (CUDA graphs on a GPU)")
+    parser.add_argument("--batch-sizes", default="1",
+                        help="comma-separated batch sizes for the cached rates, e.g. 1,64 (default: 1)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device).device
+    batches = [int(b) for b in args.batch_sizes.split(",")]
     n = args.new_tokens
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    models, plain = {}, {}
+    models, plain, compiled = {}, {}, {}
     for name, dtype in dtypes.items():
         torch.manual_seed(0)
-        models[name] = prepare_for_inference(GPT(CLASSIC, VOCAB), dtype)
+        models[name] = prepare_for_inference(GPT(CLASSIC, VOCAB).to(device), dtype)
         torch.manual_seed(0)
-        plain[name] = prepare_for_inference(GPT(CLASSIC, VOCAB), dtype, fast=False)
-    packed = {name: packing_supported(dtype) for name, dtype in dtypes.items()}
+        plain[name] = prepare_for_inference(GPT(CLASSIC, VOCAB).to(device), dtype, fast=False)
+        if args.compile:
+            torch.manual_seed(0)
+            compiled[name] = prepare_for_inference(GPT(CLASSIC, VOCAB).to(device), dtype, compile=True)
+    packed = {name: device.type == "cpu" and packing_supported(dtype) for name, dtype in dtypes.items()}
     cases = {
         "cached_float32": lambda: generation_seconds(models["float32"], n, True),
         "uncached_float32": lambda: generation_seconds(models["float32"], n, False),
@@ -117,6 +137,12 @@ def main() -> None:
         "plain_cached_bfloat16": lambda: generation_seconds(plain["bfloat16"], n, True),
     }
     for name in dtypes:
+        for B in batches:
+            suffix = "" if B == 1 else f"_batch{B}"
+            if B != 1:
+                cases[f"cached_{name}{suffix}"] = lambda m=models[name], B=B: generation_seconds(m, n, True, B)
+            if args.compile:
+                cases[f"compiled_cached_{name}{suffix}"] = lambda m=compiled[name], B=B: generation_seconds(m, n, True, B)
         for kind, matrices in matrix_passes(models[name]).items():
             # Summed over 20 back-to-back passes per round to get above timer noise.
             cases[f"floor_{kind}_{name}"] = (
@@ -126,6 +152,8 @@ def main() -> None:
     same_text = {"cached_float32": greedy_tokens(models["float32"], n, True) == reference,
                  "uncached_float32": greedy_tokens(models["float32"], n, False) == reference,
                  "plain_cached_float32": greedy_tokens(plain["float32"], n, True) == reference}
+    if args.compile:
+        same_text["compiled_cached_float32"] = greedy_tokens(compiled["float32"], n, True) == reference
     times: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():
         fn()  # warm-up
@@ -133,7 +161,7 @@ def main() -> None:
         for name, fn in cases.items():
             times[name].append(fn())
     med = {k: statistics.median(v) for k, v in times.items()}
-    bandwidth = stream_bytes_per_second()
+    bandwidth = stream_bytes_per_second(device)
     step = {name: med[f"cached_{name}"] / n for name in dtypes}
     plain_step = {name: med[f"plain_cached_{name}"] / n for name in dtypes}
     floor = {name: min(v for k, v in med.items() if k.startswith("floor") and k.endswith(name)) for name in dtypes}
@@ -146,7 +174,9 @@ def main() -> None:
         "repeats": args.repeats,
         "packed_matrices": packed,
         "greedy_text_equals_plain_uncached": same_text,
-        "tokens_per_second": {k: n / med[k] for k in cases if not k.startswith("floor")},
+        "device": str(device),
+        "tokens_per_second": {k: n * (int(k.split("batch")[1]) if "batch" in k else 1) / med[k]
+                              for k in cases if not k.startswith("floor")},
         "cached_over_uncached": med["uncached_float32"] / med["cached_float32"],
         "bfloat16_over_float32": med["cached_float32"] / med["cached_bfloat16"],
         "decode_step_ms": {name: step[name] * 1e3 for name in dtypes},
@@ -175,6 +205,9 @@ def main() -> None:
     print("  greedy text equal to the plain path without the cache: "
           + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same_text.items()))
     print(f"  bfloat16 over float32 (cached): {result['bfloat16_over_float32']:.2f}x")
+    for k, v in tps.items():
+        if "batch" in k or k.startswith("compiled"):
+            print(f"  {k:32}: {v:9.1f} tok/s")
     print(f"  bandwidth floor at {result['stream_gb_per_s']:.1f} GB/s: " + ", ".join(
         f"{name} {weight_bytes[name] / 1e6:.1f} MB in {result['bandwidth_floor_ms'][name]:.3f} ms" for name in dtypes))
 

@@ -379,6 +379,9 @@ def sample(
     dtype: str = typer.Option("float32", "--dtype", help="Inference precision: float32, bfloat16, or float16 "
                                                          "(GPU only)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    compile_step: bool = typer.Option(False, "--compile", help="Compile the decode step with torch.compile "
+                                                               "(CUDA graphs on a GPU); the first characters "
+                                                               "wait for the compiler."),
     unknown: str = typer.Option("error", "--unknown", help="Prompt characters outside the vocabulary: error or skip."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Print text as it is made "
                                                                              "(default: on a terminal)."),
@@ -398,7 +401,7 @@ def sample(
     request = sampler.SampleRequest(
         run=run, prompt=text, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, num_samples=num_samples, stop=stop, seed=seed,
-        use_cache=not no_kv_cache, dtype=dtype, device=device, skip_unknown=unknown == "skip")
+        use_cache=not no_kv_cache, dtype=dtype, device=device, skip_unknown=unknown == "skip", compile=compile_step)
     session = sampler.prepare(request)
     for warning in session.warnings:
         err.print(f"warning: {warning}", markup=False)

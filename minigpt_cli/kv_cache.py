@@ -24,6 +24,8 @@ class KVCache:
         self.k_layers = [self.k[i] for i in range(n_layer)]
         self.v_layers = [self.v[i] for i in range(n_layer)]
         self.length = 0
+        # Set once `kv` is marked as living at a fixed address for a compiled decode step.
+        self.static_address = False
 
     @property
     def batch_size(self) -> int:

@@ -25,7 +25,7 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.packed is not None and not torch.is_grad_enabled():
             return project(x.to(self.packed.dtype), self).to(x.dtype)
         if x.dtype == self.weight.dtype or torch.is_autocast_enabled(x.device.type):
             return F.linear(x, self.weight, self.bias)
@@ -199,7 +199,8 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.config.block_size}")
-        if T == 1 and self.decoder is not None and kv_cache is not None and kv_cache.batch_size == B:
+        if (T == 1 and self.decoder is not None and kv_cache is not None and kv_cache.batch_size == B
+                and not self.training):
             return self.decoder(idx, kv_cache)
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
@@ -340,37 +341,71 @@ class Decoder:
             return F.rms_norm(x, weight.shape, weight, eps)
         return F.layer_norm(x, weight.shape, weight, bias, eps)
 
+    def compile(self, cache_device: torch.device) -> None:
+        """Compile the fixed-shape step with torch.compile; on CUDA with CUDA graphs ("reduce-overhead"),
+        so a step is one graph replay instead of a few hundred kernel launches."""
+        mode = "reduce-overhead" if cache_device.type == "cuda" else None
+        self.compiled = torch.compile(self.step, mode=mode, fullgraph=True)
+
+    compiled = None
+
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """idx (B, 1) -> logits (B, 1, vocab_size) in float32; stores the position in `cache`."""
+        if cache.length >= cache.block_size:
+            raise ValueError(f"KV cache full: {cache.length + 1} positions needed, {cache.block_size} allocated")
+        if self.compiled is not None:
+            if not cache.static_address:
+                # Written in place by every replay: a CUDA graph must see it at a fixed address.
+                torch._dynamo.mark_static_address(cache.kv, guard=False)
+                cache.static_address = True
+            position = torch.full((1,), cache.length, dtype=torch.long, device=idx.device)
+            logits = self.compiled(idx, position, cache.kv)
+        else:
+            logits = self.step(idx, cache.length, cache.kv)
+        cache.advance(1)
+        return logits
+
+    def step(self, idx: torch.Tensor, position: int | torch.Tensor, kv_all: torch.Tensor) -> torch.Tensor:
+        """The step itself, at `position`: a Python int (eager: attend to the cached positions only),
+        or a (1,) tensor (fixed shapes for torch.compile: attend to the whole cache, masked)."""
         c, dtype, norm, act = self.config, self.dtype, self._norm, self.activation
         B = idx.shape[0]
         H, D, C = c.n_head, c.head_dim, c.n_embd
-        p = cache.length
+        p = position
+        fixed = isinstance(p, torch.Tensor)
+        rotated = c.qk_norm or self.rope is not None  # keys differ from the projection's output
         x = torch.index_select(self.wte, 0, idx.view(B))  # (B, C)
         if self.positions is not None:
             x = x + self.positions[p]
         x = x.to(dtype)
         if self.rope is not None:
-            cos, sin = self.rope[0][p], self.rope[1][p]  # (D,)
+            cos, sin = self.rope[0][p], self.rope[1][p]  # (D,), or (1, D) for a tensor position
+        if fixed:
+            block_size = kv_all.shape[-2]
+            visible = (torch.arange(block_size, device=idx.device) <= p).view(1, 1, 1, block_size)
         for layer, (n1, n2, c_attn, attn_proj, c_fc, mlp_proj) in enumerate(self.layers):
-            kv = cache.kv_layers[layer]  # (B, 2, H, block_size, D)
+            kv = kv_all[layer]  # (B, 2, H, block_size, D)
             qkv = project(norm(x, n1) if self.pre_norm else x, c_attn).view(B, 3, H, D)
-            q = qkv[:, 0]  # (B, H, D)
-            if c.qk_norm or self.rope is not None:
-                k = qkv[:, 1]
-                if c.qk_norm:
-                    q = F.rms_norm(q, (D,))
-                    k = F.rms_norm(k, (D,))
-                if self.rope is not None:
-                    q = apply_rope(q, cos, sin)
-                    k = apply_rope(k, cos, sin)
-                kv[:, 0, :, p] = k
-                kv[:, 1, :, p] = qkv[:, 2]
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (B, H, D) each
+            if c.qk_norm:
+                q = F.rms_norm(q, (D,))
+                k = F.rms_norm(k, (D,))
+            if self.rope is not None:
+                q = apply_rope(q, cos, sin)
+                k = apply_rope(k, cos, sin)
+            q = q.unsqueeze(2).to(kv.dtype)  # (B, H, 1, D)
+            if fixed:
+                new = torch.stack([k, v], dim=1) if rotated else qkv[:, 1:]  # (B, 2, H, D)
+                kv.index_copy_(3, p, new.unsqueeze(3).to(kv.dtype))
+                y = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=visible)
             else:
-                kv[:, :, :, p] = qkv[:, 1:]
-            q = q.unsqueeze(2).to(cache.dtype)  # (B, H, 1, D)
-            y = F.scaled_dot_product_attention(q, kv[:, 0, :, :p + 1], kv[:, 1, :, :p + 1])  # (B, H, 1, D)
-            y = y.view(B, C).to(dtype)
+                if rotated:
+                    kv[:, 0, :, p] = k
+                    kv[:, 1, :, p] = v
+                else:
+                    kv[:, :, :, p] = qkv[:, 1:]  # keys and values in one copy
+                y = F.scaled_dot_product_attention(q, kv[:, 0, :, :p + 1], kv[:, 1, :, :p + 1])
+            y = y.view(B, C).to(dtype)  # (B, H, 1, D) -> (B, C)
             if self.pre_norm:
                 x = _project_add(y, attn_proj, x)
                 h = project(norm(x, n2), c_fc, act)
@@ -379,7 +414,6 @@ class Decoder:
                 x = norm(_project_add(y, attn_proj, x), n1)
                 h = project(x, c_fc, act)
                 x = norm(_project_add(h.square_() if act == "relu" else h, mlp_proj, x), n2)
-        cache.advance(1)
         if self.norm_f is not None:
             x = norm(x, self.norm_f)
         logits = project(x, self.head).float()
@@ -389,7 +423,8 @@ class Decoder:
 
 
 @torch.no_grad()
-def prepare_for_inference(model: GPT, dtype: torch.dtype = torch.float32, fast: bool = True) -> GPT:
+def prepare_for_inference(model: GPT, dtype: torch.dtype = torch.float32, fast: bool = True,
+                          compile: bool = False) -> GPT:
     """Ready a model for sampling: weight matrices in `dtype`; embeddings and the KV cache float32.
 
     A decode step reads every weight matrix once, so its time is set by the bytes read and by how
@@ -401,11 +436,17 @@ def prepare_for_inference(model: GPT, dtype: torch.dtype = torch.float32, fast: 
     - on an x86-64 CPU where oneDNN works, the matrices worth it (_worth_packing) are reordered
       once into oneDNN's layout (the 6 x 384 model's matrices take 2.0 ms that way against
       3.1 ms with F.linear in float32, and 0.9 ms against 1.5 ms in bfloat16).
-    Tied embedding and head weights are untied: the embedding stays float32.
+    `compile` (with `fast`) compiles Decoder's fixed-shape step with torch.compile, with CUDA
+    graphs on a GPU; the first steps then wait for the compiler (about 10 s for a tiny model on
+    this CPU, where compiled steps are no faster than eager ones).
+    Tied embedding and head weights are untied: the embedding stays float32. The prepared model
+    is for inference only and frozen: packed matrices and Decoder's copies of the norms do not
+    follow later changes to the weights (load_state_dict, .to(device)); prepare a fresh model.
     """
     model.eval()
     on_cpu = model.lm_head.weight.device.type == "cpu"
-    pack = fast and on_cpu and packing_supported(dtype)
+    # oneDNN's fused linear + add has no fake-tensor implementation, so torch.compile cannot trace it.
+    pack = fast and on_cpu and not compile and packing_supported(dtype)
     for module in model.modules():
         if isinstance(module, Linear):
             weight = module.weight.detach().to(dtype)
@@ -415,5 +456,9 @@ def prepare_for_inference(model: GPT, dtype: torch.dtype = torch.float32, fast: 
             if module.bias is not None:
                 module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
             module.packed = pack_weight(weight) if pack and _worth_packing(weight) else None
-    model.decoder = Decoder(model, dtype) if fast else None
+    # float16 (GPUs only) keeps the module path, whose residual stream stays float32: Decoder's
+    # would be float16, whose range (65504) a residual stream can outgrow.
+    model.decoder = Decoder(model, dtype) if fast and dtype != torch.float16 else None
+    if compile and model.decoder is not None:
+        model.decoder.compile(model.lm_head.weight.device)
     return model

@@ -171,6 +171,7 @@ class SampleRequest:
     dtype: str = "float32"
     device: str = "auto"
     skip_unknown: bool = False
+    compile: bool = False
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -252,7 +253,7 @@ class SampleSession:
             "seed": self.seed,
             "settings": {**self.settings.to_dict(), "max_new_tokens": req.max_new_tokens,
                          "num_samples": req.num_samples, "stop": list(req.stop), "kv_cache": req.use_cache,
-                         "dtype": req.dtype},
+                         "dtype": req.dtype, "compile": req.compile},
             "checkpoint": str(self.checkpoint),
             "device": str(self.model.lm_head.weight.device),
         }
@@ -286,6 +287,11 @@ def prepare(request: SampleRequest) -> SampleSession:
     block_size = loaded.config.model.block_size
     if len(prompt) > block_size:
         warnings.append(f"the prompt has {len(prompt)} characters; the model sees its last {block_size} (block_size)")
-    model = prepare_for_inference(loaded.build_model(device), DTYPES[request.dtype])
+    if request.compile and not request.use_cache:
+        raise UserError("--compile compiles the KV-cached decode step; it cannot go with --no-kv-cache")
+    if request.compile and device.type == "cpu":
+        warnings.append("--compile is meant for GPUs: on a CPU the compiled step is slower than the default "
+                        "one (oneDNN's packed matrices cannot be compiled)")
+    model = prepare_for_inference(loaded.build_model(device), DTYPES[request.dtype], compile=request.compile)
     seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
     return SampleSession(request, model, tokenizer, tokenizer.encode(prompt), settings, seed, loaded.path, warnings)

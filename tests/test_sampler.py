@@ -41,7 +41,11 @@ def test_cached_logits_equal_uncached_at_every_step_across_a_window_slide(option
         assert torch.equal(a.tokens, b.tokens)
 
 
-INFERENCE_VARIANTS = VARIANTS + [dict(qk_norm=True, activation="relu2", pos_encoding="rope", norm="rmsnorm"),
+INFERENCE_VARIANTS = VARIANTS + [
+    # GPT-2 style (the sampling benchmark's shape): keys and values stored with one copy.
+    dict(qk_norm=False, pos_encoding="learned", norm="layernorm", activation="gelu", tie_weights=True),
+    dict(qk_norm=False, pos_encoding="sinusoidal", norm="rmsnorm", norm_placement="post", activation="relu2"),
+    dict(qk_norm=True, activation="relu2", pos_encoding="rope", norm="rmsnorm"),
                                  dict(bias=True, logit_softcap=15.0, activation="gelu"),
                                  dict(tie_weights=True, bias=True, norm_placement="post", activation="relu2")]
 
@@ -65,6 +69,50 @@ def test_inference_decode_step_equals_the_uncached_reference(options, pack_min, 
         for a, b in zip(cached, uncached):
             torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
             assert torch.equal(a.tokens, b.tokens)
+
+
+@pytest.mark.parametrize("options", INFERENCE_VARIANTS[-6:], ids=lambda o: "-".join(str(v) for v in o.values()))
+@pytest.mark.parametrize("pack_min", [0, 10**9], ids=["packed", "unpacked"])
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["eager", "fixed-shapes"])
+def test_inference_rows_differ_after_a_shared_prefill(options, pack_min, fixed_shapes, monkeypatch):
+    """Batch-1 prefill shared by 3 rows, then each row decodes its own tokens: every row's logits
+    equal one full forward pass of that row's text (eager step, and the fixed-shape step torch.compile gets)."""
+    monkeypatch.setattr(model_module, "PACK_MIN_ELEMENTS", pack_min)
+    reference = small_model(**options)
+    fast = prepare_for_inference(small_model(**options), torch.float32)
+    if fixed_shapes:
+        fast.decoder.compiled = fast.decoder.step  # the step torch.compile would compile, run eagerly
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    rows = torch.tensor([[5, 6, 7, 8, 9, 10, 1, 2], [9, 8, 7, 6, 5, 4, 3, 2], [0, 0, 1, 1, 2, 2, 3, 3]])
+    with torch.inference_mode():
+        cache = fast.new_kv_cache(3)
+        fast(prompt, cache)
+        for t in range(rows.shape[1]):
+            got = fast(rows[:, t:t + 1], cache)[:, -1]  # (3, vocab_size)
+            full = torch.cat([prompt.expand(3, -1), rows[:, :t + 1]], dim=1)
+            torch.testing.assert_close(got, reference(full)[:, -1], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="exceeds block_size|KV cache full"):
+            fast(rows[:, :1], cache)
+
+
+def test_compiled_decode_step_writes_the_same_text():
+    model = prepare_for_inference(small_model(pos_encoding="rope"), torch.float32, compile=True)
+    reference = small_model(pos_encoding="rope")
+    greedy = SamplingSettings(temperature=0.0)
+    compiled = [s.tokens.item() for s in generate(model, [1, 2, 3], 20, greedy)]
+    assert compiled == [s.tokens.item() for s in generate(reference, [1, 2, 3], 20, greedy, use_cache=False)]
+
+
+def test_a_prepared_model_in_training_mode_uses_the_plain_modules():
+    model = prepare_for_inference(small_model(), torch.float32)
+    model.train()
+    cache = model.new_kv_cache(1)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2]]), cache)
+        calls = []
+        model.decoder.step = lambda *args: calls.append(args)
+        model(torch.tensor([[3]]), cache)
+    assert not calls
 
 
 def test_prefill_then_steps_equal_one_forward_pass():
@@ -254,3 +302,7 @@ def test_several_samples_are_separated_by_a_line_a_shell_can_split_on(run_copy):
     assert result.exit_code == 0
     assert result.stdout.count("\n-----\n") == 2
     assert math.isclose(len(result.stdout.split("\n-----\n")), 3)
+
+
+def test_compile_needs_the_kv_cache(run_copy):
+    assert_usage_error(invoke("sample", run_copy, "--compile", "--no-kv-cache"), "--compile", "--no-kv-cache")
