@@ -52,7 +52,8 @@ def matrix_passes(model: GPT) -> dict[str, list]:
     passes = {"linear": linear}
     if modules[0].weight.device.type == "cpu" and packing_supported(modules[0].weight.dtype):
         linear_packed = onednn_linear()[0]
-        passes["packed"] = [(lambda x, w=pack_weight(m.weight): linear_packed(x, w, None, "none", [], ""), m.in_features)
+        passes["packed"] = [(lambda x, w=pack_weight(m.weight): linear_packed(x, w, None, "none", [], ""),
+                             m.in_features)
                             for m in modules]
         passes["model"] = [(lambda x, m=m: project(x, m), m.in_features) for m in modules]
     return passes
@@ -136,13 +137,17 @@ def main() -> None:
         "plain_cached_float32": lambda: generation_seconds(plain["float32"], n, True),
         "plain_cached_bfloat16": lambda: generation_seconds(plain["bfloat16"], n, True),
     }
+    batch_of: dict[str, int] = {}  # the cases that generate more than one sample at once
     for name in dtypes:
         for B in batches:
             suffix = "" if B == 1 else f"_batch{B}"
             if B != 1:
                 cases[f"cached_{name}{suffix}"] = lambda m=models[name], B=B: generation_seconds(m, n, True, B)
+                batch_of[f"cached_{name}{suffix}"] = B
             if args.compile:
-                cases[f"compiled_cached_{name}{suffix}"] = lambda m=compiled[name], B=B: generation_seconds(m, n, True, B)
+                cases[f"compiled_cached_{name}{suffix}"] = (
+                    lambda m=compiled[name], B=B: generation_seconds(m, n, True, B))
+                batch_of[f"compiled_cached_{name}{suffix}"] = B
         for kind, matrices in matrix_passes(models[name]).items():
             # Summed over 20 back-to-back passes per round to get above timer noise.
             cases[f"floor_{kind}_{name}"] = (
@@ -175,8 +180,7 @@ def main() -> None:
         "packed_matrices": packed,
         "greedy_text_equals_plain_uncached": same_text,
         "device": str(device),
-        "tokens_per_second": {k: n * (int(k.split("batch")[1]) if "batch" in k else 1) / med[k]
-                              for k in cases if not k.startswith("floor")},
+        "tokens_per_second": {k: n * batch_of.get(k, 1) / med[k] for k in cases if not k.startswith("floor")},
         "cached_over_uncached": med["uncached_float32"] / med["cached_float32"],
         "bfloat16_over_float32": med["cached_float32"] / med["cached_bfloat16"],
         "decode_step_ms": {name: step[name] * 1e3 for name in dtypes},
@@ -199,14 +203,16 @@ def main() -> None:
         kernels = "  ".join(f"{k.split('_')[0]} {v:.3f}" for k, v in kernel.items() if k.endswith(name))
         print(f"  cached   {name:8}: {tps[f'cached_{name}']:7.1f} tok/s  step {step[name] * 1e3:.3f} ms  "
               f"floor {floor[name] * 1e3:.3f} ms ({kernels})  ratio {result['step_over_floor'][name]:.2f}")
-        print(f"           {'':8}  plain path {tps[f'plain_cached_{name}']:7.1f} tok/s  step {plain_step[name] * 1e3:.3f} ms"
+        print(f"           {'':8}  plain path {tps[f'plain_cached_{name}']:7.1f} tok/s  "
+              f"step {plain_step[name] * 1e3:.3f} ms"
               f"  ({plain_step[name] / step[name]:.2f}x slower)")
-    print(f"  uncached float32 : {tps['uncached_float32']:7.1f} tok/s  (cached is {result['cached_over_uncached']:.2f}x faster)")
+    print(f"  uncached float32 : {tps['uncached_float32']:7.1f} tok/s  "
+          f"(cached is {result['cached_over_uncached']:.2f}x faster)")
     print("  greedy text equal to the plain path without the cache: "
           + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same_text.items()))
     print(f"  bfloat16 over float32 (cached): {result['bfloat16_over_float32']:.2f}x")
     for k, v in tps.items():
-        if "batch" in k or k.startswith("compiled"):
+        if k in batch_of:
             print(f"  {k:32}: {v:9.1f} tok/s")
     print(f"  bandwidth floor at {result['stream_gb_per_s']:.1f} GB/s: " + ", ".join(
         f"{name} {weight_bytes[name] / 1e6:.1f} MB in {result['bandwidth_floor_ms'][name]:.3f} ms" for name in dtypes))

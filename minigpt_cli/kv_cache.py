@@ -44,13 +44,18 @@ class KVCache:
 
         A batch of 1 is broadcast to every row, so several samples can share one prefill of the prompt.
         """
-        end = self.length + k_new.shape[2]
-        if end > self.block_size:
-            raise ValueError(f"KV cache full: {end} positions needed, {self.block_size} allocated")
+        end = self.end_after(k_new.shape[2])
         k, v = self.k_layers[layer], self.v_layers[layer]
         k[:, :, self.length:end] = k_new
         v[:, :, self.length:end] = v_new
         return k[:, :, :end], v[:, :, :end]  # (B, n_head, end, head_dim)
+
+    def end_after(self, n: int) -> int:
+        """The length after storing n more positions; raises if they do not fit."""
+        end = self.length + n
+        if end > self.block_size:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.block_size} allocated")
+        return end
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -41,9 +41,14 @@ class Norm(nn.Module):
         self.eps = 1e-5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "rmsnorm":
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        return normalize(x, self.kind, self.weight, self.bias, self.eps)
+
+
+def normalize(x: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm or LayerNorm over the last dimension (bias only for LayerNorm)."""
+    if kind == "rmsnorm":
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return F.layer_norm(x, weight.shape, weight, bias, eps)
 
 
 def sinusoidal_table(block_size: int, n_embd: int) -> torch.Tensor:
@@ -233,7 +238,7 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inference on CPU: oneDNN's prepacked matrices and a lean one-position decode step.
+# Inference: oneDNN's prepacked matrices (CPU) and a lean one-position decode step.
 # ---------------------------------------------------------------------------------------------
 
 @functools.cache
@@ -267,8 +272,7 @@ def packing_supported(dtype: torch.dtype) -> bool:
             generator = torch.Generator().manual_seed(0)
             weight = torch.randn(24, 40, generator=generator).to(dtype)
             x = torch.randn(3, 40, generator=generator).to(dtype)
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-            got = onednn_linear()[0](x, packed, None, "none", [], "").float()
+            got = onednn_linear()[0](x, pack_weight(weight), None, "none", [], "").float()
             want = F.linear(x.float(), weight.float())
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
@@ -282,7 +286,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def project(x: torch.Tensor, m: Linear, activation: str = "none") -> torch.Tensor:
-    """m(x) with the kernel prepare_for_inference chose for m, then `activation`: "none", "gelu" (tanh approximation) or "relu"; x in m's weight dtype."""
+    """m(x) with the kernel prepare_for_inference chose for m, then `activation`: "none", "gelu"
+    (tanh approximation) or "relu"; x in m's weight dtype."""
     if m.packed is not None:
         return onednn_linear()[0](x, m.packed, m.bias, activation, [], "tanh" if activation == "gelu" else "")
     y = F.linear(x, m.weight, m.bias)
@@ -307,18 +312,20 @@ class Decoder:
     half the operations of the module path (400 against 730 for the 6 x 384 model, counted by
     torch.profiler): no module calls, views instead of reshapes between heads and channels, one
     copy to store a position's key and value, and, on packed matrices, oneDNN post-ops that fuse
-    GELU or ReLU into the MLP's first matrix and the residual add into each block's output matrix. With `dtype` bfloat16 the residual stream,
-    norms and matrices run in bfloat16, while attention and the KV cache stay float32 (faster
-    on a CPU than bfloat16 attention, and exact). Measured on the default run's model, a
-    bfloat16 residual stream changes the validation loss by less than 0.001 (1.40017 against
-    1.40039 in float32 over 3,000 characters).
+    GELU or ReLU into the MLP's first matrix and the residual add into each block's output
+    matrix. With `dtype` bfloat16 the residual stream, norms and matrices run in bfloat16, while
+    attention and the KV cache stay float32 (faster on a CPU than bfloat16 attention, and exact).
+    Measured on the default run's model, a bfloat16 residual stream changes the validation loss
+    by less than 0.001 (1.40017 against 1.40039 in float32 over 3,000 characters).
     """
 
     def __init__(self, model: GPT, dtype: torch.dtype):
         self.config = model.config
         self.dtype = dtype
+        self.compiled = None  # set by compile()
 
         def norm(module: Norm | None):
+            """normalize's arguments after x, with the gains in `dtype`."""
             if module is None:
                 return None
             bias = None if module.bias is None else module.bias.detach().to(dtype)
@@ -336,10 +343,7 @@ class Decoder:
 
     @staticmethod
     def _norm(x: torch.Tensor, spec) -> torch.Tensor:
-        kind, weight, bias, eps = spec
-        if kind == "rmsnorm":
-            return F.rms_norm(x, weight.shape, weight, eps)
-        return F.layer_norm(x, weight.shape, weight, bias, eps)
+        return normalize(x, *spec)
 
     def compile(self, cache_device: torch.device) -> None:
         """Compile the fixed-shape step with torch.compile; on CUDA with CUDA graphs ("reduce-overhead"),
@@ -347,12 +351,9 @@ class Decoder:
         mode = "reduce-overhead" if cache_device.type == "cuda" else None
         self.compiled = torch.compile(self.step, mode=mode, fullgraph=True)
 
-    compiled = None
-
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """idx (B, 1) -> logits (B, 1, vocab_size) in float32; stores the position in `cache`."""
-        if cache.length >= cache.block_size:
-            raise ValueError(f"KV cache full: {cache.length + 1} positions needed, {cache.block_size} allocated")
+        cache.end_after(1)  # raises if the cache is full
         if self.compiled is not None:
             if not cache.static_address:
                 # Written in place by every replay: a CUDA graph must see it at a fixed address.

@@ -266,6 +266,8 @@ def prepare(request: SampleRequest) -> SampleSession:
 
     device = resolve_device(request.device).device
     check_inference_dtype(request.dtype, device)
+    if request.compile and not request.use_cache:
+        raise UserError("--compile compiles the KV-cached decode step; it cannot go with --no-kv-cache")
     loaded = load_checkpoint(request.run, which="best")
     tokenizer = loaded.tokenizer
     settings = check_settings(SamplingSettings(request.temperature, request.top_k, request.top_p, request.min_p,
@@ -287,8 +289,6 @@ def prepare(request: SampleRequest) -> SampleSession:
     block_size = loaded.config.model.block_size
     if len(prompt) > block_size:
         warnings.append(f"the prompt has {len(prompt)} characters; the model sees its last {block_size} (block_size)")
-    if request.compile and not request.use_cache:
-        raise UserError("--compile compiles the KV-cached decode step; it cannot go with --no-kv-cache")
     if request.compile and device.type == "cpu":
         warnings.append("--compile is meant for GPUs: on a CPU the compiled step is slower than the default "
                         "one (oneDNN's packed matrices cannot be compiled)")
