@@ -51,7 +51,7 @@ def matrix_passes(model: GPT) -> dict[str, list]:
     linear = [(lambda x, w=m.weight: F.linear(x, w), m.in_features) for m in modules]
     passes = {"linear": linear}
     if modules[0].weight.device.type == "cpu" and packing_supported(modules[0].weight.dtype):
-        linear_packed = onednn_linear()[0]
+        linear_packed = onednn_linear()
         passes["packed"] = [(lambda x, w=pack_weight(m.weight): linear_packed(x, w, None, "none", [], ""),
                              m.in_features)
                             for m in modules]

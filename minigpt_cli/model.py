@@ -243,10 +243,10 @@ class GPT(nn.Module):
 
 @functools.cache
 def onednn_linear():
-    """oneDNN's linear on a weight reordered once into its blocked layout (the operators behind
-    torch.compile's CPU freezing): (linear with an optional activation post-op, linear + add).
-    Looked up when first needed, as a build of PyTorch without oneDNN lacks them."""
-    return torch.ops.mkldnn._linear_pointwise.default, torch.ops.mkldnn._linear_pointwise.binary
+    """oneDNN's linear on a weight reordered once into its blocked layout (the operator behind
+    torch.compile's CPU freezing), with an optional activation post-op. Looked up when first
+    needed, as a build of PyTorch without oneDNN lacks it."""
+    return torch.ops.mkldnn._linear_pointwise.default
 
 # A oneDNN call costs about 13 us more than MKL's F.linear before it reads a byte (measured on a
 # 2-core EPYC), so float32 matrices are packed only when large enough to repay that: for a vector
@@ -272,7 +272,7 @@ def packing_supported(dtype: torch.dtype) -> bool:
             generator = torch.Generator().manual_seed(0)
             weight = torch.randn(24, 40, generator=generator).to(dtype)
             x = torch.randn(3, 40, generator=generator).to(dtype)
-            got = onednn_linear()[0](x, pack_weight(weight), None, "none", [], "").float()
+            got = onednn_linear()(x, pack_weight(weight), None, "none", [], "").float()
             want = F.linear(x.float(), weight.float())
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
@@ -286,37 +286,40 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def project(x: torch.Tensor, m: Linear, activation: str = "none") -> torch.Tensor:
-    """m(x) with the kernel prepare_for_inference chose for m, then `activation`: "none", "gelu"
-    (tanh approximation) or "relu"; x in m's weight dtype."""
+    """m(x) with the kernel prepare_for_inference chose for m; x in m's weight dtype. `activation`
+    ("gelu", tanh approximation, or "relu") is fused into the product as a oneDNN post-op, so it
+    is only for packed matrices (see Decoder for when that pays)."""
     if m.packed is not None:
-        return onednn_linear()[0](x, m.packed, m.bias, activation, [], "tanh" if activation == "gelu" else "")
-    y = F.linear(x, m.weight, m.bias)
+        return onednn_linear()(x, m.packed, m.bias, activation, [], "tanh" if activation == "gelu" else "")
+    if activation != "none":
+        raise ValueError("a fused activation needs a packed matrix")
+    return F.linear(x, m.weight, m.bias)
+
+
+def _activate_(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """GELU (tanh approximation) or ReLU of h, in place."""
     if activation == "gelu":
-        return F.gelu(y, approximate="tanh")
-    return F.relu(y) if activation == "relu" else y
-
-
-def _project_add(x: torch.Tensor, m: Linear, residual: torch.Tensor) -> torch.Tensor:
-    """residual + m(x), the add fused into the matrix product where m is packed."""
-    if m.packed is not None:
-        return onednn_linear()[1](x, residual, m.packed, m.bias, "add")
-    return F.linear(x, m.weight, m.bias).add_(residual)
+        return torch.ops.aten.gelu_(h, approximate="tanh")  # F.gelu has no in-place form
+    return h.relu_()
 
 
 class Decoder:
     """One new position for every row of the batch, with the KV cache: GPT.forward's arithmetic
     for T == 1, written as one flat function for inference.
 
-    A decode step of a small model is bound by reading the weight matrices, and next by the
-    fixed cost of each eager PyTorch operation (microseconds apiece). This step dispatches about
-    half the operations of the module path (400 against 730 for the 6 x 384 model, counted by
-    torch.profiler): no module calls, views instead of reshapes between heads and channels, one
-    copy to store a position's key and value, and, on packed matrices, oneDNN post-ops that fuse
-    GELU or ReLU into the MLP's first matrix and the residual add into each block's output
-    matrix. With `dtype` bfloat16 the residual stream, norms and matrices run in bfloat16, while
-    attention and the KV cache stay float32 (faster on a CPU than bfloat16 attention, and exact).
-    Measured on the default run's model, a bfloat16 residual stream changes the validation loss
-    by less than 0.001 (1.40017 against 1.40039 in float32 over 3,000 characters).
+    A decode step of a small model is bound by reading the weight matrices. Next comes the cost of
+    each eager PyTorch operation, which is far above its few microseconds on a warm cache: each
+    big matrix streams megabytes through the core's cache, evicting the code and data of the small
+    operations between the products (measured on a 2-core EPYC: a 384-element add_ between packed
+    products costs about 11 us, against 1 us in a loop). So this step runs as few operations as it
+    can: no module calls; views between heads and channels; one copy to store a position's key
+    and value; residual adds and activations in place on the products' outputs. oneDNN's
+    activation post-ops pay in bfloat16 but not in float32, where its GELU adds about 20 us to a
+    384 x 1536 product against about 4 us for GELU after it; its fused add was no faster than add_.
+    With `dtype` bfloat16 the residual stream, norms and matrices run in bfloat16, while attention
+    and the KV cache stay float32 (faster on a CPU than bfloat16 attention, and exact). Measured
+    on the default run's model, a bfloat16 residual stream changes the validation loss by less
+    than 0.001 (1.40017 against 1.40039 in float32 over 3,000 characters).
     """
 
     def __init__(self, model: GPT, dtype: torch.dtype):
@@ -340,6 +343,8 @@ class Decoder:
         self.head = model.lm_head
         self.pre_norm = model.config.norm_placement == "pre"
         self.activation = "gelu" if model.config.activation == "gelu" else "relu"
+        # oneDNN's activation post-op where it pays: bfloat16 (see the class docstring).
+        self.fuse_activation = dtype != torch.float32
 
     @staticmethod
     def _norm(x: torch.Tensor, spec) -> torch.Tensor:
@@ -362,62 +367,78 @@ class Decoder:
             position = torch.full((1,), cache.length, dtype=torch.long, device=idx.device)
             logits = self.compiled(idx, position, cache.kv)
         else:
-            logits = self.step(idx, cache.length, cache.kv)
+            logits = self.step(idx, cache.length, cache.kv, cache.layer_views)
         cache.advance(1)
         return logits
 
-    def step(self, idx: torch.Tensor, position: int | torch.Tensor, kv_all: torch.Tensor) -> torch.Tensor:
-        """The step itself, at `position`: a Python int (eager: attend to the cached positions only),
-        or a (1,) tensor (fixed shapes for torch.compile: attend to the whole cache, masked)."""
-        c, dtype, norm, act = self.config, self.dtype, self._norm, self.activation
+    def _mlp_input(self, x: torch.Tensor, c_fc: Linear) -> torch.Tensor:
+        """The MLP's hidden activations (before the squaring of relu2) for x, already normalized."""
+        if self.fuse_activation and c_fc.packed is not None:
+            return project(x, c_fc, self.activation)
+        return _activate_(project(x, c_fc), self.activation)
+
+    def step(self, idx: torch.Tensor, position: int | torch.Tensor, kv_all: torch.Tensor,
+             layer_views: list | None = None) -> torch.Tensor:
+        """The step itself, at `position`: a Python int (eager: attend to the cached positions
+        only, through the cache's per-layer `layer_views`), or a (1,) tensor (fixed shapes for
+        torch.compile: attend to the whole cache, masked)."""
+        c, dtype, norm = self.config, self.dtype, self._norm
         B = idx.shape[0]
         H, D, C = c.n_head, c.head_dim, c.n_embd
         p = position
         fixed = isinstance(p, torch.Tensor)
         rotated = c.qk_norm or self.rope is not None  # keys differ from the projection's output
-        x = torch.index_select(self.wte, 0, idx.view(B))  # (B, C)
+        cast = dtype != kv_all.dtype  # attention and the cache run in the cache's dtype
+        x = torch.index_select(self.wte, 0, idx.view(B))  # (B, C), a new tensor
         if self.positions is not None:
-            x = x + self.positions[p]
-        x = x.to(dtype)
+            x.add_(self.positions[p])
+        if cast:
+            x = x.to(dtype)
         if self.rope is not None:
             cos, sin = self.rope[0][p], self.rope[1][p]  # (D,), or (1, D) for a tensor position
         if fixed:
             block_size = kv_all.shape[-2]
             visible = (torch.arange(block_size, device=idx.device) <= p).view(1, 1, 1, block_size)
         for layer, (n1, n2, c_attn, attn_proj, c_fc, mlp_proj) in enumerate(self.layers):
-            kv = kv_all[layer]  # (B, 2, H, block_size, D)
             qkv = project(norm(x, n1) if self.pre_norm else x, c_attn).view(B, 3, H, D)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (B, H, D) each
-            if c.qk_norm:
-                q = F.rms_norm(q, (D,))
-                k = F.rms_norm(k, (D,))
-            if self.rope is not None:
-                q = apply_rope(q, cos, sin)
-                k = apply_rope(k, cos, sin)
-            q = q.unsqueeze(2).to(kv.dtype)  # (B, H, 1, D)
+            if rotated:
+                q, k, v = qkv.unbind(1)  # (B, H, D) each
+                if c.qk_norm:
+                    q = F.rms_norm(q, (D,))
+                    k = F.rms_norm(k, (D,))
+                if self.rope is not None:
+                    q = apply_rope(q, cos, sin)
+                    k = apply_rope(k, cos, sin)
+                new = torch.stack([k, v], dim=1)  # (B, 2, H, D)
+                q = q.unsqueeze(2)
+            else:
+                new = qkv[:, 1:]  # keys and values, stored with one copy
+                q = qkv[:, :1].transpose(1, 2)
+            if cast:
+                q = q.to(kv_all.dtype)  # (B, H, 1, D)
             if fixed:
-                new = torch.stack([k, v], dim=1) if rotated else qkv[:, 1:]  # (B, 2, H, D)
+                kv = kv_all[layer]  # (B, 2, H, block_size, D)
                 kv.index_copy_(3, p, new.unsqueeze(3).to(kv.dtype))
                 y = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=visible)
             else:
-                if rotated:
-                    kv[:, 0, :, p] = k
-                    kv[:, 1, :, p] = v
-                else:
-                    kv[:, :, :, p] = qkv[:, 1:]  # keys and values in one copy
-                y = F.scaled_dot_product_attention(q, kv[:, 0, :, :p + 1], kv[:, 1, :, :p + 1])
-            y = y.view(B, C).to(dtype)  # (B, H, 1, D) -> (B, C)
-            if self.pre_norm:
-                x = _project_add(y, attn_proj, x)
-                h = project(norm(x, n2), c_fc, act)
-                x = _project_add(h.square_() if act == "relu" else h, mlp_proj, x)
-            else:
-                x = norm(_project_add(y, attn_proj, x), n1)
-                h = project(x, c_fc, act)
-                x = norm(_project_add(h.square_() if act == "relu" else h, mlp_proj, x), n2)
+                kv, keys, values = layer_views[layer]
+                kv.select(3, p).copy_(new)
+                y = F.scaled_dot_product_attention(q, keys[:, :, :p + 1], values[:, :, :p + 1])
+            y = y.view(B, C)  # (B, H, 1, D) -> (B, C)
+            if cast:
+                y = y.to(dtype)
+            x = project(y, attn_proj).add_(x)
+            if not self.pre_norm:
+                x = norm(x, n1)
+            h = self._mlp_input(norm(x, n2) if self.pre_norm else x, c_fc)
+            x = project(h.square_() if self.activation == "relu" else h, mlp_proj).add_(x)
+            if not self.pre_norm:
+                x = norm(x, n2)
         if self.norm_f is not None:
             x = norm(x, self.norm_f)
-        logits = project(x, self.head).float()
+        logits = project(x, self.head)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         if c.logit_softcap:
             logits = c.logit_softcap * torch.tanh(logits / c.logit_softcap)
         return logits.view(B, 1, -1)
