@@ -7,7 +7,7 @@ measured in one process.
 
 Random weights (speed does not depend on them). Each configuration runs once as a warm-up, then
 the configurations take turns for --repeats rounds, so a slow moment on a shared machine hits them
-all alike; the figure reported is the median round.
+all alike; times are the median round, and ratios the median over rounds of each round's ratio.
 
 Floors, for each dtype:
 - weight-read floor: the time to push one vector through every weight matrix of the model once
@@ -170,6 +170,16 @@ def main() -> None:
     step = {name: med[f"cached_{name}"] / n for name in dtypes}
     plain_step = {name: med[f"plain_cached_{name}"] / n for name in dtypes}
     floor = {name: min(v for k, v in med.items() if k.startswith("floor") and k.endswith(name)) for name in dtypes}
+    # Ratios are taken within each round (its step against its own fastest floor pass), then the
+    # median over rounds: a slow minute on a shared machine moves both sides of a ratio together.
+    floor_kinds = {name: [k for k in cases if k.startswith("floor") and k.endswith(name)] for name in dtypes}
+
+    def per_round(numerator, denominator) -> float:
+        return statistics.median(numerator(r) / denominator(r) for r in range(args.repeats))
+
+    step_over_floor = {name: per_round(lambda r, name=name: times[f"cached_{name}"][r] / n,
+                                       lambda r, name=name: min(times[k][r] for k in floor_kinds[name]))
+                       for name in dtypes}
     weight_bytes = {name: sum(w.nbytes for w in weight_matrices(models[name])) for name in dtypes}
     result = {
         "model": "6 layers, 6 heads, 384 wide, block 256, vocab 65, batch 1",
@@ -181,13 +191,13 @@ def main() -> None:
         "greedy_text_equals_plain_uncached": same_text,
         "device": str(device),
         "tokens_per_second": {k: n * batch_of.get(k, 1) / med[k] for k in cases if not k.startswith("floor")},
-        "cached_over_uncached": med["uncached_float32"] / med["cached_float32"],
-        "bfloat16_over_float32": med["cached_float32"] / med["cached_bfloat16"],
+        "cached_over_uncached": per_round(lambda r: times["uncached_float32"][r], lambda r: times["cached_float32"][r]),
+        "bfloat16_over_float32": per_round(lambda r: times["cached_float32"][r], lambda r: times["cached_bfloat16"][r]),
         "decode_step_ms": {name: step[name] * 1e3 for name in dtypes},
         "plain_decode_step_ms": {name: plain_step[name] * 1e3 for name in dtypes},
         "floor_ms": {name: floor[name] * 1e3 for name in dtypes},
         "floor_kernel_ms": {k[len("floor_"):]: med[k] * 1e3 for k in med if k.startswith("floor")},
-        "step_over_floor": {name: step[name] / floor[name] for name in dtypes},
+        "step_over_floor": step_over_floor,
         "stream_gb_per_s": bandwidth / 1e9,
         "weight_mb": {name: weight_bytes[name] / 1e6 for name in dtypes},
         "bandwidth_floor_ms": {name: weight_bytes[name] / bandwidth * 1e3 for name in dtypes},

@@ -23,7 +23,6 @@ class KVCache:
         self.kv_layers = [self.kv[i] for i in range(n_layer)]  # (B, 2, n_head, block_size, head_dim)
         self.k_layers = [self.k[i] for i in range(n_layer)]
         self.v_layers = [self.v[i] for i in range(n_layer)]
-        self.layer_views = list(zip(self.kv_layers, self.k_layers, self.v_layers))
         self.length = 0
         # Set once `kv` is marked as living at a fixed address for a compiled decode step.
         self.static_address = False

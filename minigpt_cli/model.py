@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_cli.config import ModelConfig
+from minigpt_cli.decode_step import DecodeStep, apply_rope, script
 from minigpt_cli.kv_cache import KVCache
 
 
@@ -66,12 +67,6 @@ def rope_tables(block_size: int, head_dim: int, base: float = 10000.0) -> tuple[
     angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_dim)
     return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + head_dim/2) by a position-dependent angle. x: (B, n_head, T, head_dim)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class CausalSelfAttention(nn.Module):
@@ -285,33 +280,23 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
 
 
-def project(x: torch.Tensor, m: Linear, activation: str = "none") -> torch.Tensor:
-    """m(x) with the kernel prepare_for_inference chose for m; x in m's weight dtype. `activation`
-    ("gelu", tanh approximation, or "relu") is fused into the product as a oneDNN post-op, so it
-    is only for packed matrices (see Decoder for when that pays)."""
+def project(x: torch.Tensor, m: Linear) -> torch.Tensor:
+    """m(x) with the kernel prepare_for_inference chose for m; x in m's weight dtype."""
     if m.packed is not None:
-        return onednn_linear()(x, m.packed, m.bias, activation, [], "tanh" if activation == "gelu" else "")
-    if activation != "none":
-        raise ValueError("a fused activation needs a packed matrix")
+        return onednn_linear()(x, m.packed, m.bias, "none", [], "")
     return F.linear(x, m.weight, m.bias)
 
 
-def _activate_(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """GELU (tanh approximation) or ReLU of h, in place."""
-    if activation == "gelu":
-        return torch.ops.aten.gelu_(h, approximate="tanh")  # F.gelu has no in-place form
-    return h.relu_()
-
-
 class Decoder:
-    """One new position for every row of the batch, with the KV cache: GPT.forward's arithmetic
-    for T == 1, written as one flat function for inference.
+    """The one-position step GPT.forward uses for T == 1 once prepare_for_inference has run: a
+    DecodeStep (decode_step.py) made from the model's weights, run scripted by TorchScript on a
+    CPU, compiled by torch.compile with `compile`, or else as Python.
 
     A decode step of a small model is bound by reading the weight matrices. Next comes the cost of
     each eager PyTorch operation, which is far above its few microseconds on a warm cache: each
     big matrix streams megabytes through the core's cache, evicting the code and data of the small
     operations between the products (measured on a 2-core EPYC: a 384-element add_ between packed
-    products costs about 11 us, against 1 us in a loop). So this step runs as few operations as it
+    products costs about 9 us, against 1 us in a loop). So the step runs as few operations as it
     can: no module calls; views between heads and channels; one copy to store a position's key
     and value; residual adds and activations in place on the products' outputs. oneDNN's
     activation post-ops pay in bfloat16 but not in float32, where its GELU adds about 20 us to a
@@ -322,33 +307,33 @@ class Decoder:
     than 0.001 (1.40017 against 1.40039 in float32 over 3,000 characters).
     """
 
-    def __init__(self, model: GPT, dtype: torch.dtype):
-        self.config = model.config
-        self.dtype = dtype
-        self.compiled = None  # set by compile()
+    def __init__(self, model: GPT, dtype: torch.dtype, script_on_cpu: bool = True):
+        c = model.config
 
-        def norm(module: Norm | None):
-            """normalize's arguments after x, with the gains in `dtype`."""
-            if module is None:
-                return None
+        def norm(module: Norm) -> tuple:
             bias = None if module.bias is None else module.bias.detach().to(dtype)
-            return module.kind, module.weight.detach().to(dtype), bias, module.eps
+            return module.weight.detach().to(dtype), bias
 
-        self.wte = model.wte.weight.detach()
-        self.positions = model.wpe.weight.detach() if model.wpe is not None else model.pos_table  # or None
-        self.rope = None if model.rope_cos is None else (model.rope_cos, model.rope_sin)
-        self.layers = [(norm(b.norm_1), norm(b.norm_2), b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
-                       for b in model.blocks]
-        self.norm_f = norm(model.norm_f)
-        self.head = model.lm_head
-        self.pre_norm = model.config.norm_placement == "pre"
-        self.activation = "gelu" if model.config.activation == "gelu" else "relu"
-        # oneDNN's activation post-op where it pays: bfloat16 (see the class docstring).
-        self.fuse_activation = dtype != torch.float32
-
-    @staticmethod
-    def _norm(x: torch.Tensor, spec) -> torch.Tensor:
-        return normalize(x, *spec)
+        norms = [norm(n) for b in model.blocks for n in (b.norm_1, b.norm_2)]
+        if model.norm_f is not None:
+            norms.append(norm(model.norm_f))
+        matrices = [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        matrices.append(model.lm_head)
+        self.step = DecodeStep(
+            wte=model.wte.weight.detach(),
+            positions=model.wpe.weight.detach() if model.wpe is not None else model.pos_table,
+            rope=None if model.rope_cos is None else (model.rope_cos, model.rope_sin),
+            norms=norms,
+            weights=[m.weight if m.packed is None else m.packed for m in matrices],
+            biases=[m.bias for m in matrices],
+            packed=[m.packed is not None for m in matrices],
+            n_layer=c.n_layer, n_head=c.n_head, head_dim=c.head_dim, dtype=dtype, norm_kind=c.norm,
+            pre_norm=c.norm_placement == "pre", activation="gelu" if c.activation == "gelu" else "relu2",
+            # oneDNN's activation post-op where it pays: bfloat16 (see above).
+            fuse_activation=dtype != torch.float32, qk_norm=c.qk_norm, logit_softcap=float(c.logit_softcap or 0.0))
+        on_cpu = model.lm_head.weight.device.type == "cpu"
+        self.scripted = script(self.step) if script_on_cpu and on_cpu else None
+        self.compiled = None  # set by compile()
 
     def compile(self, cache_device: torch.device) -> None:
         """Compile the fixed-shape step with torch.compile; on CUDA with CUDA graphs ("reduce-overhead"),
@@ -365,88 +350,16 @@ class Decoder:
                 torch._dynamo.mark_static_address(cache.kv, guard=False)
                 cache.static_address = True
             position = torch.full((1,), cache.length, dtype=torch.long, device=idx.device)
-            logits = self.compiled(idx, position, cache.kv)
+            logits = self.compiled(idx, 0, cache.kv, position)
         else:
-            logits = self.step(idx, cache.length, cache.kv, cache.layer_views)
+            logits = (self.scripted or self.step)(idx, cache.length, cache.kv)
         cache.advance(1)
         return logits
-
-    def _mlp_input(self, x: torch.Tensor, c_fc: Linear) -> torch.Tensor:
-        """The MLP's hidden activations (before the squaring of relu2) for x, already normalized."""
-        if self.fuse_activation and c_fc.packed is not None:
-            return project(x, c_fc, self.activation)
-        return _activate_(project(x, c_fc), self.activation)
-
-    def step(self, idx: torch.Tensor, position: int | torch.Tensor, kv_all: torch.Tensor,
-             layer_views: list | None = None) -> torch.Tensor:
-        """The step itself, at `position`: a Python int (eager: attend to the cached positions
-        only, through the cache's per-layer `layer_views`), or a (1,) tensor (fixed shapes for
-        torch.compile: attend to the whole cache, masked)."""
-        c, dtype, norm = self.config, self.dtype, self._norm
-        B = idx.shape[0]
-        H, D, C = c.n_head, c.head_dim, c.n_embd
-        p = position
-        fixed = isinstance(p, torch.Tensor)
-        rotated = c.qk_norm or self.rope is not None  # keys differ from the projection's output
-        cast = dtype != kv_all.dtype  # attention and the cache run in the cache's dtype
-        x = torch.index_select(self.wte, 0, idx.view(B))  # (B, C), a new tensor
-        if self.positions is not None:
-            x.add_(self.positions[p])
-        if cast:
-            x = x.to(dtype)
-        if self.rope is not None:
-            cos, sin = self.rope[0][p], self.rope[1][p]  # (D,), or (1, D) for a tensor position
-        if fixed:
-            block_size = kv_all.shape[-2]
-            visible = (torch.arange(block_size, device=idx.device) <= p).view(1, 1, 1, block_size)
-        for layer, (n1, n2, c_attn, attn_proj, c_fc, mlp_proj) in enumerate(self.layers):
-            qkv = project(norm(x, n1) if self.pre_norm else x, c_attn).view(B, 3, H, D)
-            if rotated:
-                q, k, v = qkv.unbind(1)  # (B, H, D) each
-                if c.qk_norm:
-                    q = F.rms_norm(q, (D,))
-                    k = F.rms_norm(k, (D,))
-                if self.rope is not None:
-                    q = apply_rope(q, cos, sin)
-                    k = apply_rope(k, cos, sin)
-                new = torch.stack([k, v], dim=1)  # (B, 2, H, D)
-                q = q.unsqueeze(2)
-            else:
-                new = qkv[:, 1:]  # keys and values, stored with one copy
-                q = qkv[:, :1].transpose(1, 2)
-            if cast:
-                q = q.to(kv_all.dtype)  # (B, H, 1, D)
-            if fixed:
-                kv = kv_all[layer]  # (B, 2, H, block_size, D)
-                kv.index_copy_(3, p, new.unsqueeze(3).to(kv.dtype))
-                y = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=visible)
-            else:
-                kv, keys, values = layer_views[layer]
-                kv.select(3, p).copy_(new)
-                y = F.scaled_dot_product_attention(q, keys[:, :, :p + 1], values[:, :, :p + 1])
-            y = y.view(B, C)  # (B, H, 1, D) -> (B, C)
-            if cast:
-                y = y.to(dtype)
-            x = project(y, attn_proj).add_(x)
-            if not self.pre_norm:
-                x = norm(x, n1)
-            h = self._mlp_input(norm(x, n2) if self.pre_norm else x, c_fc)
-            x = project(h.square_() if self.activation == "relu" else h, mlp_proj).add_(x)
-            if not self.pre_norm:
-                x = norm(x, n2)
-        if self.norm_f is not None:
-            x = norm(x, self.norm_f)
-        logits = project(x, self.head)
-        if logits.dtype != torch.float32:
-            logits = logits.float()
-        if c.logit_softcap:
-            logits = c.logit_softcap * torch.tanh(logits / c.logit_softcap)
-        return logits.view(B, 1, -1)
 
 
 @torch.no_grad()
 def prepare_for_inference(model: GPT, dtype: torch.dtype = torch.float32, fast: bool = True,
-                          compile: bool = False) -> GPT:
+                          compile: bool = False, script: bool = True) -> GPT:
     """Ready a model for sampling: weight matrices in `dtype`; embeddings and the KV cache float32.
 
     A decode step reads every weight matrix once, so its time is set by the bytes read and by how
@@ -480,7 +393,7 @@ def prepare_for_inference(model: GPT, dtype: torch.dtype = torch.float32, fast: 
             module.packed = pack_weight(weight) if pack and _worth_packing(weight) else None
     # float16 (GPUs only) keeps the module path, whose residual stream stays float32: Decoder's
     # would be float16, whose range (65504) a residual stream can outgrow.
-    model.decoder = Decoder(model, dtype) if fast and dtype != torch.float16 else None
+    model.decoder = Decoder(model, dtype, script and not compile) if fast and dtype != torch.float16 else None
     if compile and model.decoder is not None:
         model.decoder.compile(model.lm_head.weight.device)
     return model

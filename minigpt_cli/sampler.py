@@ -66,7 +66,8 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
 def next_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None,
                history: torch.Tensor | None = None) -> torch.Tensor:
     """Choose one token per row of logits (B, vocab_size); returns (B,) token ids."""
-    logits = logits.float()
+    if logits.dtype != torch.float32:
+        logits = logits.float()
     if settings.repetition_penalty != 1.0 and history is not None and history.numel():
         logits = apply_repetition_penalty(logits, history, settings.repetition_penalty)
     if settings.temperature == 0:
@@ -120,34 +121,53 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, settings: S
     window = torch.tensor(list(prompt)[-block_size:], dtype=torch.long, device=device)[None]  # (1, T)
     keep = slide_keep(block_size)
     cache = model.new_kv_cache(num_samples) if use_cache else None
-    logits = model(window, cache)[:, -1].float()  # (1, vocab_size): one prefill for all samples
+    logits = _last(model(window, cache))  # (1, vocab_size): one prefill for all samples
     logits = logits.expand(num_samples, -1)  # (B, vocab_size)
     window = window.expand(num_samples, -1)  # (B, T)
+    length = window.shape[1]
+    # A cached step needs the window only when it slides (or for the repetition penalty), so its
+    # new tokens wait in a list until then: fewer operations between steps.
+    track_window = cache is None or settings.repetition_penalty != 1.0
+    pending: list[torch.Tensor] = []  # (B, 1) tokens not yet in `window`
     active = torch.ones(num_samples, dtype=torch.bool, device=device)
     stops = [torch.tensor(list(s), dtype=torch.long, device=device) for s in stop if len(s)]
     generated = torch.empty(num_samples, 0, dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
         history = window if settings.repetition_penalty != 1.0 else None
         tokens = next_token(logits, settings, generator, history)  # (B,)
-        yield GenerationStep(tokens, active.clone(), logits)
+        column = tokens.view(num_samples, 1)
+        # `active` only changes where there are stop texts, so only then is a copy needed.
+        yield GenerationStep(tokens, active.clone() if stops else active, logits)
         if stops:
-            generated = torch.cat([generated, tokens[:, None]], dim=1)[:, -max(len(s) for s in stops):]
+            generated = torch.cat([generated, column], dim=1)[:, -max(len(s) for s in stops):]
             for s in stops:
                 if generated.shape[1] >= len(s):
                     active &= ~(generated[:, -len(s):] == s).all(dim=1)
             if not active.any():
                 return
-        window = torch.cat([window, tokens[:, None]], dim=1)  # (B, T + 1)
-        if window.shape[1] > block_size:
-            window = window[:, -keep:]
+        length += 1
+        if track_window:
+            window = torch.cat([window, column], dim=1)  # (B, T + 1)
+        else:
+            pending.append(column)
+        if length > block_size:
+            window = torch.cat([window, *pending], dim=1)[:, -keep:]
+            pending.clear()
+            length = keep
             if cache is not None:
                 cache.reset()
-                logits = model(window, cache)[:, -1].float()
+                logits = _last(model(window, cache))
                 continue
         if cache is not None:
-            logits = model(tokens[:, None], cache)[:, -1].float()
+            logits = _last(model(column, cache))
         else:
-            logits = model(window)[:, -1].float()
+            logits = _last(model(window))
+
+
+def _last(logits: torch.Tensor) -> torch.Tensor:
+    """The last position's logits (B, vocab_size), in float32."""
+    logits = logits[:, -1]
+    return logits if logits.dtype == torch.float32 else logits.float()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,13 +52,16 @@ INFERENCE_VARIANTS = VARIANTS + [
 
 @pytest.mark.parametrize("options", INFERENCE_VARIANTS, ids=lambda o: "-".join(str(v) for v in o.values()))
 @pytest.mark.parametrize("pack_min", [0, 10**9], ids=["packed", "unpacked"])
-def test_inference_decode_step_equals_the_uncached_reference(options, pack_min, monkeypatch):
-    """prepare_for_inference's one-position step, with every matrix packed (fused post-ops) or none,
-    against the plain modules on the whole window, for batch 1 and for several samples sharing one prefill."""
+@pytest.mark.parametrize("scripted", [True, False], ids=["scripted", "python"])
+def test_inference_decode_step_equals_the_uncached_reference(options, pack_min, scripted, monkeypatch):
+    """prepare_for_inference's one-position step, with every matrix packed or none, scripted by
+    TorchScript or run as Python, against the plain modules on the whole window, for batch 1 and
+    for several samples sharing one prefill."""
     monkeypatch.setattr(model_module, "PACK_MIN_ELEMENTS", pack_min)
     reference = small_model(**options)
-    fast = prepare_for_inference(small_model(**options), torch.float32)
+    fast = prepare_for_inference(small_model(**options), torch.float32, script=scripted)
     assert fast.decoder is not None
+    assert (fast.decoder.scripted is not None) == scripted  # TorchScript compiles every variant here
     if packing_supported(torch.float32):
         assert (fast.blocks[0].mlp.c_fc.packed is not None) == (pack_min == 0)
     greedy = SamplingSettings(temperature=0.0)
@@ -103,16 +106,18 @@ def test_compiled_decode_step_writes_the_same_text():
     assert compiled == [s.tokens.item() for s in generate(reference, [1, 2, 3], 20, greedy, use_cache=False)]
 
 
-def test_a_prepared_model_in_training_mode_uses_the_plain_modules():
+def test_a_prepared_model_in_training_mode_uses_the_plain_modules(monkeypatch):
     model = prepare_for_inference(small_model(), torch.float32)
-    model.train()
     cache = model.new_kv_cache(1)
+    calls = []
+    monkeypatch.setattr(model_module.Decoder, "__call__", lambda self, *args: calls.append(args))
     with torch.inference_mode():
         model(torch.tensor([[1, 2]]), cache)
-        calls = []
-        model.decoder.step = lambda *args: calls.append(args)
         model(torch.tensor([[3]]), cache)
-    assert not calls
+        assert len(calls) == 1  # in eval mode, the one-position call goes to the decoder
+        model.train()
+        model(torch.tensor([[4]]), cache)
+    assert len(calls) == 1
 
 
 def test_prefill_then_steps_equal_one_forward_pass():
