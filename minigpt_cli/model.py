@@ -306,8 +306,9 @@ class DecodeStep(nn.Module):
     tensor fixed_position instead, every shape is the same at every step (for torch.compile):
     the keys and values go in with index_copy_ and attention reads the whole cache, masked.
 
-    Matrices come as a flat list, four per block (attention in, attention out, MLP in, MLP out)
-    and then the head; `packed[j]` says matrix j is in oneDNN's blocked layout.
+    Made from a prepared model's weights (after packing). Matrices are held as a flat list, four
+    per block (attention in, attention out, MLP in, MLP out) and then the head; `packed[j]` says
+    matrix j is in oneDNN's blocked layout.
     """
 
     positions: Optional[torch.Tensor]
@@ -319,40 +320,47 @@ class DecodeStep(nn.Module):
     biases: List[Optional[torch.Tensor]]
     packed: List[bool]
 
-    def __init__(self, *, wte: torch.Tensor, positions: Optional[torch.Tensor], rope: Optional[tuple],
-                 norms: list, weights: list, biases: list, packed: list, n_layer: int, n_head: int,
-                 head_dim: int, dtype: torch.dtype, norm_kind: str, eps: float, pre_norm: bool, activation: str,
-                 fuse_activation: bool, qk_norm: bool, logit_softcap: float):
+    def __init__(self, model: "GPT", dtype: torch.dtype):
         super().__init__()
-        self.wte = wte
-        self.positions = positions
-        self.rope_cos = None if rope is None else rope[0]
-        self.rope_sin = None if rope is None else rope[1]
-        # Two norms per block (before attention and MLP, or after them when post-norm), then
-        # the final norm if there is one: (weight, bias or None) each, in `dtype`.
+        c = model.config
+
+        def norm(module: Norm) -> tuple:
+            bias = None if module.bias is None else module.bias.detach().to(dtype)
+            return module.weight.detach().to(dtype), bias
+
+        # Two norms per block (before attention and MLP, or after them when post-norm), then the
+        # final norm if there is one, in `dtype`.
+        norms = [norm(n) for b in model.blocks for n in (b.norm_1, b.norm_2)]
+        if model.norm_f is not None:
+            norms.append(norm(model.norm_f))
+        matrices = [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        matrices.append(model.lm_head)
+        self.wte = model.wte.weight.detach()
+        self.positions = model.wpe.weight.detach() if model.wpe is not None else model.pos_table
+        self.rope_cos = model.rope_cos
+        self.rope_sin = model.rope_sin
         self.norm_weights = [w for w, _ in norms]
         self.norm_biases = [b for _, b in norms]
-        self.weights = weights
-        self.biases = biases
-        self.packed = packed
-        self.n_layer = n_layer
-        self.n_head = n_head
-        self.head_dim = head_dim
-        self.n_embd = n_head * head_dim
+        self.weights = [m.weight if m.packed is None else m.packed for m in matrices]
+        self.biases = [m.bias for m in matrices]
+        self.packed = [m.packed is not None for m in matrices]
+        self.n_layer = c.n_layer
+        self.n_head = c.n_head
+        self.head_dim = c.head_dim
+        self.n_embd = c.n_embd
         self.dtype = dtype
-        self.norm_kind = norm_kind
-        self.eps = eps
-        self.pre_norm = pre_norm
-        self.has_final_norm = len(norms) > 2 * n_layer
-        self.activation = activation  # "gelu" or "relu2"
-        self.fuse_activation = fuse_activation
-        self.qk_norm = qk_norm
-        self.logit_softcap = logit_softcap
+        self.norm_kind = c.norm
+        self.eps = model.blocks[0].norm_1.eps
+        self.pre_norm = c.norm_placement == "pre"
+        self.has_final_norm = model.norm_f is not None
+        self.activation = "gelu" if c.activation == "gelu" else "relu2"
+        # oneDNN's activation post-op where it pays: bfloat16 (see Decoder).
+        self.fuse_activation = dtype != torch.float32
+        self.qk_norm = c.qk_norm
+        self.logit_softcap = float(c.logit_softcap or 0.0)
 
     def _norm(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        if self.norm_kind == "rmsnorm":
-            return torch.rms_norm(x, [self.n_embd], self.norm_weights[i], self.eps)
-        return torch.layer_norm(x, [self.n_embd], self.norm_weights[i], self.norm_biases[i], self.eps)
+        return normalize(x, self.norm_kind, self.norm_weights[i], self.norm_biases[i], self.eps)
 
     def _linear(self, x: torch.Tensor, j: int, activation: str = "none") -> torch.Tensor:
         if self.packed[j]:
@@ -473,30 +481,7 @@ class Decoder:
     """
 
     def __init__(self, model: GPT, dtype: torch.dtype, script_on_cpu: bool = True):
-        c = model.config
-
-        def norm(module: Norm) -> tuple:
-            bias = None if module.bias is None else module.bias.detach().to(dtype)
-            return module.weight.detach().to(dtype), bias
-
-        norms = [norm(n) for b in model.blocks for n in (b.norm_1, b.norm_2)]
-        if model.norm_f is not None:
-            norms.append(norm(model.norm_f))
-        matrices = [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-        matrices.append(model.lm_head)
-        self.step = DecodeStep(
-            wte=model.wte.weight.detach(),
-            positions=model.wpe.weight.detach() if model.wpe is not None else model.pos_table,
-            rope=None if model.rope_cos is None else (model.rope_cos, model.rope_sin),
-            norms=norms,
-            weights=[m.weight if m.packed is None else m.packed for m in matrices],
-            biases=[m.bias for m in matrices],
-            packed=[m.packed is not None for m in matrices],
-            n_layer=c.n_layer, n_head=c.n_head, head_dim=c.head_dim, dtype=dtype, norm_kind=c.norm,
-            eps=model.blocks[0].norm_1.eps,
-            pre_norm=c.norm_placement == "pre", activation="gelu" if c.activation == "gelu" else "relu2",
-            # oneDNN's activation post-op where it pays: bfloat16 (see above).
-            fuse_activation=dtype != torch.float32, qk_norm=c.qk_norm, logit_softcap=float(c.logit_softcap or 0.0))
+        self.step = DecodeStep(model, dtype)
         on_cpu = model.lm_head.weight.device.type == "cpu"
         self.scripted = script_step(self.step) if script_on_cpu and on_cpu else None
         self.compiled = None  # set by compile()

@@ -124,7 +124,6 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, settings: S
     logits = _last(model(window, cache))  # (1, vocab_size): one prefill for all samples
     logits = logits.expand(num_samples, -1)  # (B, vocab_size)
     window = window.expand(num_samples, -1)  # (B, T)
-    length = window.shape[1]
     # A cached step needs the window only when it slides (or for the repetition penalty), so its
     # new tokens wait in a list until then: fewer operations between steps.
     track_window = cache is None or settings.repetition_penalty != 1.0
@@ -145,15 +144,13 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, settings: S
                     active &= ~(generated[:, -len(s):] == s).all(dim=1)
             if not active.any():
                 return
-        length += 1
         if track_window:
             window = torch.cat([window, column], dim=1)  # (B, T + 1)
         else:
             pending.append(column)
-        if length > block_size:
+        if window.shape[1] + len(pending) > block_size:
             window = torch.cat([window, *pending], dim=1)[:, -keep:]
             pending.clear()
-            length = keep
             if cache is not None:
                 cache.reset()
                 logits = _last(model(window, cache))
