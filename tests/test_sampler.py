@@ -178,6 +178,61 @@ def test_bfloat16_weights_keep_greedy_text_close():
     assert agree >= 15
 
 
+
+@pytest.mark.parametrize("activation", ["gelu", "relu2"])
+def test_bfloat16_decode_step_is_the_same_scripted_as_python_and_with_fixed_shapes(activation):
+    """In bfloat16 every matrix is packed where oneDNN runs, and the step fuses the activation into
+    its product: scripted, as Python and in its fixed-shape form it computes the same logits, close
+    to float32's."""
+    options = dict(activation=activation, pos_encoding="learned", qk_norm=False)
+    reference = small_model(**options)
+    half = prepare_for_inference(small_model(**options), torch.bfloat16)
+    decoder = half.decoder
+    if packing_supported(torch.bfloat16):
+        assert decoder.step.fuse_activation and all(decoder.step.packed)
+    runs = {"python": decoder.step, "fixed-shapes": decoder.step}
+    if decoder.scripted is not None:
+        runs["scripted"] = decoder.scripted
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    got = {}
+    with torch.inference_mode():
+        want = reference(tokens)[0]  # (T, vocab_size), float32
+        for name, step in runs.items():
+            kv = half.new_kv_cache(1).kv
+            rows = []
+            for t in range(tokens.shape[1]):
+                position = torch.tensor([t]) if name == "fixed-shapes" else None
+                rows.append(step(tokens[:, t:t + 1], t, kv, position)[0, 0])
+            got[name] = torch.stack(rows)
+    for name, logits in got.items():
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits, got["python"], rtol=1e-3, atol=1e-3, msg=name)
+        # bfloat16 keeps about 3 significant digits: the logits stay near float32's, and so does the choice.
+        assert (logits - want).abs().max() < 0.05 * want.abs().max() + 0.02, name
+        assert (logits.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75, name
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_sampled_rows_match_without_the_cache_and_differ_from_each_other(penalty):
+    """Three samples drawn together at temperature 1 (with and without a repetition penalty, which
+    makes the cached path keep its window): the same draws as the uncached path across window
+    slides, and the rows go their own ways."""
+    model = prepare_for_inference(small_model(pos_encoding="rope"), torch.float32)
+    reference = small_model(pos_encoding="rope")
+    settings = SamplingSettings(temperature=1.0, repetition_penalty=penalty)
+
+    def sample(m, use_cache):
+        generator = torch.Generator().manual_seed(3)
+        return list(generate(m, [1, 2, 3], 30, settings, generator, num_samples=3, use_cache=use_cache))
+
+    cached, uncached = sample(model, True), sample(reference, False)
+    assert len(cached) == len(uncached) == 30
+    for a, b in zip(cached, uncached):
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.tokens, b.tokens)
+    rows = torch.stack([s.tokens for s in cached], dim=1)  # (3, 30)
+    assert not torch.equal(rows[0], rows[1]) and not torch.equal(rows[1], rows[2])
+
 # -- the pure sampling function on hand-made logits -------------------------------------------
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
