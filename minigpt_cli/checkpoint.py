@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -73,14 +74,26 @@ class LoadedCheckpoint:
         return model.to(device)
 
 
-def new_run_dir(config_name: str, base: Path = RUNS_DIR) -> Path:
+def new_run_dir(config_name: str, base: Path = RUNS_DIR, claim: bool = True) -> Path:
+    """A directory name under base that no run has: <config>-<date>-<time>, with -2, -3, ... after it
+    when taken. With `claim` the directory is created here, atomically, so two runs started in the
+    same second never share one."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = base / f"{config_name}-{stamp}"
+    if claim:
+        base.mkdir(parents=True, exist_ok=True)
     n = 1
-    while path.exists():
+    while True:
+        path = base / (f"{config_name}-{stamp}" if n == 1 else f"{config_name}-{stamp}-{n}")
+        if not claim:
+            if not path.exists():
+                return path
+        else:
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                pass
         n += 1
-        path = base / f"{config_name}-{stamp}-{n}"
-    return path
 
 
 def newest_run(base: Path = RUNS_DIR) -> Path:
@@ -119,12 +132,27 @@ def _write_bytes_synced(path: Path, data: bytes) -> None:
 def atomic_write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
-        _write_bytes_synced(tmp, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+        _write_bytes_synced(tmp, (strict_json(value, indent=2) + "\n").encode("utf-8"))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def finite_or_none(value: Any) -> Any:
+    """value with every NaN or infinite float replaced by None: strict JSON (jq, JavaScript) has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
 
 
 def _json_safe(value: Any) -> Any:
@@ -214,7 +242,7 @@ def save_checkpoint(run_dir: Path, model: GPT, config: Config, tokenizer: CharTo
         save_file(model_tensors(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
         save_file(train_tensors or {"_empty": torch.zeros(0)}, str(tmp / STATE_FILE))
         _write_bytes_synced(tmp / STATE_JSON, json.dumps(_json_safe(train_state)).encode("utf-8"))
-        _write_bytes_synced(tmp / META_FILE, (json.dumps(full_meta, indent=2) + "\n").encode("utf-8"))
+        _write_bytes_synced(tmp / META_FILE, (strict_json(full_meta, indent=2) + "\n").encode("utf-8"))
         for f in (MODEL_FILE, STATE_FILE):
             with open(tmp / f, "rb+") as handle:
                 os.fsync(handle.fileno())
@@ -340,7 +368,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     try:
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json(record) + "\n")
     except OSError as exc:
         raise CheckpointWriteError(f"could not write {run_dir / 'metrics.jsonl'}: {exc.strerror or exc}; "
                                    f"the last checkpoint is intact") from exc
@@ -352,10 +380,19 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a crash
+            if isinstance(record, dict):  # anything else was not written by minigpt
+                records.append(record)
     return records
+
+
+def _step_of(record: dict[str, Any]) -> int:
+    try:
+        return int(record.get("step", 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
@@ -363,10 +400,10 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= step]
+    kept = [r for r in read_metrics(run_dir) if _step_of(r) <= step]
     tmp = path.with_name(f"{TMP_PREFIX}metrics.{os.getpid()}")
     try:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.write_text("".join(strict_json(r) + "\n" for r in kept), encoding="utf-8")
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

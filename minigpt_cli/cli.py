@@ -249,11 +249,25 @@ def _resolve_train_config(config_name: Optional[str], resume: bool, out_dir: Opt
     config = apply_overrides(config, flags)
     if deterministic:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, deterministic=True))
+    if not resume and config.data.path not in ("", "-"):
+        # Stored absolute, so `eval` and `--resume` find the text from any working directory.
+        absolute = str(Path(config.data.path).expanduser().resolve())
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=absolute))
     if run_dir is None:
-        run_dir = ckpt.new_run_dir(config.name)
+        from minigpt_cli.trainer import detect_distributed
+
+        # Only the process that writes (rank 0 under torchrun) claims a directory.
+        run_dir = ckpt.new_run_dir(config.name, claim=detect_distributed().is_main)
     elif not resume and (Path(run_dir) / "latest.json").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with --resume, or pick another --out")
     return config, Path(run_dir), note
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()  # fails, and so keeps it, unless the directory is empty
+    except OSError:
+        pass
 
 
 def _default_config_name(device: Optional[str]) -> tuple[str, str]:
@@ -313,6 +327,8 @@ def train(
         fail(str(exc), EXIT_FAILURE)
     finally:
         view.close()
+        if out_dir is None and not resume and is_main:
+            _remove_if_empty(run_dir)  # the name claimed for a run that failed before writing anything
     if not is_main:
         return
     summary = {**result.to_dict(), "config": cfg.name}
@@ -324,7 +340,10 @@ def train(
     table = Table(title="training finished", show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("best val loss", f"{result.best_val_loss:.4f}  ({result.best_val_loss / math.log(2):.3f} bits/char)")
+    measure = ("whole validation split" if cfg.train.eval_full
+               else f"{cfg.train.eval_iters} sampled batches, as at each evaluation")
+    table.add_row("best val loss", f"{result.best_val_loss:.4f}  ({result.best_val_loss / math.log(2):.3f} bits/char, "
+                                   f"{measure})")
     table.add_row("final val loss", f"{result.final_val_loss:.4f}  (whole validation split, "
                                     f"{result.val_tokens_scored:,} characters)")
     table.add_row("steps", f"{result.steps:,}  (stopped: {result.stopped.replace('_', ' ')})")
@@ -405,8 +424,9 @@ def sample(
     session = sampler.prepare(request)
     for warning in session.warnings:
         err.print(f"warning: {warning}", markup=False)
+    text = session.prompt  # without any characters --unknown skip dropped
     if streaming:
-        sys.stdout.write(text if text else "")
+        sys.stdout.write(text)
         sys.stdout.flush()
         for piece in session.stream():
             sys.stdout.write(piece)

@@ -281,6 +281,9 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
     mapping = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise UserError(f"config key on line {key_node.start_mark.line + 1} is a {type(key).__name__}; "
+                            f"keys are names such as n_layer")
         if key in mapping:
             raise UserError(f"duplicate config key '{key}' (line {key_node.start_mark.line + 1})")
         mapping[key] = loader.construct_object(value_node, deep=deep)

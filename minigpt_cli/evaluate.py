@@ -116,8 +116,10 @@ def evaluate(request: EvalRequest) -> EvalResult:
     nll, count = score(model, ids, stride, request.batch_size, device, precision)
     seconds = time.perf_counter() - began
     val_loss = loaded.meta.get("val_loss")
+    # math.exp overflows a float past about 709: such a perplexity is reported as infinite.
     return EvalResult(
-        nll=nll, bpc=nll / LN2, perplexity=math.exp(nll), chars_scored=count, text_chars=len(ids), source=source,
+        nll=nll, bpc=nll / LN2, perplexity=math.exp(nll) if nll < 709 else math.inf, chars_scored=count,
+        text_chars=len(ids), source=source,
         stride=stride, block_size=block_size, min_context=block_size - stride, batch_size=request.batch_size,
         checkpoint=str(loaded.path), step=loaded.step,
         checkpoint_val_loss=float(val_loss) if val_loss is not None else None,

@@ -98,6 +98,8 @@ def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device)
         group["min_lr"] = train.min_lr
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if muon_params:
+        # No weight decay on Muon's matrices (train.weight_decay is AdamW's): the recipe the default
+        # config was tuned with has none, and the README says so.
         muon = Muon(muon_params, lr=train.muon_lr, momentum=train.muon_momentum)
         for group in muon.param_groups:
             group["base_lr"] = train.muon_lr

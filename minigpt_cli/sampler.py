@@ -204,8 +204,11 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 class SampleSession:
     def __init__(self, request: SampleRequest, model: GPT, tokenizer: CharTokenizer, prompt_ids: list[int],
-                 settings: SamplingSettings, seed: int, checkpoint: Path, warnings: list[str]):
+                 settings: SamplingSettings, seed: int, checkpoint: Path, warnings: list[str],
+                 prompt: str | None = None):
         self.request = request
+        # The prompt as the model reads it (without characters dropped by --unknown skip): what is printed.
+        self.prompt = request.prompt if prompt is None else prompt
         self.model = model
         self.tokenizer = tokenizer
         self.prompt_ids = prompt_ids
@@ -261,7 +264,7 @@ class SampleSession:
     def result(self) -> dict:
         req = self.request
         return {
-            "prompt": req.prompt,
+            "prompt": self.prompt,
             "samples": self.samples,
             "tokens_generated": self.tokens_generated,
             "tokens_per_second": self.tokens_generated / self.seconds if self.seconds else math.nan,
@@ -300,6 +303,7 @@ def prepare(request: SampleRequest) -> SampleSession:
     for s in request.stop:
         if tokenizer.unknown(s):
             warnings.append(f"stop text {s!r} has characters outside the vocabulary, so it can never occur")
+    shown = prompt
     if not prompt:
         # Training text starts lines after a newline, so an empty prompt starts there too.
         prompt = "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
@@ -311,4 +315,5 @@ def prepare(request: SampleRequest) -> SampleSession:
                         "one (oneDNN's packed matrices cannot be compiled)")
     model = prepare_for_inference(loaded.build_model(device), DTYPES[request.dtype], compile=request.compile)
     seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
-    return SampleSession(request, model, tokenizer, tokenizer.encode(prompt), settings, seed, loaded.path, warnings)
+    return SampleSession(request, model, tokenizer, tokenizer.encode(prompt), settings, seed, loaded.path, warnings,
+                         shown)

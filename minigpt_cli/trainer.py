@@ -303,7 +303,8 @@ class Trainer:
             self._restore_train_state(loaded, optimizers)
             step = loaded.step
             tokens_seen = int(loaded.meta.get("tokens", 0))
-            best_val = float(loaded.meta.get("best_val_loss", math.inf))
+            best = loaded.meta.get("best_val_loss")  # null until a first evaluation
+            best_val = float(best) if isinstance(best, (int, float)) else math.inf
             prior_seconds = float(loaded.meta.get("train_seconds", 0.0))
         if self.dist.is_main:
             try:
@@ -487,6 +488,7 @@ class Trainer:
         state["eval_seconds"] += seconds
         is_best = losses["val"] < state["best_val"]
         state["best_val"] = min(state["best_val"], losses["val"])
+        state["evaluated_at"] = state["step"]
         step = state["step"]
         if self.dist.is_main:
             ckpt.append_metrics(self.run_dir, dict(kind="eval", step=step, train_loss=losses["train"],
@@ -513,13 +515,23 @@ class Trainer:
         began = time.perf_counter()
         loss, count = self._full_val_loss(model, corpus, with_count=True)
         seconds = time.perf_counter() - began
-        state["eval_seconds"] += seconds
-        is_best = loss < state["best_val"]
-        state["best_val"] = min(state["best_val"], loss)
+        # The best checkpoint is chosen by one measure throughout, the periodic evaluations' (their
+        # fixed sampled batches, or the whole split with eval_full), never this loss against theirs.
+        if t.eval_full:
+            candidate = loss
+        elif state.get("evaluated_at") == state["step"]:
+            candidate = math.inf  # these weights were measured and saved at this step's evaluation
+        else:
+            candidate = self._estimate(model, corpus)["val"]
+        state["eval_seconds"] += time.perf_counter() - began
+        is_best = candidate < state["best_val"]
+        state["best_val"] = min(state["best_val"], candidate)
         if self.dist.is_main:
-            ckpt.append_metrics(self.run_dir, dict(kind="eval", step=state["step"], val_loss=loss, scope="full",
-                                                   elapsed=self._elapsed(), eval_seconds=state["eval_seconds"],
-                                                   final=True))
+            record = dict(kind="eval", step=state["step"], val_loss=loss, scope="full", elapsed=self._elapsed(),
+                          eval_seconds=state["eval_seconds"], final=True)
+            if not t.eval_full and math.isfinite(candidate):
+                record["sampled_val_loss"] = candidate  # the measure the best checkpoint is chosen by
+            ckpt.append_metrics(self.run_dir, record)
         self.emit("final_eval", state["step"], val_loss=loss, bpc=loss / LN2, tokens=count, seconds=seconds,
                   best_val_loss=state["best_val"])
         self._save(model, corpus, optimizers, state, is_best=is_best, val_loss=loss, final=True)

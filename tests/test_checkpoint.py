@@ -280,3 +280,28 @@ def test_checkpoint_code_never_unpickles():
     source = Path(ckpt.__file__).read_text(encoding="utf-8")
     assert "import pickle" not in source
     assert "torch.load(" not in source or "weights_only=True" in source
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        dirs = list(pool.map(lambda _: ckpt.new_run_dir("tiny", tmp_path / "runs"), range(16)))
+    assert len(set(dirs)) == 16 and all(d.is_dir() for d in dirs)  # each claimed, none shared
+
+
+def test_a_run_trained_on_a_relative_path_evaluates_and_resumes_from_elsewhere(tmp_path: Path):
+    from conftest import FAST, set_flags, write_small_corpus
+
+    write_small_corpus(tmp_path / "my.txt")
+    trained = invoke("train", "tiny", "--out", "run", *set_flags(*FAST, "data.path=my.txt", "train.max_iters=4"),
+                     "--json")
+    assert trained.exit_code == 0, trained.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)  # the autouse fixture restores the working directory
+    evaluated = invoke("eval", tmp_path / "run", "--json")
+    assert evaluated.exit_code == 0, evaluated.stderr
+    resumed = invoke("train", "--resume", "--out", tmp_path / "run", *set_flags("train.max_iters=6"), "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert resumed.json()["steps"] == 6

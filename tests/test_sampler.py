@@ -206,7 +206,8 @@ def test_bfloat16_decode_step_is_the_same_scripted_as_python_and_with_fixed_shap
             got[name] = torch.stack(rows)
     for name, logits in got.items():
         assert logits.dtype == torch.float32
-        torch.testing.assert_close(logits, got["python"], rtol=1e-3, atol=1e-3, msg=name)
+        if name != "python":
+            torch.testing.assert_close(logits, got["python"], rtol=1e-3, atol=1e-3, msg=name)
         # bfloat16 keeps about 3 significant digits: the logits stay near float32's, and so does the choice.
         assert (logits - want).abs().max() < 0.05 * want.abs().max() + 0.02, name
         assert (logits.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75, name
@@ -347,7 +348,9 @@ def test_stop_text_ends_the_sample_and_is_not_printed(run_copy):
 def test_prompt_checks(run_copy):
     assert_usage_error(invoke("sample", run_copy, "--prompt", "héllo€"), "'é'", "'€'")
     skipped = invoke("sample", run_copy, "--prompt", "héllo€", "--unknown", "skip", "-n", "5", "--json")
-    assert skipped.exit_code == 0 and skipped.json()["prompt"] == "héllo€"
+    assert skipped.exit_code == 0 and skipped.json()["prompt"] == "hllo"  # what the model was given
+    shown = invoke("sample", run_copy, "--prompt", "héllo€", "--unknown", "skip", "-n", "5", "--no-stream")
+    assert shown.exit_code == 0 and shown.stdout.startswith("hllo") and "€" not in shown.stdout
     empty = invoke("sample", run_copy, "--prompt", "", "-n", "5", "--json")
     assert empty.exit_code == 0
     piped = invoke("sample", run_copy, "--prompt", "-", "-n", "5", "--json", input="JULIET:")
@@ -368,7 +371,7 @@ def test_output_piped_into_head_ends_quietly(run_copy):
                           text=True, env=cli_env(), timeout=120)
     assert len(proc.stdout) == 100
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
-    assert proc.returncode in (0, 141)
+    assert proc.returncode == 0  # a closed pipe is the reader being done, not a failure
 
 
 def test_several_samples_are_separated_by_a_line_a_shell_can_split_on(run_copy):

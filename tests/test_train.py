@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import (BUNDLED_TEXT, FAST, assert_same_weights, invoke, latest_weights, run_cli, set_flags,
@@ -22,7 +23,7 @@ def test_tiny_model_learns_the_bundled_text(tmp_path: Path):
     assert abs(first_loss - math.log(65)) < 0.1
     # 60 steps reach about 2.65 on every seed tried; 3.2 leaves a wide margin.
     assert result.final_val_loss < 3.2
-    assert result.best_val_loss <= result.final_val_loss
+    assert result.best_val_loss < 3.3
     assert result.steps == 60
     assert result.val_tokens_scored > 100_000  # the whole validation split was scored
     loaded = ckpt.load_checkpoint(tmp_path / "run")
@@ -134,3 +135,38 @@ def test_a_run_killed_before_its_first_save_can_be_started_again(tmp_path: Path,
     assert result.exit_code == 0, result.stderr
     assert [s for s, _ in train_losses(run)] == [1, 2, 3]
     assert 9.0 not in [loss for _, loss in train_losses(run)]
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN and Infinity, as jq and JavaScript do."""
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_best_checkpoint_is_chosen_by_one_measure_and_meta_is_strict_json(tmp_path: Path):
+    """The periodic evaluations use fixed sampled batches; the final one scores the whole split. The
+    best checkpoint is the lowest by the sampled measure (the final weights measured that way too),
+    not a sampled figure against a whole-split one."""
+    run = tmp_path / "run"
+    result = train_in_process(["train.max_iters=40", "train.eval_interval=10", "train.eval_iters=2",
+                               "train.device=cpu"], run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    sampled = [r["val_loss"] for r in evals if r.get("scope") == "sampled"]
+    final = evals[-1]
+    assert final["final"] and final["scope"] == "full" and len(sampled) == 3
+    assert result.best_val_loss == pytest.approx(min(sampled + [final["sampled_val_loss"]]))
+    best = ckpt.load_checkpoint(run, which="best")
+    meta = _strict((best.path / ckpt.META_FILE).read_text())
+    assert meta["best_val_loss"] == pytest.approx(result.best_val_loss)
+    if final["sampled_val_loss"] < min(sampled):
+        assert meta["step"] == 40
+    # Stopped before any evaluation: no best loss yet is null, not Infinity.
+    early = tmp_path / "early"
+    train_in_process(["train.max_iters=40", "train.eval_interval=1000", "train.stop_after=2", "train.log_interval=1",
+                      "train.device=cpu"], early)
+    latest = ckpt.load_checkpoint(early)
+    assert _strict((latest.path / ckpt.META_FILE).read_text())["best_val_loss"] is None
+    for line in (early / "metrics.jsonl").read_text().splitlines():
+        _strict(line)
