@@ -385,6 +385,8 @@ class BenchOptions:
             raise UserError(f"--warmup must be zero or positive, got {self.warmup}")
         if self.max_seq < 64:
             raise UserError(f"--max-seq must be at least 64, got {self.max_seq}")
+        if not self.sections:
+            raise UserError("--only needs at least one of train, sample, attention")
         unknown = set(self.sections) - {"train", "sample", "attention"}
         if unknown:
             raise UserError(f"unknown bench section(s) {', '.join(sorted(unknown))} (use train, sample, attention)")
@@ -498,6 +500,8 @@ class Bench:
 
         B = self.options.batch_size or self.cfg.train.batch_size
         T = min(self.options.seq_len or self.m.block_size, self.m.block_size)
+        if self.options.seq_len is not None and self.options.seq_len > T:
+            self.notes.append(f"--seq-len {self.options.seq_len} is past the model's block_size: timed at {T}")
 
         def per_token(seq_len: int) -> float:
             return flops_per_token(self.m, self.V, seq_len)["train"]

@@ -177,16 +177,30 @@ def flatten_optimizer(prefix: str, state: dict[str, Any]) -> tuple[dict[str, tor
             else:
                 entry[name] = value
         plain["state"][str(index)] = entry
+    # Which tensors each entry had, so a state file that lost some is refused instead of resuming
+    # with a silently reset optimizer.
+    plain["tensors"] = {str(i): sorted(k for k, v in values.items() if isinstance(v, torch.Tensor))
+                        for i, values in state["state"].items()}
     return tensors, plain
 
 
 def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {int(i): dict(entry) for i, entry in plain["state"].items()}
-    for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            index, name = key[len(prefix) + 1:].split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": plain["param_groups"]}
+    """The optimizer state_dict flatten_optimizer split; CheckpointError if a part is missing or malformed."""
+    try:
+        state: dict[int, dict[str, Any]] = {int(i): dict(entry) for i, entry in plain["state"].items()}
+        for key, value in tensors.items():
+            if key.startswith(prefix + "."):
+                index, name = key[len(prefix) + 1:].split(".", 1)
+                state.setdefault(int(index), {})[name] = value
+        missing = [f"{prefix}.{i}.{name}" for i, names in plain.get("tensors", {}).items() for name in names
+                   if name not in state.get(int(i), {})]
+        groups = plain["param_groups"]
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{STATE_JSON}: malformed optimizer state ({type(exc).__name__}: {exc})") from None
+    if missing:
+        raise CheckpointError(f"{STATE_FILE}: {len(missing)} optimizer tensor(s) missing, e.g. {missing[0]} "
+                              f"(a damaged checkpoint: resuming would reset the optimizer)")
+    return {"state": state, "param_groups": groups}
 
 
 def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
@@ -198,6 +212,9 @@ def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
 
 def load_weights(model: GPT, state: dict[str, torch.Tensor], source: Path) -> None:
     expected = model.state_dict()
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"{source}: {broken[0]} holds NaN or infinite values (a damaged checkpoint)")
     wrong = [f"{k} is {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}"
              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     if wrong:
@@ -335,8 +352,12 @@ def load_checkpoint(path: Path | None, which: str = "best", with_train_state: bo
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: checkpoint format {version!r}; this minigpt reads format {FORMAT_VERSION}")
-    if type(meta.get("step", 0)) is not int or meta.get("step", 0) < 0:
-        raise CheckpointError(f"{meta_path}: 'step' must be a whole number, got {meta.get('step')!r}")
+    for key in ("step", "tokens"):
+        if type(meta.get(key, 0)) is not int or meta.get(key, 0) < 0:
+            raise CheckpointError(f"{meta_path}: '{key}' must be a whole number, got {meta.get(key)!r}")
+    for key in ("best_val_loss", "val_loss", "train_seconds"):
+        if meta.get(key) is not None and type(meta[key]) not in (int, float):
+            raise CheckpointError(f"{meta_path}: '{key}' must be a number, got {meta[key]!r}")
     try:
         config = config_from_checkpoint_dict(meta["config"], name=meta.get("config_name", "checkpoint"))
         tokenizer = CharTokenizer.from_dict(meta["vocab"])
@@ -350,6 +371,8 @@ def load_checkpoint(path: Path | None, which: str = "best", with_train_state: bo
             loaded.train_state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError):
             raise CheckpointError(f"{folder / STATE_JSON}: missing or corrupted training state") from None
+        if not isinstance(loaded.train_state, dict) or not isinstance(loaded.train_state.get("optimizers", []), list):
+            raise CheckpointError(f"{folder / STATE_JSON}: not minigpt training state")
     return loaded
 
 
@@ -358,6 +381,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (truncated checkpoint)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -374,17 +402,24 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
                                    f"the last checkpoint is intact") from exc
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir: Path, strict: bool = False) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl, skipping lines minigpt did not write whole (a crash can cut the
+    last one short). An unreadable file reads as no records, or raises OSError with `strict`."""
     path = run_dir / "metrics.jsonl"
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    except OSError:
+        if strict:
+            raise
+        text = ""
     records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash
-            if isinstance(record, dict):  # anything else was not written by minigpt
-                records.append(record)
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
@@ -400,7 +435,10 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [r for r in read_metrics(run_dir) if _step_of(r) <= step]
+    try:
+        kept = [r for r in read_metrics(run_dir, strict=True) if _step_of(r) <= step]
+    except OSError as exc:
+        raise CheckpointWriteError(f"could not read {path}: {exc.strerror or exc}") from exc
     tmp = path.with_name(f"{TMP_PREFIX}metrics.{os.getpid()}")
     try:
         tmp.write_text("".join(strict_json(r) + "\n" for r in kept), encoding="utf-8")

@@ -94,11 +94,25 @@ def handle_errors(fn: Callable) -> Callable:
         except BrokenPipeError:
             _silence_stdout()
             raise typer.Exit(0)
+        except (MemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            fail(f"out of memory ({detail}); try a smaller batch_size, block_size, model or --num-samples",
+                 EXIT_FAILURE)
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130)
 
     return wrapper
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed, on any device (numpy's and torch's CPU allocators, CUDA, MPS)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("can't allocate memory", "out of memory", "Storage size calculation overflowed"))
 
 
 def _silence_stdout() -> None:
@@ -228,7 +242,12 @@ def _resolve_train_config(config_name: Optional[str], resume: bool, out_dir: Opt
     run_dir = out_dir
     note = None
     if resume:
-        run_dir = out_dir or ckpt.newest_run()
+        if out_dir is None:
+            try:
+                out_dir = ckpt.newest_run()
+            except UserError:
+                raise UserError("no run to resume under ./runs: name one with --out RUN_DIR") from None
+        run_dir = out_dir
         if config_name is None:
             config = ckpt.load_checkpoint(run_dir, which="latest").config
         else:
@@ -337,15 +356,21 @@ def train(
         return
     from rich.table import Table
 
-    table = Table(title="training finished", show_header=False, box=None)
+    finished = result.stopped != "stop_after"
+    table = Table(title="training finished" if finished else "training paused (train.stop_after)",
+                  show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
     measure = ("whole validation split" if cfg.train.eval_full
                else f"{cfg.train.eval_iters} sampled batches, as at each evaluation")
-    table.add_row("best val loss", f"{result.best_val_loss:.4f}  ({result.best_val_loss / math.log(2):.3f} bits/char, "
-                                   f"{measure})")
-    table.add_row("final val loss", f"{result.final_val_loss:.4f}  (whole validation split, "
-                                    f"{result.val_tokens_scored:,} characters)")
+    if math.isfinite(result.best_val_loss):
+        table.add_row("best val loss", f"{result.best_val_loss:.4f}  ({result.best_val_loss / math.log(2):.3f} "
+                                       f"bits/char, {measure})")
+    else:
+        table.add_row("best val loss", "-  (no evaluation yet)")
+    if math.isfinite(result.final_val_loss):
+        table.add_row("final val loss", f"{result.final_val_loss:.4f}  (whole validation split, "
+                                        f"{result.val_tokens_scored:,} characters)")
     table.add_row("steps", f"{result.steps:,}  (stopped: {result.stopped.replace('_', ' ')})")
     table.add_row("tokens seen", f"{result.tokens:,}")
     table.add_row("wall time", f"{result.wall_seconds:.1f}s  (evaluation {result.eval_seconds:.1f}s)")
@@ -353,7 +378,10 @@ def train(
     table.add_row("run directory", result.run_dir)
     out.print(table)
     if not quiet:
-        err.print(f"next: minigpt sample {result.run_dir} --prompt \"ROMEO:\"", markup=False)
+        if finished:
+            err.print(f"next: minigpt sample {result.run_dir} --prompt \"ROMEO:\"", markup=False)
+        else:
+            err.print(f"next: minigpt train --resume --out {result.run_dir}", markup=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +441,10 @@ def sample(
         raise UserError(f"--max-new-tokens must be zero or positive, got {max_new_tokens}")
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63), got {seed}")
+    if any(s == "" for s in stop):
+        raise UserError("--stop needs a non-empty text (an empty one would end every sample at once)")
     if unknown not in ("error", "skip"):
         raise UserError(f"--unknown must be error or skip, got {unknown!r}")
     text = _read_prompt(prompt)
@@ -818,8 +850,40 @@ def inspect(
     _render_inspect(result)
 
 
+def _click_errors() -> tuple[type, type]:
+    """click's ClickException and UsageError, found through typer's public BadParameter (recent typer
+    releases carry their own copy of click, older ones use click itself)."""
+    by_name = {c.__name__: c for c in typer.BadParameter.__mro__}
+    return by_name["ClickException"], by_name["UsageError"]
+
+
 def main() -> None:
-    app()
+    """The console command: click's own messages (an unknown option, a missing value) become one
+    line like every other error, and help piped into `head` ends quietly."""
+    import rich.console
+
+    click_exception, usage_error = _click_errors()
+    # typer prints help through its own rich consoles, whose answer to a reader that went away is
+    # exit code 1: give them ours (exit 0, as a pipe into `head` is not a failure).
+    rich.console.Console.on_broken_pipe = _Console.on_broken_pipe
+    try:
+        code = app(standalone_mode=False)
+    except click_exception as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            sys.stdout.write(ctx.get_help() + "\n")  # `minigpt` alone shows the help
+            code = 0
+        else:
+            hint = f" (see: {ctx.command_path} --help)" if isinstance(exc, usage_error) and ctx is not None else ""
+            err.print(f"error: {exc.format_message()}{hint}", markup=False, soft_wrap=True)
+            code = exc.exit_code
+    except typer.Abort:
+        err.print("interrupted", markup=False)
+        code = 130
+    except BrokenPipeError:
+        _silence_stdout()
+        code = 0
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

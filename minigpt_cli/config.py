@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,8 +222,15 @@ def validate(config: Config) -> Config:
             raise UserError(f"{key} must be in [0, 1), got {value}")
     if not 0.0 <= t.decay_fraction <= 1.0:
         raise UserError(f"train.decay_fraction must be in [0, 1], got {t.decay_fraction}")
-    if t.seed < 0:
-        raise UserError(f"train.seed must be zero or positive, got {t.seed}")
+    if not 0 <= t.seed < 2**63:
+        raise UserError(f"train.seed must be in [0, 2**63), got {t.seed}")
+    # Far past any model this tool is for (GPT-2 XL: 48 layers, 1600 wide, block 1024), so that a
+    # mistyped size is refused at once instead of exhausting memory or hanging in allocation.
+    for key, value, most in (("model.n_layer", m.n_layer, 1024), ("model.n_head", m.n_head, 1024),
+                             ("model.n_embd", m.n_embd, 65536), ("model.block_size", m.block_size, 2**20),
+                             ("train.num_threads", t.num_threads, 1024)):
+        if value > most:
+            raise UserError(f"{key} must be at most {most}, got {value}")
     return config
 
 
@@ -263,11 +271,16 @@ def shipped_configs() -> list[str]:
 
 def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
+    shipped = bundled_dir("configs") / f"{name_or_path}.yaml"
+    looks_like_a_path = path.suffix in (".yaml", ".yml") or "/" in name_or_path or os.sep in name_or_path
+    # A bare name is a shipped config even when a file or folder of that name sits in the working
+    # directory; write ./NAME to mean the file.
+    if looks_like_a_path or (path.is_file() and not shipped.is_file()):
+        if path.is_dir():
+            raise UserError(f"{name_or_path} is a folder; a config is a YAML file")
         if not path.is_file():
             raise UserError(f"config file not found: {name_or_path}")
         return path
-    shipped = bundled_dir("configs") / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
     raise UserError(f"no config named '{name_or_path}'" + _nearest(name_or_path, shipped_configs()))
@@ -313,6 +326,10 @@ def load_config(name_or_path: str | None = None) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise UserError(f"{path}: invalid YAML{where}: {detail}") from None
+    if raw is None:
+        raise UserError(f"{path} is empty: expected the sections {', '.join(SECTIONS)}")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
     return from_dict(raw, name=path.stem)
 
 

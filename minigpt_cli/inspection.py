@@ -223,12 +223,10 @@ def loss_curves(run_dir: Path) -> dict[str, list[list[float]]]:
     train, val = [], []
     for record in ckpt.read_metrics(run_dir):
         kind, step = record.get("kind"), record.get("step")
-        if step is None:
-            continue
-        if kind == "train" and record.get("loss") is not None:
-            train.append([int(step), float(record["loss"])])
-        elif kind == "eval" and record.get("val_loss") is not None:
-            val.append([int(step), float(record["val_loss"])])
+        value = record.get("loss") if kind == "train" else record.get("val_loss") if kind == "eval" else None
+        if not (isinstance(step, int) and isinstance(value, (int, float))):
+            continue  # not a record minigpt wrote
+        (train if kind == "train" else val).append([step, float(value)])
     return {"train": train, "val": val}
 
 

@@ -28,6 +28,9 @@ def snapshot(run: Path) -> dict[Path, bytes]:
     ("--min-p", "2", "--min-p"),
     ("--repetition-penalty", "0", "--repetition-penalty"),
     ("--max-new-tokens", "-1", "--max-new-tokens"),
+    ("--seed", "18446744073709551616", "--seed"),
+    ("--seed", "-5", "--seed"),
+    ("--stop", "", "--stop"),
     ("--num-samples", "0", "--num-samples"),
     ("--dtype", "float64", "--dtype"),
     ("--unknown", "ignore", "--unknown"),
@@ -87,3 +90,27 @@ def test_in_a_real_process_sampling_error_is_one_line_and_exit_2(tiny_run: Path,
     result = run_cli("sample", tiny_run, "--top-p", "7", "--json", cwd=tmp_path)
     assert_usage_error(result, "--top-p")
     assert result.stdout == ""
+
+
+def test_a_file_or_folder_named_like_a_shipped_config_does_not_hide_it(tmp_path: Path):
+    (tmp_path / "default").mkdir()
+    (tmp_path / "tiny").write_text("not a config")
+    assert invoke("inspect", "tiny", "--json").json()["target"]["name"] == "tiny"
+    assert invoke("inspect", "--json").json()["target"]["name"] == "default"
+    assert_usage_error(invoke("inspect", "./tiny"), "tiny", "mapping")  # the file, when asked for by path
+    assert_usage_error(invoke("train", "./default"), "folder")
+
+
+@pytest.mark.parametrize("key, value", [("train.seed", "99999999999999999999999"), ("model.n_layer", "1000000000"),
+                                        ("model.block_size", "1000000000000"), ("train.num_threads", "100000")])
+def test_absurd_sizes_and_seeds_are_refused_before_any_work(key: str, value: str):
+    assert_usage_error(invoke("train", "tiny", "--set", f"{key}={value}"), key)
+
+
+def test_running_out_of_memory_is_one_line_and_leaves_no_run_behind(tmp_path: Path):
+    result = run_cli("train", "tiny", *set_flags("train.batch_size=100000000", "train.max_iters=1",
+                                                 "train.device=cpu"), cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and "out of memory" in lines[0] and "batch_size" in lines[0]
+    assert not any((tmp_path / "runs").glob("*"))

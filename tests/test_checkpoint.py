@@ -305,3 +305,38 @@ def test_a_run_trained_on_a_relative_path_evaluates_and_resumes_from_elsewhere(t
     resumed = invoke("train", "--resume", "--out", tmp_path / "run", *set_flags("train.max_iters=6"), "--json")
     assert resumed.exit_code == 0, resumed.stderr
     assert resumed.json()["steps"] == 6
+
+
+def test_damaged_metrics_lines_do_not_stop_inspect_or_resume(tmp_path: Path):
+    from conftest import FAST, train_in_process
+
+    run = tmp_path / "run"
+    train_in_process([*FAST, "train.max_iters=4"], run)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'\xff\xfe\n[1, 2]\n{"step": "abc"}\n{"kind": "train", "step": 2, "loss": "x"}\n')
+    inspected = invoke("inspect", run, "--json")
+    assert inspected.exit_code == 0, inspected.stderr
+    assert [step for step, _ in inspected.json()["run"]["curves"]["train"]] == [1, 2, 3, 4]
+    train_in_process([*FAST, "train.max_iters=6"], run, resume=True)
+    steps = [r["step"] for r in ckpt.read_metrics(run) if r.get("kind") == "train" and isinstance(r.get("loss"), float)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_that_lost_optimizer_tensors_or_holds_nan_is_refused(tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    from conftest import FAST, train_in_process
+
+    run = tmp_path / "run"
+    train_in_process([*FAST, "train.max_iters=3", "train.optimizer=adamw"], run)
+    folder = ckpt.load_checkpoint(run).path
+    state = load_file(str(folder / ckpt.STATE_FILE))
+    save_file({k: v for k, v in state.items() if ".exp_avg_sq" not in k}, str(folder / ckpt.STATE_FILE))
+    resumed = invoke("train", "--resume", "--out", run, "--set", "train.max_iters=5")
+    assert_usage_error(resumed, "optimizer tensor", "missing")
+    save_file(state, str(folder / ckpt.STATE_FILE))
+    weights = load_file(str(folder / ckpt.MODEL_FILE))
+    name = next(iter(weights))
+    weights[name][0] = float("nan")
+    save_file(weights, str(folder / ckpt.MODEL_FILE))
+    assert_usage_error(invoke("sample", run, "-n", "3"), name, "NaN")

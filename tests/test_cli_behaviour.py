@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import FAST, assert_usage_error, cli_command, cli_env, invoke, set_flags, train_in_process
 
 
@@ -14,6 +16,23 @@ def test_a_table_piped_into_head_ends_with_exit_0():
                           env=cli_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 2 and "Traceback" not in proc.stderr
+
+
+def test_help_piped_into_head_ends_with_exit_0():
+    for args in (("--help",), ("sample", "--help"), ()):
+        shell = " ".join(f"'{a}'" for a in cli_command(*args))
+        proc = subprocess.run(["bash", "-c", f"set -o pipefail; {shell} | head -n 1"], capture_output=True,
+                              text=True, env=cli_env(), timeout=120)
+        assert proc.returncode == 0 and proc.stderr == "", (args, proc.returncode, proc.stderr)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("train", "--bogus"), "--bogus"), (("frobnicate",), "frobnicate"), (("train", "--seed", "abc"), "--seed"),
+    (("sample", "--top-k"), "--top-k")])
+def test_a_mistyped_command_line_is_one_line_and_exit_2(args, fragment):
+    proc = subprocess.run(cli_command(*args), capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert_usage_error(proc, fragment)
+    assert proc.stdout == ""
 
 
 def test_an_out_that_cannot_be_created_is_a_usage_error(tmp_path: Path, small_corpus: Path):

@@ -147,7 +147,7 @@ def test_resume_on_the_same_data_does_not_warn(stopped_run):
 
 
 def test_resume_without_a_run_is_a_clear_error():
-    assert_usage_error(invoke("train", "--resume"), "no trained run")
+    assert_usage_error(invoke("train", "--resume"), "no run to resume", "--out")
     assert_usage_error(invoke("train", "--resume", "--out", "runs/nothing-here"), "runs/nothing-here")
 
 
