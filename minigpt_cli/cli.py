@@ -361,8 +361,7 @@ def train(
                   show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
-    measure = ("whole validation split" if cfg.train.eval_full
-               else f"{cfg.train.eval_iters} sampled batches, as at each evaluation")
+    measure = "whole validation split" if cfg.train.eval_full else f"{cfg.train.eval_iters} sampled batches"
     if math.isfinite(result.best_val_loss):
         table.add_row("best val loss", f"{result.best_val_loss:.4f}  ({result.best_val_loss / math.log(2):.3f} "
                                        f"bits/char, {measure})")
