@@ -257,6 +257,9 @@ def _resolve_train_config(config_name: Optional[str], resume: bool, out_dir: Opt
             config_name, note = _default_config_name(device)
         config = load_config(config_name)
     flags = list(overrides)
+    copy = ckpt.data_copy(run_dir) if resume else None
+    if copy is not None and data is None and not any(f.strip().startswith("data.path=") for f in flags):
+        data = str(copy)  # the run's own copy of the text it was trained on
     if data is not None:
         flags.append(f"data.path={data if data == '-' else Path(data).expanduser().resolve()}")
     if time_budget is not None:

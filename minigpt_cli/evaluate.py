@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigpt_cli.checkpoint import LoadedCheckpoint, load_checkpoint
+from minigpt_cli.checkpoint import LoadedCheckpoint, data_copy, load_checkpoint
 from minigpt_cli.config import UserError
 from minigpt_cli.data import encode_array, load_corpus, read_text
 from minigpt_cli.device import DTYPES, Precision, check_inference_dtype, choose_precision, resolve_device
@@ -70,6 +70,9 @@ def score(model: GPT, ids: np.ndarray, stride: int, batch_size: int, device: tor
 def _validation_ids(loaded: LoadedCheckpoint, warnings: list[str]) -> tuple[np.ndarray, str]:
     """The run's validation split, rebuilt from its data path with its own vocabulary."""
     data = loaded.config.data
+    copy = data_copy(loaded.run_dir)
+    if data.path and copy is not None:
+        data = dataclasses.replace(data, path=str(copy))  # the text the run was trained on, kept in the run
     if data.path == "-":
         raise UserError("this run was trained on text from stdin, so its validation split cannot be read "
                         "again; pass the text with --data PATH (or --data - to pipe it in)")

@@ -313,6 +313,14 @@ class Trainer:
                 raise UserError(f"cannot create run directory {self.run_dir}: {exc.strerror or exc}") from None
             # Resumed: drop records past the checkpoint. New: drop those of an attempt killed before its first save.
             ckpt.truncate_metrics(self.run_dir, step)
+            if cfg.data.path and ckpt.data_copy(self.run_dir) is None:
+                # The bundled text ships with minigpt; any other is copied, so that the run needs
+                # nothing outside itself to be evaluated or resumed.
+                text = corpus.tokenizer.decode(np.concatenate([corpus.train, corpus.val]).tolist())
+                if ckpt.save_data_copy(self.run_dir, text) is None:
+                    self.emit("warning", step, message=(
+                        f"{corpus.source} is over {ckpt.DATA_COPY_MAX_BYTES // 2**20} MiB, so the run keeps "
+                        f"no copy of it: `eval` and `--resume` will read {cfg.data.path}"))
 
         train_model: torch.nn.Module = model
         if t.compile:

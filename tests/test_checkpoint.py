@@ -290,6 +290,29 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Pat
     assert len(set(dirs)) == 16 and all(d.is_dir() for d in dirs)  # each claimed, none shared
 
 
+def test_a_run_keeps_its_text_so_eval_and_resume_need_nothing_outside_it(tmp_path: Path):
+    from conftest import FAST, set_flags, write_small_corpus
+
+    corpus = write_small_corpus(tmp_path / "mine.txt")
+    text = corpus.read_text(encoding="utf-8")
+    trained = invoke("train", "tiny", "--data", corpus, "--out", "run", *set_flags(*FAST, "train.max_iters=4"),
+                     "--json")
+    assert trained.exit_code == 0, trained.stderr
+    assert (tmp_path / "run" / ckpt.DATA_COPY).read_text(encoding="utf-8") == text
+    reference = invoke("eval", "run", "--json").json()  # while the file is still there
+    corpus.unlink()
+    evaluated = invoke("eval", "run", "--json")
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert evaluated.json()["nll"] == reference["nll"] and not evaluated.json()["warnings"]
+    resumed = invoke("train", "--resume", "--out", "run", *set_flags("train.max_iters=6"), "--json")
+    assert resumed.exit_code == 0 and resumed.json()["steps"] == 6, resumed.stderr
+    # Text from stdin is kept too, so such a run can be evaluated later without piping it again.
+    piped = invoke("train", "tiny", "--data", "-", "--out", "piped", *set_flags(*FAST, "train.max_iters=2"),
+                   "--json", input=text)
+    assert piped.exit_code == 0, piped.stderr
+    assert invoke("eval", "piped", "--json").json()["nll"] > 0
+
+
 def test_a_run_trained_on_a_relative_path_evaluates_and_resumes_from_elsewhere(tmp_path: Path):
     from conftest import FAST, set_flags, write_small_corpus
 
