@@ -84,16 +84,14 @@ def new_run_dir(config_name: str, base: Path = RUNS_DIR, claim: bool = True) -> 
     n = 1
     while True:
         path = base / (f"{config_name}-{stamp}" if n == 1 else f"{config_name}-{stamp}-{n}")
-        if not claim:
-            if not path.exists():
-                return path
-        else:
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:
-                pass
-        n += 1
+        try:
+            if claim:
+                path.mkdir()  # fails if another run took the name first
+            elif path.exists():
+                raise FileExistsError(path)
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def newest_run(base: Path = RUNS_DIR) -> Path:

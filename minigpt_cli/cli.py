@@ -6,7 +6,6 @@ torch is imported inside the commands that need it, so `minigpt --help` stays fa
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import sys
@@ -126,17 +125,9 @@ def _silence_stdout() -> None:
 
 def emit_json(value: Any) -> None:
     """Exactly one JSON object on stdout, as its last line. NaN and infinity become null."""
+    from minigpt_cli.checkpoint import strict_json
 
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    sys.stdout.write(json.dumps(clean(value)) + "\n")
+    sys.stdout.write(strict_json(value) + "\n")
     sys.stdout.flush()
 
 

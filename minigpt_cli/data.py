@@ -6,7 +6,7 @@ import hashlib
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -120,9 +120,11 @@ class Corpus:
     fingerprint: str
     source: str
     n_chars: int
+    text: str | None = field(default=None, repr=False)  # the text itself, with keep_text
 
 
-def load_corpus(path: str | Path | None, val_fraction: float, tokenizer: CharTokenizer | None = None) -> Corpus:
+def load_corpus(path: str | Path | None, val_fraction: float, tokenizer: CharTokenizer | None = None,
+                keep_text: bool = False) -> Corpus:
     """Read and encode a corpus; the last val_fraction of the text is the validation split."""
     text, source = read_text(path if path else default_data_path())
     fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -130,7 +132,7 @@ def load_corpus(path: str | Path | None, val_fraction: float, tokenizer: CharTok
     ids = _cached_encode(text, fingerprint, tokenizer)
     n_val = int(len(ids) * val_fraction)
     split = len(ids) - n_val
-    return Corpus(tokenizer, ids[:split], ids[split:], fingerprint, source, len(text))
+    return Corpus(tokenizer, ids[:split], ids[split:], fingerprint, source, len(text), text if keep_text else None)
 
 
 def check_split_lengths(corpus: Corpus, block_size: int) -> None:

@@ -204,11 +204,10 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 class SampleSession:
     def __init__(self, request: SampleRequest, model: GPT, tokenizer: CharTokenizer, prompt_ids: list[int],
-                 settings: SamplingSettings, seed: int, checkpoint: Path, warnings: list[str],
-                 prompt: str | None = None):
+                 settings: SamplingSettings, seed: int, checkpoint: Path, warnings: list[str], prompt: str):
         self.request = request
         # The prompt as the model reads it (without characters dropped by --unknown skip): what is printed.
-        self.prompt = request.prompt if prompt is None else prompt
+        self.prompt = prompt
         self.model = model
         self.tokenizer = tokenizer
         self.prompt_ids = prompt_ids

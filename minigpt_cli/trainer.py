@@ -280,8 +280,11 @@ class Trainer:
     def _run(self) -> TrainResult:
         cfg, t = self.config, self.config.train
         loaded = self._load_resume()
+        # The bundled text ships with minigpt; any other is copied into the run (below), so that the
+        # run needs nothing outside itself to be evaluated or resumed.
+        copy_text = self.dist.is_main and bool(cfg.data.path) and ckpt.data_copy(self.run_dir) is None
         corpus: Corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction,
-                                     loaded.tokenizer if loaded else None)
+                                     loaded.tokenizer if loaded else None, keep_text=copy_text)
         check_split_lengths(corpus, cfg.model.block_size)
         if loaded and loaded.meta.get("data_fingerprint") not in (None, corpus.fingerprint):
             self.emit("warning", loaded.step, message=(
@@ -313,14 +316,12 @@ class Trainer:
                 raise UserError(f"cannot create run directory {self.run_dir}: {exc.strerror or exc}") from None
             # Resumed: drop records past the checkpoint. New: drop those of an attempt killed before its first save.
             ckpt.truncate_metrics(self.run_dir, step)
-            if cfg.data.path and ckpt.data_copy(self.run_dir) is None:
-                # The bundled text ships with minigpt; any other is copied, so that the run needs
-                # nothing outside itself to be evaluated or resumed.
-                text = corpus.tokenizer.decode(np.concatenate([corpus.train, corpus.val]).tolist())
-                if ckpt.save_data_copy(self.run_dir, text) is None:
+            if corpus.text is not None:
+                if ckpt.save_data_copy(self.run_dir, corpus.text) is None:
                     self.emit("warning", step, message=(
                         f"{corpus.source} is over {ckpt.DATA_COPY_MAX_BYTES // 2**20} MiB, so the run keeps "
                         f"no copy of it: `eval` and `--resume` will read {cfg.data.path}"))
+                corpus = dataclasses.replace(corpus, text=None)  # not held for the whole run
 
         train_model: torch.nn.Module = model
         if t.compile:
