@@ -155,6 +155,26 @@ def data_copy(run_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+CONFIG_FILE = "config.yaml"
+
+
+def save_config(run_dir: Path, config: Config) -> Path:
+    """Write the run's resolved config as run_dir/config.yaml (atomically), trainable as it is."""
+    from minigpt_cli.config import to_yaml
+
+    path = run_dir / CONFIG_FILE
+    header = (f"The resolved config of this run. `minigpt train {path}` trains the same thing again\n"
+              f"in a new run directory.")
+    tmp = path.with_name(f"{TMP_PREFIX}{CONFIG_FILE}.{os.getpid()}")
+    try:
+        _write_bytes_synced(tmp, to_yaml(config, header).encode("utf-8"))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"could not write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
 def atomic_write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:

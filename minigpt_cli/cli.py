@@ -18,6 +18,7 @@ from rich.console import Console
 
 from minigpt_cli import __version__
 from minigpt_cli.config import UserError
+from minigpt_cli.progress import FINAL_EVAL_TASK
 
 STARTED_AT = time.perf_counter()
 
@@ -157,24 +158,111 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-class TrainView:
-    """Renders TrainEvents: a live bar on a terminal, plain lines (every few seconds) otherwise."""
+class ProgressView:
+    """Draws the Progress that library code reports: a tqdm bar per task on a terminal (tqdm.auto:
+    widgets in a notebook), a plain line every few seconds otherwise, nothing with --quiet.
+    Work that ends within a second shows nothing."""
 
-    def __init__(self, quiet: bool):
+    SHOW_AFTER = 1.0
+    PLAIN_EVERY = 5.0
+
+    def __init__(self, quiet: bool, terminal: Optional[bool] = None):
+        self.quiet = quiet
+        self.terminal = err.is_terminal if terminal is None else terminal
+        self.bars: dict[str, Any] = {}
+        self.plain_at: dict[str, float] = {}
+
+    def __call__(self, event: Any) -> None:
+        if self.quiet:
+            return
+        (self._bar if self.terminal else self._plain)(event)
+
+    def _bar(self, p: Any) -> None:
+        bar = self.bars.get(p.task)
+        if bar is None:
+            if p.finished:
+                return
+            from tqdm.auto import tqdm
+
+            bar = self.bars[p.task] = tqdm(total=p.total, desc=p.task, unit=f" {p.unit}" if p.unit else "it",
+                                           unit_scale=True, file=sys.stderr, leave=False, dynamic_ncols=True,
+                                           delay=self.SHOW_AFTER)
+        bar.update(p.done - bar.n)
+        if p.finished:
+            bar.close()
+            del self.bars[p.task]
+
+    def _plain(self, p: Any) -> None:
+        shown = self.plain_at.get(p.task)
+        if p.finished:
+            if shown is not None:
+                del self.plain_at[p.task]
+                err.print(f"{p.task}: done, {p.done:,.0f} {p.unit} in {p.elapsed:.1f}s", markup=False)
+            return
+        if p.elapsed < self.SHOW_AFTER or (shown is not None and p.elapsed - shown < self.PLAIN_EVERY):
+            return
+        self.plain_at[p.task] = p.elapsed
+        share = f" ({100 * p.done / p.total:.0f}%)" if p.total else ""
+        total = f"/{p.total:,.0f}" if p.total else ""
+        err.print(f"{p.task}: {p.done:,.0f}{total} {p.unit}{share}, {p.elapsed:.0f}s", markup=False)
+
+    def write(self, text: str) -> None:
+        """A line of text above any bars being drawn."""
+        if self.bars:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+        else:
+            err.print(text, markup=False)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+class _Starting:
+    """A transient 'loading PyTorch' line on a terminal, so that the first output comes at once;
+    it goes away when the command's own output begins (or at the end)."""
+
+    def __init__(self, quiet: bool, what: str = "loading PyTorch"):
+        self.status = None
+        if not quiet and err.is_terminal:
+            self.status = err.status(what)
+            self.status.start()
+
+    def done(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+class TrainView:
+    """Renders TrainEvents: a tqdm bar on a terminal, plain lines (every few seconds) otherwise."""
+
+    def __init__(self, quiet: bool, starting: Optional[_Starting] = None):
         self.quiet = quiet
         self.live = err.is_terminal and not quiet
-        self.progress = None
-        self.task = None
+        self.bar = None
+        self.budget_mode = False
         self.last_plain = 0.0
+        self.progress = ProgressView(quiet)
+        self.starting = starting
 
     def __call__(self, event: Any) -> None:
         kind, d = event.kind, event.data
+        if self.starting is not None:
+            self.starting.done()
         if kind == "warning":
-            self._line(f"[yellow]warning:[/] {d['message']}", force=True)
+            self._line(f"warning: {d['message']}", force=True)
             return
         if self.quiet:
             return
-        if kind == "start":
+        if kind == "progress":
+            if d["progress"].task == FINAL_EVAL_TASK:
+                self._close_bar()  # training is over; the evaluation's own bar follows
+            self.progress(d["progress"])
+        elif kind == "start":
             self._start(event.step, d)
         elif kind == "step":
             self._step(event.step, d)
@@ -187,26 +275,31 @@ class TrainView:
 
     def _start(self, step: int, d: dict) -> None:
         resumed = f", resuming from {d['resumed_from']}" if d["resumed_from"] else ""
+        parent = f", starting from the weights of {d['init_from']}" if d.get("init_from") else ""
         world = f", {d['world_size']} processes" if d["world_size"] > 1 else ""
         err.print(f"training {d['n_params'] / 1e6:.2f}M parameters on {d['device']} ({d['device_reason']}), "
-                  f"{d['precision']} ({d['precision_reason']}){world}{resumed}", markup=False)
+                  f"{d['precision']} ({d['precision_reason']}), seed {d['seed']}{world}{resumed}{parent}",
+                  markup=False)
         err.print(f"data: {d['source']}: {d['train_chars']:,} train / {d['val_chars']:,} val characters, "
                   f"vocabulary {d['vocab_size']}; run directory {d['run_dir']}", markup=False)
         if self.live:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+            from tqdm.auto import tqdm
 
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.description}"),
-                                     TimeElapsedColumn(), console=err.get(), transient=True)
-            total = d["time_budget"] if d["time_budget"] else d["max_iters"]
-            self.task = self.progress.add_task("", total=total, completed=0 if d["time_budget"] else step)
-            self.progress.start()
+            self.budget_mode = bool(d["time_budget"])
+            if self.budget_mode:
+                self.bar = tqdm(total=d["time_budget"], desc="train", file=sys.stderr, leave=False,
+                                dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
+            else:
+                self.bar = tqdm(total=d["max_iters"], initial=step, desc="train", file=sys.stderr, leave=False,
+                                dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
 
     def _step(self, step: int, d: dict) -> None:
         text = (f"step {step}/{d['max_iters']}  loss {d['loss']:.4f}  lr {d['lr']:.2e}  "
                 f"{d['tokens_per_sec'] / 1000:.1f}k tok/s  ETA {_fmt_seconds(d['eta'])}")
-        if self.progress is not None:
-            budget_mode = self.progress.tasks[0].total != d["max_iters"]
-            self.progress.update(self.task, completed=d["elapsed"] if budget_mode else step, description=text)
+        if self.bar is not None:
+            done = min(d["elapsed"], self.bar.total) if self.budget_mode else step
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(text, refresh=True)
         elif time.perf_counter() - self.last_plain >= 5.0:
             self.last_plain = time.perf_counter()
             err.print(text, markup=False)
@@ -214,17 +307,29 @@ class TrainView:
     def _line(self, text: str, force: bool = False) -> None:
         if self.quiet and not force:
             return
-        (self.progress.console if self.progress else err).print(text)
+        if self.bar is not None:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+        else:
+            self.progress.write(text)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        if self.starting is not None:
+            self.starting.done()
+        self._close_bar()
+        self.progress.close()
 
 
 def _resolve_train_config(config_name: Optional[str], resume: bool, out_dir: Optional[Path],
                           overrides: List[str], data: Optional[str], time_budget: Optional[float],
-                          device: Optional[str], seed: Optional[int], deterministic: bool):
+                          device: Optional[str], seed: Optional[int], deterministic: bool,
+                          init_from: Optional[Path] = None, extend_vocab: bool = False):
     import dataclasses
 
     from minigpt_cli import checkpoint as ckpt
@@ -232,7 +337,18 @@ def _resolve_train_config(config_name: Optional[str], resume: bool, out_dir: Opt
 
     run_dir = out_dir
     note = None
-    if resume:
+    if init_from is not None:
+        if resume:
+            raise UserError("--resume continues a run and --init-from starts a new one: use one of them")
+        # The parent's config unless one is given; fresh optimizer, schedule and records either way.
+        parent = ckpt.load_checkpoint(init_from, which="best")
+        config = load_config(config_name) if config_name else dataclasses.replace(
+            parent.config, train=dataclasses.replace(parent.config.train, stop_after=0))
+        overrides = [*overrides, f"train.init_from={Path(init_from).expanduser().resolve()}",
+                     f"train.extend_vocab={extend_vocab}"]
+    elif extend_vocab:
+        raise UserError("--extend-vocab goes with --init-from RUN (it adds characters to that run's vocabulary)")
+    elif resume:
         if out_dir is None:
             try:
                 out_dir = ckpt.newest_run()
@@ -311,18 +427,27 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the config's train.seed)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Use PyTorch's deterministic algorithms "
                                                                       "(matters on CUDA)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this run "
+                                             "(its best checkpoint), with a fresh optimizer and schedule."),
+    extend_vocab: bool = typer.Option(False, "--extend-vocab", help="With --init-from: give characters the "
+                                      "run's vocabulary lacks new embedding and output rows (else refused)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result."),
 ) -> None:
     """Train a model on text and save checkpoints in a run directory."""
-    cfg, run_dir, note = _resolve_train_config(config, resume, out_dir, set_, data, time_budget, device, seed,
-                                               deterministic)
+    starting = _Starting(quiet)
+    try:
+        cfg, run_dir, note = _resolve_train_config(config, resume, out_dir, set_, data, time_budget, device, seed,
+                                                   deterministic, init_from, extend_vocab)
+    except BaseException:
+        starting.done()
+        raise
     from minigpt_cli.checkpoint import CheckpointWriteError
     from minigpt_cli.trainer import NonFiniteLoss, TrainingStopped, detect_distributed
     from minigpt_cli.trainer import train as run_training
 
     is_main = detect_distributed().is_main
-    view = TrainView(quiet or not is_main)
+    view = TrainView(quiet or not is_main, starting)
     if note and not quiet and is_main:
         err.print(f"using {note}", markup=False)
     try:

@@ -86,6 +86,12 @@ class TrainConfig:
     stop_after: int = 0
     # Periodic evaluations score the whole validation split instead of eval_iters sampled batches.
     eval_full: bool = False
+    # A run (directory or checkpoint folder) whose weights a new run starts from, with a fresh
+    # optimizer and schedule; empty: start from random weights.
+    init_from: str = ""
+    # With init_from: characters of the new text that the run's vocabulary lacks get new embedding
+    # and output rows (otherwise they are refused).
+    extend_vocab: bool = False
 
 
 @dataclass(frozen=True)
@@ -330,7 +336,18 @@ def load_config(name_or_path: str | None = None) -> Config:
         raise UserError(f"{path} is empty: expected the sections {', '.join(SECTIONS)}")
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
-    return from_dict(raw, name=path.stem)
+    # A run's config.yaml names the config it was made from, so that training it again names runs alike.
+    name = raw.pop("name", None)
+    if name is not None and not (isinstance(name, str) and name.strip()):
+        raise UserError(f"{path}: 'name' must be text, got {name!r}")
+    return from_dict(raw, name=name.strip() if name else path.stem)
+
+
+def to_yaml(config: Config, header: str = "") -> str:
+    """The config as YAML that load_config reads back to an equal Config (name included)."""
+    body = yaml.safe_dump({"name": config.name, **config.to_dict()}, sort_keys=False, allow_unicode=True)
+    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return comment + body
 
 
 def parse_value(text: str) -> Any:

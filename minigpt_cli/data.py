@@ -13,7 +13,12 @@ import numpy as np
 import torch
 
 from minigpt_cli.config import UserError, default_data_path
+from minigpt_cli.progress import ProgressCallback, progress_task
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError
+
+# Characters encoded at a time: large enough to stay vectorised, small enough to report progress
+# on a large corpus and to bound the 4-bytes-a-character temporaries.
+ENCODE_CHUNK = 1 << 22
 
 
 def _decode_utf8(raw: bytes, where: str) -> str:
@@ -68,15 +73,20 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     raise AssertionError("vocabulary larger than 2**32")
 
 
-def encode_array(text: str, tokenizer: CharTokenizer) -> np.ndarray:
-    """Vectorised encode: code points looked up in the sorted vocabulary."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+def encode_array(text: str, tokenizer: CharTokenizer, progress: ProgressCallback | None = None) -> np.ndarray:
+    """Vectorised encode: code points looked up in the sorted vocabulary, a chunk at a time."""
     vocab = np.array([ord(c) for c in tokenizer.chars], dtype=np.uint32)
-    ids = np.searchsorted(vocab, codes)
-    ids_clipped = np.minimum(ids, len(vocab) - 1)
-    if not np.array_equal(vocab[ids_clipped], codes):
-        raise UnknownCharactersError(tokenizer.unknown(text), "data")
-    return ids_clipped.astype(dtype_for_vocab(tokenizer.vocab_size))
+    out = np.empty(len(text), dtype=dtype_for_vocab(tokenizer.vocab_size))
+    with progress_task(progress, "encoding text", total=len(text), unit="chars") as task:
+        for begin in range(0, len(text), ENCODE_CHUNK):
+            piece = text[begin:begin + ENCODE_CHUNK]
+            codes = np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
+            ids = np.minimum(np.searchsorted(vocab, codes), len(vocab) - 1)
+            if not np.array_equal(vocab[ids], codes):
+                raise UnknownCharactersError(tokenizer.unknown(text), "data")
+            out[begin:begin + len(piece)] = ids
+            task.advance(len(piece))
+    return out
 
 
 def cache_dir() -> Path:
@@ -87,7 +97,8 @@ def cache_dir() -> Path:
     return Path(base) / "minigpt"
 
 
-def _cached_encode(text: str, fingerprint: str, tokenizer: CharTokenizer) -> np.ndarray:
+def _cached_encode(text: str, fingerprint: str, tokenizer: CharTokenizer,
+                   progress: ProgressCallback | None = None) -> np.ndarray:
     """Encode once; later runs on the same text and vocabulary read the array back from disk."""
     vocab_hash = hashlib.sha256(tokenizer.to_dict()["chars"].encode("utf-8")).hexdigest()[:16]
     path = cache_dir() / f"{fingerprint[:32]}-{vocab_hash}.npy"
@@ -97,7 +108,7 @@ def _cached_encode(text: str, fingerprint: str, tokenizer: CharTokenizer) -> np.
             return ids
     except (OSError, ValueError):
         pass
-    ids = encode_array(text, tokenizer)
+    ids = encode_array(text, tokenizer, progress)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,12 +135,12 @@ class Corpus:
 
 
 def load_corpus(path: str | Path | None, val_fraction: float, tokenizer: CharTokenizer | None = None,
-                keep_text: bool = False) -> Corpus:
+                keep_text: bool = False, progress: ProgressCallback | None = None) -> Corpus:
     """Read and encode a corpus; the last val_fraction of the text is the validation split."""
     text, source = read_text(path if path else default_data_path())
     fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()
     tokenizer = tokenizer or CharTokenizer.from_text(text)
-    ids = _cached_encode(text, fingerprint, tokenizer)
+    ids = _cached_encode(text, fingerprint, tokenizer, progress)
     n_val = int(len(ids) * val_fraction)
     split = len(ids) - n_val
     return Corpus(tokenizer, ids[:split], ids[split:], fingerprint, source, len(text), text if keep_text else None)

@@ -25,7 +25,9 @@ from minigpt_cli.config import Config, UserError
 from minigpt_cli.data import Corpus, batch_indices, check_split_lengths, get_batch, load_corpus
 from minigpt_cli.device import Precision, autocast, choose_precision, resolve_device, synchronize
 from minigpt_cli.model import GPT
+from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
 from minigpt_cli.optim import build_optimizers, lr_factor, set_lr
+from minigpt_cli.progress import FINAL_EVAL_TASK, Progress, ProgressCallback, progress_task
 
 LN2 = math.log(2.0)
 # Eval batches draw from generators keyed past any training micro-step, so they never overlap.
@@ -132,7 +134,8 @@ class _SignalCatcher:
 
 
 def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_size: int,
-               device: torch.device, precision: Precision) -> tuple[float, int]:
+               device: torch.device, precision: Precision, progress: ProgressCallback | None = None,
+               task: str = "scoring") -> tuple[float, int]:
     """Sum of -log p over every character after the first, and how many were scored.
 
     Windows of up to block_size characters start every `stride` characters; each window scores
@@ -159,7 +162,8 @@ def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_
     groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     groups += [[w] for w in windows if w[1] - w[0] != block_size]
     model.eval()
-    with torch.no_grad(), autocast(device, precision):
+    with torch.no_grad(), autocast(device, precision), \
+            progress_task(progress, task, total=len(windows), unit="windows") as report:
         for group in groups:
             length = group[0][1] - group[0][0]
             begins = torch.tensor([w[0] for w in group])
@@ -170,6 +174,7 @@ def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_
             keep = torch.arange(length, device=device)[None] >= skip[:, None]  # (B, T)
             total += nll[keep].double().sum()
             count += int(keep.sum())
+            report.advance(len(group))
     return total.item(), count
 
 
@@ -200,10 +205,102 @@ def apply_gradients(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer
         opt.zero_grad(set_to_none=True)
 
 
+def grow_vocabulary(state: dict[str, torch.Tensor], old_chars: Sequence[str],
+                    new_chars: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Weights for a vocabulary with characters added (ids are sorted by character, so old ones may
+    move): each old character keeps its embedding and output rows, at its new id. A new character's
+    rows start as the mean of the old rows: an average input, and an average logit, so the loss on
+    text without it is unchanged and its first appearances cost about as much as any character's."""
+    if list(old_chars) == list(new_chars):
+        return state
+    at = {c: i for i, c in enumerate(new_chars)}
+    index = torch.tensor([at[c] for c in old_chars])
+    grown = dict(state)
+    for key in ("wte.weight", "lm_head.weight"):  # (vocab_size, n_embd); lm_head is absent when tied
+        if key in state:
+            old = state[key]
+            rows = old.mean(dim=0, keepdim=True).repeat(len(new_chars), 1)
+            rows[index] = old
+            grown[key] = rows
+    return grown
+
+
+class TimeBudget:
+    """When to stop so that the whole command (start-up, training, final evaluation, saves) ends
+    within train.time_budget seconds of the process's start.
+
+    The next step is estimated from the steady-state rate: the median of recent step times, leaving
+    out the first (allocation, kernel choice and caches make it slow). The final evaluation's cost is
+    measured before the loop on a batch of its own windows; saves are timed as they happen. The first
+    MIN_STEPS steps are taken whenever the final evaluation still fits, so a short budget trains a few
+    steps instead of none; after them, a step starts only if it fits too.
+    """
+
+    WARMUP_STEPS = 1
+    MIN_STEPS = 3
+    RECENT = 20
+    # Seconds kept for what follows the final evaluation: the summary and the process's exit.
+    MARGIN = 0.5
+
+    def __init__(self, budget: float, started_at: float, clock: Callable[[], float] = time.perf_counter):
+        self.budget = budget
+        self.deadline = started_at + budget
+        self.clock = clock
+        self.step_seconds: list[float] = []
+        self.final_eval_seconds = 0.0
+        self.save_seconds = 0.0
+        self.loop_began = clock()
+
+    def begin(self, final_eval_seconds: float, save_seconds: float) -> None:
+        """The loop starts now; the final evaluation and one save are expected to cost this much."""
+        self.final_eval_seconds = final_eval_seconds
+        self.save_seconds = save_seconds
+        self.loop_began = self.clock()
+
+    def step_done(self, seconds: float) -> None:
+        self.step_seconds.append(seconds)
+
+    def saved(self, seconds: float) -> None:
+        self.save_seconds = max(self.save_seconds, seconds)
+
+    def step_estimate(self) -> float:
+        steady = self.step_seconds[self.WARMUP_STEPS:] or self.step_seconds
+        recent = sorted(steady[-self.RECENT:])
+        return recent[len(recent) // 2] if recent else 0.0
+
+    def reserve(self) -> float:
+        """Seconds kept back from the deadline: the final evaluation, the saves around it, the exit."""
+        return self.final_eval_seconds + 2 * self.save_seconds + self.MARGIN
+
+    def left(self) -> float:
+        """Seconds left for training (and periodic evaluations) before the reserve."""
+        return self.deadline - self.reserve() - self.clock()
+
+    def out_of_time(self) -> bool:
+        """Whether to stop before the next step."""
+        left = self.left()
+        if len(self.step_seconds) < self.MIN_STEPS:
+            return left <= 0
+        return left < self.step_estimate()
+
+    def allows(self, seconds: float) -> bool:
+        """Whether work of this many seconds (a periodic evaluation) still fits before the reserve."""
+        return self.left() >= seconds + self.step_estimate()
+
+    def progress(self) -> float:
+        """How far through the training time the run is, 0 to 1 (the learning-rate schedule's clock)."""
+        usable = self.deadline - self.reserve() - self.loop_began
+        return (self.clock() - self.loop_began) / max(usable, 1e-9)
+
+
 class Trainer:
     def __init__(self, config: Config, run_dir: Path, resume: bool = False,
-                 callback: Callable[[TrainEvent], None] | None = None, started_at: float | None = None):
-        self.started_at = started_at if started_at is not None else time.perf_counter()
+                 callback: Callable[[TrainEvent], None] | None = None, started_at: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.started_at = started_at if started_at is not None else clock()
+        self.budget: TimeBudget | None = None
+        self.progress_step = 0
         self.config = config
         self.run_dir = Path(run_dir)
         self.resume = resume
@@ -213,6 +310,10 @@ class Trainer:
     def emit(self, kind: str, step: int, **data: Any) -> None:
         if self.dist.is_main:
             self.callback(TrainEvent(kind, step, data))
+
+    def _report(self, progress: Progress) -> None:
+        """Progress of long work inside the run (encoding the text, the final evaluation)."""
+        self.emit("progress", self.progress_step, progress=progress)
 
     # -- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -265,6 +366,41 @@ class Trainer:
             )
         return loaded
 
+    def _load_parent(self) -> ckpt.LoadedCheckpoint | None:
+        """The run named by train.init_from, whose weights a new run starts from."""
+        t = self.config.train
+        if self.resume or not t.init_from:
+            return None
+        parent = ckpt.load_checkpoint(Path(t.init_from), which="best")
+        saved, now = parent.config.model, self.config.model
+        # Dropout is applied in training only and changes no weight; every other model key does.
+        differ = [f"model.{f.name}: {parent.run_dir} has {getattr(saved, f.name)!r}, config has "
+                  f"{getattr(now, f.name)!r}" for f in dataclasses.fields(saved)
+                  if f.name != "dropout" and getattr(saved, f.name) != getattr(now, f.name)]
+        if differ:
+            raise UserError("--init-from needs the same model shape as the run it starts from; differing keys: "
+                            + "; ".join(differ))
+        return parent
+
+    def _parent_corpus(self, parent: ckpt.LoadedCheckpoint, copy_text: bool) -> tuple[Corpus, list[str]]:
+        """The new text in the parent's vocabulary; with extend_vocab, characters it lacks are added."""
+        cfg = self.config
+        try:
+            corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction, parent.tokenizer,
+                                 keep_text=copy_text, progress=self._report)
+            return corpus, []
+        except UnknownCharactersError as exc:
+            if not cfg.train.extend_vocab:
+                raise UserError(
+                    f"the text has {len(exc.chars)} character(s) that {parent.run_dir}'s vocabulary lacks: "
+                    f"{describe_chars(exc.chars)}; add --extend-vocab to give them new embedding and output "
+                    f"rows, or remove them from the text") from None
+            added = exc.chars
+        tokenizer = CharTokenizer([*parent.tokenizer.chars, *added])
+        corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction, tokenizer, keep_text=copy_text,
+                             progress=self._report)
+        return corpus, added
+
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         try:
@@ -280,11 +416,16 @@ class Trainer:
     def _run(self) -> TrainResult:
         cfg, t = self.config, self.config.train
         loaded = self._load_resume()
+        parent = self._load_parent()
         # The bundled text ships with minigpt; any other is copied into the run (below), so that the
         # run needs nothing outside itself to be evaluated or resumed.
         copy_text = self.dist.is_main and bool(cfg.data.path) and ckpt.data_copy(self.run_dir) is None
-        corpus: Corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction,
-                                     loaded.tokenizer if loaded else None, keep_text=copy_text)
+        added: list[str] = []
+        if parent is not None:
+            corpus, added = self._parent_corpus(parent, copy_text)
+        else:
+            corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction, loaded.tokenizer if loaded else None,
+                                 keep_text=copy_text, progress=self._report)
         check_split_lengths(corpus, cfg.model.block_size)
         if loaded and loaded.meta.get("data_fingerprint") not in (None, corpus.fingerprint):
             self.emit("warning", loaded.step, message=(
@@ -296,6 +437,12 @@ class Trainer:
         model = GPT(cfg.model, corpus.tokenizer.vocab_size)
         if loaded:
             ckpt.load_weights(model, loaded.model_state, loaded.path / ckpt.MODEL_FILE)
+        lineage = loaded.meta.get("parent") if loaded else None
+        if parent is not None:
+            weights = grow_vocabulary(parent.model_state, parent.tokenizer.chars, corpus.tokenizer.chars)
+            ckpt.load_weights(model, weights, parent.path / ckpt.MODEL_FILE)
+            lineage = {"run": str(parent.run_dir.resolve()), "checkpoint": str(parent.path.resolve()),
+                       "step": parent.step, "config": parent.config.name, "added_chars": "".join(added)}
         model.to(self.device)
         optimizers = build_optimizers(model, t, self.device)
         step = 0
@@ -322,6 +469,12 @@ class Trainer:
                         f"{corpus.source} is over {ckpt.DATA_COPY_MAX_BYTES // 2**20} MiB, so the run keeps "
                         f"no copy of it: `eval` and `--resume` will read {cfg.data.path}"))
                 corpus = dataclasses.replace(corpus, text=None)  # not held for the whole run
+            written = cfg
+            if cfg.data.path == "-" and ckpt.data_copy(self.run_dir) is not None:
+                # Text from stdin cannot be read again: the config names the run's copy of it instead.
+                written = dataclasses.replace(cfg, data=dataclasses.replace(
+                    cfg.data, path=str(ckpt.data_copy(self.run_dir).resolve())))
+            ckpt.save_config(self.run_dir, written)
 
         train_model: torch.nn.Module = model
         if t.compile:
@@ -340,22 +493,33 @@ class Trainer:
                   train_chars=len(corpus.train), val_chars=len(corpus.val), source=corpus.source,
                   max_iters=t.max_iters, tokens_per_step=tokens_per_step, time_budget=t.time_budget,
                   run_dir=str(self.run_dir), resumed_from=str(loaded.path) if loaded else None,
-                  world_size=self.dist.world_size)
+                  world_size=self.dist.world_size, seed=t.seed,
+                  init_from=str(parent.run_dir) if parent else None, added_chars="".join(added))
 
         state = dict(step=step, tokens=tokens_seen, best_val=best_val, eval_seconds=0.0, eval_rate=0.0,
                      train_rate=0.0, val_tokens=len(corpus.val), prior_seconds=prior_seconds,
-                     fingerprint=corpus.fingerprint)
+                     fingerprint=corpus.fingerprint, periodic_eval_seconds=None, parent=lineage,
+                     stopped=None)
+        if t.time_budget:
+            self.budget = TimeBudget(t.time_budget, self.started_at, self.clock)
+            # Until a save is timed: the weights and two Adam moments, written at a modest 100 MB/s.
+            save_guess = 0.1 + 12 * model.num_parameters() / 100e6
+            self.budget.begin(self._measure_final_eval(model, corpus), save_guess)
         stopped = "max_iters"
         state["loop_start"] = last_log = (time.perf_counter(), step)
         with _SignalCatcher() as signals:
             while step < t.max_iters:
-                if t.time_budget and self._out_of_time(state):
+                if self.budget is not None and self._out_of_time():
                     stopped = "time_budget"
                     break
                 factor = lr_factor(t, step, self._progress(step, state))
                 lr = set_lr(optimizers, factor)
+                step_began = self.clock()
                 loss = self._train_step(train_model, model, optimizers, scaler, corpus, step)
+                if self.budget is not None:
+                    self.budget.step_done(self.clock() - step_began)
                 step += 1
+                self.progress_step = step
                 state["step"], state["tokens"] = step, state["tokens"] + tokens_per_step
                 flags = self._agree([0.0 if math.isfinite(loss) else 1.0, float(signals.signum)])
                 if flags[0]:
@@ -366,18 +530,21 @@ class Trainer:
                     last_log = (now, step)
                     state["train_rate"] = rate
                     self._log(step, loss, lr, rate, state)
-                if step % t.eval_interval == 0 and step < t.max_iters:
+                if step % t.eval_interval == 0 and step < t.max_iters and self._eval_fits(state):
                     self._periodic_eval(model, corpus, optimizers, state)
                 elif t.checkpoint_interval and step % t.checkpoint_interval == 0:
                     self._save(model, corpus, optimizers, state, is_best=False)
                 if flags[1]:
                     signum = int(flags[1])
+                    state["stopped"] = "interrupted" if signum == signal.SIGINT else "terminated"
                     self._save(model, corpus, optimizers, state, is_best=False)
                     raise TrainingStopped(signum, self._result(model, state, math.nan, 0,
                                                                "interrupted" if signum == signal.SIGINT else "terminated"))
                 if t.stop_after and step - state["loop_start"][1] >= t.stop_after and step < t.max_iters:
+                    state["stopped"] = "stop_after"
                     self._save(model, corpus, optimizers, state, is_best=False)
                     return self._result(model, state, math.nan, 0, "stop_after")
+            state["stopped"] = stopped
             final_loss, scored = self._final_eval(model, corpus, optimizers, state)
             # A signal during the final evaluation: it finished and saved, so stop as a signal stops.
             # (Each rank's own signal: no collective is left to agree on, and none should run this
@@ -390,26 +557,44 @@ class Trainer:
         return result
 
     def _elapsed(self) -> float:
-        return time.perf_counter() - self.started_at
+        return self.clock() - self.started_at
 
     def _progress(self, step: int, state: dict) -> float:
         t = self.config.train
         by_steps = (step - t.warmup_iters) / max(1, t.max_iters - t.warmup_iters)
-        if not t.time_budget:
+        if self.budget is None:
             return by_steps
-        # Decay must end when the budget does, less the time the final evaluation will take.
-        usable = t.time_budget - self._reserve(state)
-        return max(by_steps, self._elapsed() / max(usable, 1e-9))
+        # Decay ends when the training time does: the budget less the final evaluation and saves.
+        return max(by_steps, self.budget.progress())
 
-    def _reserve(self, state: dict) -> float:
-        """Seconds held back from the budget for the final full evaluation and the last save."""
-        # A forward pass costs about a third of a training step (forward plus backward).
-        rate = state["eval_rate"] or 3 * state["train_rate"] or 1e5
-        return state["val_tokens"] / rate + 0.5
+    def _out_of_time(self) -> bool:
+        assert self.budget is not None
+        return self._agree([float(self.budget.out_of_time())])[0] > 0
 
-    def _out_of_time(self, state: dict) -> bool:
-        over = self._elapsed() >= self.config.train.time_budget - self._reserve(state)
-        return self._agree([float(over)])[0] > 0
+    def _measure_final_eval(self, model: GPT, corpus: Corpus) -> float:
+        """Seconds the final evaluation will take, from timing one batch of its windows (after one
+        untimed batch: the first forward pass pays for allocation and kernel choice)."""
+        t, m = self.config.train, self.config.model
+        batch = max(t.batch_size, 32)
+        windows = max(1, math.ceil((len(corpus.val) - 1) / m.block_size))
+        sample = corpus.val[:min(len(corpus.val), batch * m.block_size + 1)]
+        score_text(model, sample[:m.block_size + 1], m.block_size, m.block_size, batch, self.device, self.precision)
+        began = self.clock()
+        _, scored = score_text(model, sample, m.block_size, m.block_size, batch, self.device, self.precision)
+        per_window = (self.clock() - began) / max(1, math.ceil(scored / m.block_size))
+        return per_window * windows
+
+    def _eval_fits(self, state: dict) -> bool:
+        """Under a time budget, a periodic evaluation only where it leaves time for the final one
+        (which measures the same weights more fully a moment later anyway)."""
+        if self.budget is None:
+            return True
+        t, m = self.config.train, self.config.model
+        cost = state["periodic_eval_seconds"]
+        if cost is None:  # not yet timed: its batches at the final evaluation's measured rate per window
+            windows = max(1, math.ceil((state["val_tokens"] - 1) / m.block_size))
+            cost = self.budget.final_eval_seconds / windows * 2 * t.eval_iters * t.batch_size
+        return self._agree([float(self.budget.allows(cost))])[0] > 0
 
     def _agree(self, values: list[float]) -> list[float]:
         """One decision for every rank: the largest value any rank saw."""
@@ -452,8 +637,8 @@ class Trainer:
     def _log(self, step: int, loss: float, lr: float, rate: float, state: dict) -> None:
         t = self.config.train
         elapsed = self._elapsed()
-        if t.time_budget:
-            eta = max(0.0, t.time_budget - elapsed)
+        if self.budget is not None:
+            eta = max(0.0, self.budget.deadline - self.clock())
         else:
             began, first = state["loop_start"]
             eta = (time.perf_counter() - began) / max(1, step - first) * (t.max_iters - step)
@@ -485,15 +670,16 @@ class Trainer:
 
     def _periodic_eval(self, model: GPT, corpus: Corpus, optimizers, state: dict) -> None:
         t, m = self.config.train, self.config.model
-        began = time.perf_counter()
+        began = self.clock()
         losses = self._estimate(model, corpus)
-        seconds = time.perf_counter() - began
+        seconds = self.clock() - began
         state["eval_rate"] = 2 * t.eval_iters * t.batch_size * m.block_size / max(seconds, 1e-9)
         scope = f"{t.eval_iters} sampled batches"
         if t.eval_full:
             losses["val"] = self._full_val_loss(model, corpus)
-            seconds = time.perf_counter() - began
+            seconds = self.clock() - began
             scope = "whole validation split"
+        state["periodic_eval_seconds"] = seconds
         state["eval_seconds"] += seconds
         is_best = losses["val"] < state["best_val"]
         state["best_val"] = min(state["best_val"], losses["val"])
@@ -508,11 +694,11 @@ class Trainer:
                   scope=scope, seconds=seconds, elapsed=self._elapsed(), eval_seconds=state["eval_seconds"])
         self._save(model, corpus, optimizers, state, is_best=is_best, val_loss=losses["val"])
 
-    def _full_val_loss(self, model: GPT, corpus: Corpus, with_count: bool = False):
+    def _full_val_loss(self, model: GPT, corpus: Corpus, with_count: bool = False, task: str = "evaluation"):
         """Mean loss over the whole validation split, in non-overlapping block_size windows."""
         t, m = self.config.train, self.config.model
         total, count = score_text(model, corpus.val, m.block_size, m.block_size, max(t.batch_size, 32),
-                                  self.device, self.precision)
+                                  self.device, self.precision, self._report, task)
         loss = total / max(count, 1)
         if self.dist.enabled:
             loss = self._mean(loss)
@@ -522,7 +708,7 @@ class Trainer:
         """Validation loss over the whole validation split, in non-overlapping block_size windows."""
         t, m = self.config.train, self.config.model
         began = time.perf_counter()
-        loss, count = self._full_val_loss(model, corpus, with_count=True)
+        loss, count = self._full_val_loss(model, corpus, with_count=True, task=FINAL_EVAL_TASK)
         seconds = time.perf_counter() - began
         # The best checkpoint is chosen by one measure throughout, the periodic evaluations' (their
         # fixed sampled batches, or the whole split with eval_full), never this loss against theirs.
@@ -552,12 +738,17 @@ class Trainer:
         # An update can break the weights while the step's own loss was still finite: never save those.
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise NonFiniteLoss(state["step"], self.run_dir)
+        began = self.clock()
         if self.dist.is_main:
             tensors, plain = self._train_state(optimizers)
             meta = dict(step=state["step"], tokens=state["tokens"], best_val_loss=state["best_val"],
                         val_loss=val_loss, data_fingerprint=state["fingerprint"], device=str(self.device),
                         precision=self.precision.name, train_seconds=state["prior_seconds"] + self._elapsed(),
-                        final=final, world_size=self.dist.world_size)
+                        final=final, world_size=self.dist.world_size,
+                        # why this invocation ended, for `minigpt runs` (None: a periodic save)
+                        stopped=state["stopped"])
+            if state["parent"]:
+                meta["parent"] = state["parent"]
             saved = ckpt.save_checkpoint(self.run_dir, model, self.config, corpus.tokenizer, meta,
                                          tensors, plain, is_best)
             self.emit("checkpoint", state["step"], path=str(saved), is_best=is_best)
@@ -565,6 +756,8 @@ class Trainer:
             import torch.distributed as dist
 
             dist.barrier()
+        if self.budget is not None:
+            self.budget.saved(self.clock() - began)
 
     def _train_state(self, optimizers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {"rng.torch": torch.get_rng_state()}
@@ -609,5 +802,6 @@ class Trainer:
 
 
 def train(config: Config, run_dir: Path, resume: bool = False,
-          callback: Callable[[TrainEvent], None] | None = None, started_at: float | None = None) -> TrainResult:
-    return Trainer(config, run_dir, resume, callback, started_at).run()
+          callback: Callable[[TrainEvent], None] | None = None, started_at: float | None = None,
+          clock: Callable[[], float] = time.perf_counter) -> TrainResult:
+    return Trainer(config, run_dir, resume, callback, started_at, clock).run()
