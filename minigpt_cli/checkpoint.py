@@ -23,7 +23,8 @@ import datetime as dt
 import json
 import math
 import os
-import shutil
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ from minigpt_cli.config import Config, UserError, config_from_checkpoint_dict
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None  # type: ignore[assignment]
+
 FORMAT_VERSION = 1
 RUNS_DIR = Path("runs")
 MODEL_FILE = "model.safetensors"
@@ -43,10 +49,67 @@ META_FILE = "meta.json"
 STATE_FILE = "state.safetensors"
 STATE_JSON = "state.json"
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".minigpt.lock"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_FILES = (META_FILE, MODEL_FILE, STATE_FILE, STATE_JSON)  # meta first: removed first, so a
+# folder being pruned stops looking whole before its weights go
+# The only names minigpt removes: its checkpoint folders, their temporary names, and the temporary
+# files of its atomic writes (each ends in the writer's PID).
+CHECKPOINT_NAME = re.compile(r"step-\d{7}(-\d+)?")
+TMP_CHECKPOINT_NAME = re.compile(re.escape(TMP_PREFIX) + r"step-\d{7}(-\d+)?\.\d+")
+TMP_FILE_NAME = re.compile(re.escape(TMP_PREFIX) + r"[\w.-]+\.\d+")
 
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, truncated, empty or not ours."""
+
+
+# Bounds on what is read from a run's JSON files, far above what minigpt writes: a crafted file is
+# refused in one line instead of filling memory, or Python's recursive parser's stack.
+JSON_MAX_DEPTH = 64
+POINTER_MAX_BYTES = 2**16
+META_MAX_BYTES = 2**26
+METRICS_LINE_MAX_CHARS = 2**16
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # strings (skipped) and brackets
+
+
+def _too_deep(text: str) -> bool:
+    if text.count("[") + text.count("{") <= JSON_MAX_DEPTH:
+        return False  # the common case, without a scan
+    depth = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > JSON_MAX_DEPTH:
+                return True
+        elif token in "]}":
+            depth -= 1
+    return False
+
+
+def loads_bounded(text: str, where: str | Path) -> Any:
+    """json.loads, with nesting deeper than JSON_MAX_DEPTH refused (CheckpointError) before parsing."""
+    if _too_deep(text):
+        raise CheckpointError(f"{where}: JSON nested deeper than {JSON_MAX_DEPTH} levels (not a file minigpt wrote)")
+    return json.loads(text)
+
+
+def read_bounded(path: Path, max_bytes: int) -> str:
+    """The UTF-8 text of a regular file of at most max_bytes; CheckpointError for anything else (a FIFO
+    is not waited on). OSError and UnicodeDecodeError pass to the caller."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path}: not a regular file")
+        if info.st_size > max_bytes:
+            raise CheckpointError(f"{path}: {info.st_size:,} bytes, more than a minigpt run's file holds "
+                                  f"({max_bytes:,}); not a file minigpt wrote")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{path}: more than {max_bytes:,} bytes; not a file minigpt wrote")
+    return data.decode("utf-8")
 
 
 class CheckpointWriteError(Exception):
@@ -99,9 +162,10 @@ def newest_run(base: Path = RUNS_DIR) -> Path:
     candidates = []
     if base.is_dir():
         for run in base.iterdir():
-            pointer = run / "latest.json"
-            if pointer.is_file():
-                candidates.append((pointer.stat().st_mtime, run))
+            try:
+                candidates.append((os.stat(run / "latest.json").st_mtime, run))
+            except OSError:
+                continue
     if not candidates:
         raise UserError(f"no trained run found under ./{base} (train one with `minigpt train`, or pass RUN)")
     return max(candidates)[1]
@@ -279,12 +343,16 @@ def save_checkpoint(run_dir: Path, model: GPT, config: Config, tokenizer: CharTo
                     train_tensors: dict[str, torch.Tensor], train_state: dict[str, Any], is_best: bool) -> Path:
     """Write a complete checkpoint, then point latest.json (and best.json if is_best) at it."""
     step = int(meta["step"])
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = run_dir / CHECKPOINTS_DIR
+    if checkpoints.is_symlink():
+        raise CheckpointWriteError(f"could not save the checkpoint for step {step}: {checkpoints} is a symbolic "
+                                   f"link, and minigpt writes only inside the run folder")
+    had_one = _pointer_target(run_dir, "latest") is not None
     name = f"step-{step:07d}"
     # The same step saved again (an interrupt right after a periodic save, say) gets a new folder, so
     # the one the pointers name stays whole until they move; prune removes it afterwards.
     n = 1
-    while (checkpoints / name).exists():
+    while os.path.lexists(checkpoints / name):
         n += 1
         name = f"step-{step:07d}-{n}"
     final = checkpoints / name
@@ -300,7 +368,7 @@ def save_checkpoint(run_dir: Path, model: GPT, config: Config, tokenizer: CharTo
     }
     try:
         checkpoints.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_checkpoint_folder(tmp)
         tmp.mkdir()
         save_file(model_tensors(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
         save_file(train_tensors or {"_empty": torch.zeros(0)}, str(tmp / STATE_FILE))
@@ -312,52 +380,202 @@ def save_checkpoint(run_dir: Path, model: GPT, config: Config, tokenizer: CharTo
         _fsync_dir(tmp)
         os.replace(tmp, final)
         _fsync_dir(checkpoints)
-        pointer = {"checkpoint": f"checkpoints/{name}", "step": step}
+        pointer = {"checkpoint": f"{CHECKPOINTS_DIR}/{name}", "step": step}
         atomic_write_json(run_dir / "latest.json", pointer)
         if is_best:
             atomic_write_json(run_dir / "best.json", pointer)
     except (OSError, SafetensorError) as exc:
         # safetensors reports a full disk as SafetensorError ("... No space left on device (os error 28)").
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_checkpoint_folder(tmp)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CheckpointWriteError(
             f"could not save the checkpoint for step {step} in {run_dir}: {reason}; "
-            f"the previous checkpoint is intact"
+            + ("the previous checkpoint is intact" if had_one else "no checkpoint had been saved yet")
         ) from exc
     prune(run_dir)
     return final
 
 
 def _pointer_target(run_dir: Path, which: str) -> Path | None:
+    """The checkpoint folder latest.json or best.json names, if it is one of this run's and whole."""
     try:
-        raw = json.loads((run_dir / f"{which}.json").read_text(encoding="utf-8"))
-        target = run_dir / raw["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError):
+        raw = json.loads(read_bounded(run_dir / f"{which}.json", POINTER_MAX_BYTES))
+        parts = Path(raw["checkpoint"]).parts
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
         return None
+    # Only checkpoints/<a checkpoint name>: a pointer never leads out of the run folder.
+    if len(parts) != 2 or parts[0] != CHECKPOINTS_DIR or not CHECKPOINT_NAME.fullmatch(parts[1]):
+        return None
+    target = run_dir / CHECKPOINTS_DIR / parts[1]
     return target if (target / META_FILE).is_file() else None
 
 
 def _complete_checkpoints(run_dir: Path) -> list[Path]:
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
+    folder = run_dir / CHECKPOINTS_DIR
+    try:
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+    except OSError:
         return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and not p.name.startswith(TMP_PREFIX) and (p / META_FILE).is_file())
+    return sorted(p for p in entries
+                  if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir() and (p / META_FILE).is_file())
+
+
+def _remove_checkpoint_folder(path: Path) -> bool:
+    """Remove a checkpoint folder minigpt wrote: a real folder (not a link) holding nothing but the
+    files of a checkpoint. Anything else in it, and it stays."""
+    try:
+        if not path.is_dir() or path.is_symlink():
+            return False
+        names = os.listdir(path)
+        if any(name not in CHECKPOINT_FILES for name in names):
+            return False
+        for name in CHECKPOINT_FILES:
+            if name in names and not (path / name).is_symlink() and (path / name).is_file():
+                (path / name).unlink()
+        path.rmdir()
+    except OSError:
+        return False
+    return True
 
 
 def prune(run_dir: Path) -> None:
-    """Remove leftovers of interrupted saves and checkpoints that neither pointer names."""
+    """Remove leftovers of interrupted saves and checkpoints that neither pointer names: only folders
+    and files with minigpt's own names, never through a symbolic link."""
     keep = {p for p in (_pointer_target(run_dir, "latest"), _pointer_target(run_dir, "best")) if p}
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir() or not keep:
+    folder = run_dir / CHECKPOINTS_DIR
+    if not keep or folder.is_symlink() or not folder.is_dir():
         return
     for entry in folder.iterdir():
-        # Only the writer (rank 0, one save at a time) calls this, so no save is in flight here.
-        if entry.name.startswith(TMP_PREFIX) or (entry.is_dir() and entry not in keep):
-            shutil.rmtree(entry, ignore_errors=True)
+        # Only the writer (it holds the run's lock, one save at a time) calls this, so no save is in flight here.
+        if TMP_CHECKPOINT_NAME.fullmatch(entry.name) or (CHECKPOINT_NAME.fullmatch(entry.name) and entry not in keep):
+            _remove_checkpoint_folder(entry)
     for entry in run_dir.iterdir():
-        if entry.name.startswith(TMP_PREFIX):
+        if TMP_FILE_NAME.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
             entry.unlink(missing_ok=True)
+
+
+# -- the run directory's life: claimed new, proven ours for --resume, locked while written -----------
+
+class RunLockedError(UserError):
+    """Another process is writing to the run."""
+
+
+def _listing(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def is_run(path: Path) -> bool:
+    """path holds a minigpt run: a pointer naming one of its whole checkpoints, or one such checkpoint."""
+    return bool(_pointer_target(path, "latest") or _pointer_target(path, "best") or _complete_checkpoints(path))
+
+
+def prepare_run_dir(out: Path | None, config_name: str, resume: bool, claim: bool = True) -> tuple[Path, bool]:
+    """The run directory of `minigpt train`, checked and claimed; returns (path, created here).
+
+    A new run goes into a new or empty folder (or one minigpt claimed for a run that never saved a
+    checkpoint); with no --out, a fresh name under ./runs. --resume takes only a folder holding a
+    run. Anything else is refused, so a run never writes among, or removes, files it did not make.
+    """
+    if out is None:
+        if resume:
+            try:
+                return newest_run(), False
+            except UserError:
+                raise UserError("no run to resume under ./runs: name one with --out RUN_DIR") from None
+        path = new_run_dir(config_name, claim=claim)
+        return path, claim
+    path = Path(out)
+    if resume:
+        if not path.exists():
+            raise CheckpointError(f"run not found: {path}")
+        if (path / CHECKPOINTS_DIR).is_symlink():
+            raise UserError(f"{path / CHECKPOINTS_DIR} is a symbolic link; minigpt keeps a run's checkpoints inside "
+                            f"its folder (replace the link with a copy of what it points to)")
+        if not path.is_dir() or not is_run(path):
+            raise CheckpointError(f"{path} holds no minigpt run to resume (no checkpoint in it); "
+                                  f"start a new run without --resume")
+        return path, False
+    if path.exists() and not path.is_dir():
+        raise UserError(f"cannot create run directory {path}: a file is in the way")
+    names = set(_listing(path))
+    if is_run(path):
+        raise UserError(f"{path} already holds a run; continue it with --resume, or pick another --out")
+    if names and LOCK_FILE not in names:
+        raise UserError(f"{path} is not empty and is not a minigpt run; pick a new or empty folder for --out")
+    if not claim:
+        return path, False
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
+    return path, created
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of its writer: flock on LOCK_FILE, which the
+    OS drops when the process ends (kill -9 included), so no stale lock is ever left. The file keeps
+    the holder's PID for the message a second writer gets, and marks the folder as minigpt's."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.fd: int | None = None
+        self.made_file = False
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create run directory {self.run_dir}: {exc.strerror or exc}") from None
+        path = self.run_dir / LOCK_FILE
+        self.made_file = not os.path.lexists(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                         0o644)
+        except OSError as exc:
+            raise UserError(f"cannot lock the run directory {self.run_dir} ({path.name}: "
+                            f"{exc.strerror or exc})") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f"PID {holder}" if holder.isdigit() else "another process"
+                raise RunLockedError(f"{self.run_dir} is being written by another minigpt train ({who}); wait for "
+                                     f"it to finish or stop it, or pick another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is None:
+            return
+        # A lock file this writer made in a folder it left otherwise empty goes with it.
+        if self.made_file and _listing(self.run_dir) == [LOCK_FILE]:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+        os.close(self.fd)  # releases the flock
+        self.fd = None
+
+
+def remove_unused_run_dir(path: Path) -> None:
+    """Remove a run directory claimed for a run that failed before writing anything: only when it
+    holds nothing, or nothing but an unheld lock file."""
+    names = _listing(path)
+    if names == [LOCK_FILE]:
+        try:
+            with RunLock(path):
+                (path / LOCK_FILE).unlink(missing_ok=True)
+        except (UserError, OSError):
+            return
+    try:
+        path.rmdir()  # fails, and so keeps it, unless the directory is empty
+    except OSError:
+        pass
 
 
 def find_checkpoint(path: Path | None, which: str = "best") -> Path:
@@ -384,14 +602,40 @@ def find_checkpoint(path: Path | None, which: str = "best") -> Path:
 
 
 def load_checkpoint(path: Path | None, which: str = "best", with_train_state: bool = False) -> LoadedCheckpoint:
-    folder = find_checkpoint(path, which)
-    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder
+    """A whole checkpoint of a run (its best or latest) or a checkpoint folder itself. A writer may prune
+    the folder a pointer named while it is read: then the pointers are read again, so a reader beside
+    a running `train` always gets a whole checkpoint."""
+    for attempt in range(LOAD_ATTEMPTS):
+        folder = find_checkpoint(path, which)
+        try:
+            return _load_folder(folder, with_train_state)
+        except (CheckpointError, OSError):
+            chosen = path is None or Path(path).resolve() != folder.resolve()  # by a pointer, not named
+            if attempt + 1 < LOAD_ATTEMPTS and chosen and _moved_on(folder, path, which):
+                continue
+            raise
+    raise AssertionError("unreachable")
+
+
+LOAD_ATTEMPTS = 20
+
+
+def _moved_on(folder: Path, path: Path | None, which: str) -> bool:
+    """Whether the folder was pruned under the reader (the pointers name another one now)."""
+    try:
+        return not (folder / META_FILE).is_file() or find_checkpoint(path, which) != folder
+    except CheckpointError:
+        return False
+
+
+def _load_folder(folder: Path, with_train_state: bool) -> LoadedCheckpoint:
+    run_dir = folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else folder
     meta_path = folder / META_FILE
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = loads_bounded(read_bounded(meta_path, META_MAX_BYTES), meta_path)
     except FileNotFoundError:
         raise CheckpointError(f"{meta_path}: missing (the checkpoint is incomplete)") from None
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         raise CheckpointError(f"{meta_path}: unreadable or not JSON (truncated or corrupted checkpoint)") from None
     if not isinstance(meta, dict) or "config" not in meta or "vocab" not in meta:
         raise CheckpointError(f"{meta_path}: not minigpt checkpoint metadata")
@@ -409,43 +653,91 @@ def load_checkpoint(path: Path | None, which: str = "best", with_train_state: bo
         tokenizer = CharTokenizer.from_dict(meta["vocab"])
     except (UserError, ValueError) as exc:
         raise CheckpointError(f"{meta_path}: invalid config or vocabulary ({exc})") from None
-    model_state = _load_tensors(folder / MODEL_FILE)
+    model_state = _load_tensors(folder / MODEL_FILE, expected_shapes(config, tokenizer.vocab_size))
     loaded = LoadedCheckpoint(folder, run_dir, config, tokenizer, meta, model_state)
     if with_train_state:
         loaded.train_tensors = _load_tensors(folder / STATE_FILE)
+        state_path = folder / STATE_JSON
         try:
-            loaded.train_state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            raise CheckpointError(f"{folder / STATE_JSON}: missing or corrupted training state") from None
+            loaded.train_state = loads_bounded(read_bounded(state_path, META_MAX_BYTES), state_path)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            raise CheckpointError(f"{state_path}: missing or corrupted training state") from None
         if not isinstance(loaded.train_state, dict) or not isinstance(loaded.train_state.get("optimizers", []), list):
-            raise CheckpointError(f"{folder / STATE_JSON}: not minigpt training state")
+            raise CheckpointError(f"{state_path}: not minigpt training state")
     return loaded
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
-    if path.stat().st_size == 0:
+def expected_shapes(config: Config, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight the config's model has, from a model on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = GPT(config.model, vocab_size)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.model.tie_weights:
+        shapes.pop("lm_head.weight", None)  # saved once, as wte.weight
+    return shapes
+
+
+def _check_header(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Compare the shapes in a safetensors header with the model's before any tensor is read, so
+    metadata with inflated sizes never allocates a model or reads a huge file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    wrong = [f"{k} is {found[k]}, the model needs {shape}" for k, shape in expected.items()
+             if k in found and found[k] != shape]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    if wrong:
+        raise CheckpointError(f"{path}: weights do not fit the model in its config ({'; '.join(wrong[:3])})")
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the model in its config "
+                              f"(missing: {', '.join(missing[:5]) or 'none'}; "
+                              f"unexpected: {', '.join(unexpected[:5]) or 'none'})")
+
+
+def _load_tensors(path: Path, expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path}: not a regular file")
+    if info.st_size == 0:
         raise CheckpointError(f"{path}: empty file (truncated checkpoint)")
     try:
         with open(path, "rb"):
             pass
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)") from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
+        if expected is not None:
+            _check_header(path, expected)
         return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable safetensors file ({detail})") from None
 
 
+def _open_nofollow(path: str, flags: int) -> int:
+    """os.open that does not follow a link at the last name: a link in a run folder is not written through."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+
+
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    path = run_dir / "metrics.jsonl"
     try:
-        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(path, "a", encoding="utf-8", opener=_open_nofollow) as f:
             f.write(strict_json(record) + "\n")
     except OSError as exc:
-        raise CheckpointWriteError(f"could not write {run_dir / 'metrics.jsonl'}: {exc.strerror or exc}; "
-                                   f"the last checkpoint is intact") from exc
+        kept = "the last checkpoint is intact" if _pointer_target(run_dir, "latest") else "no checkpoint had been saved yet"
+        raise CheckpointWriteError(f"could not write {path}: {exc.strerror or exc}; {kept}") from exc
 
 
 def read_metrics(run_dir: Path, strict: bool = False) -> list[dict[str, Any]]:
@@ -460,9 +752,11 @@ def read_metrics(run_dir: Path, strict: bool = False) -> list[dict[str, Any]]:
         text = ""
     records = []
     for line in text.splitlines():
+        if len(line) > METRICS_LINE_MAX_CHARS or _too_deep(line):
+            continue  # not a line minigpt wrote
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(record, dict):
             records.append(record)

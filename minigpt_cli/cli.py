@@ -334,6 +334,7 @@ def _resolve_train_config(config_name: Optional[str], resume: bool, out_dir: Opt
 
     from minigpt_cli import checkpoint as ckpt
     from minigpt_cli.config import apply_overrides, load_config
+    from minigpt_cli.trainer import detect_distributed
 
     run_dir = out_dir
     note = None
@@ -349,14 +350,11 @@ def _resolve_train_config(config_name: Optional[str], resume: bool, out_dir: Opt
     elif extend_vocab:
         raise UserError("--extend-vocab goes with --init-from RUN (it adds characters to that run's vocabulary)")
     elif resume:
-        if out_dir is None:
-            try:
-                out_dir = ckpt.newest_run()
-            except UserError:
-                raise UserError("no run to resume under ./runs: name one with --out RUN_DIR") from None
-        run_dir = out_dir
+        run_dir, _ = ckpt.prepare_run_dir(out_dir, "", resume=True)
         if config_name is None:
             config = ckpt.load_checkpoint(run_dir, which="latest").config
+            # stop_after pauses one invocation; it is not part of the recipe a plain --resume continues.
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, stop_after=0))
         else:
             config = load_config(config_name)
     else:
@@ -382,21 +380,12 @@ def _resolve_train_config(config_name: Optional[str], resume: bool, out_dir: Opt
         # Stored absolute, so `eval` and `--resume` find the text from any working directory.
         absolute = str(Path(config.data.path).expanduser().resolve())
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=absolute))
-    if run_dir is None:
-        from minigpt_cli.trainer import detect_distributed
-
+    created = False
+    if not resume:
         # Only the process that writes (rank 0 under torchrun) claims a directory.
-        run_dir = ckpt.new_run_dir(config.name, claim=detect_distributed().is_main)
-    elif not resume and (Path(run_dir) / "latest.json").exists():
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume, or pick another --out")
-    return config, Path(run_dir), note
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()  # fails, and so keeps it, unless the directory is empty
-    except OSError:
-        pass
+        run_dir, created = ckpt.prepare_run_dir(out_dir, config.name, resume=False,
+                                                claim=detect_distributed().is_main)
+    return config, Path(run_dir), note, created
 
 
 def _default_config_name(device: Optional[str]) -> tuple[str, str]:
@@ -437,12 +426,12 @@ def train(
     """Train a model on text and save checkpoints in a run directory."""
     starting = _Starting(quiet)
     try:
-        cfg, run_dir, note = _resolve_train_config(config, resume, out_dir, set_, data, time_budget, device, seed,
-                                                   deterministic, init_from, extend_vocab)
+        cfg, run_dir, note, created = _resolve_train_config(config, resume, out_dir, set_, data, time_budget, device,
+                                                            seed, deterministic, init_from, extend_vocab)
     except BaseException:
         starting.done()
         raise
-    from minigpt_cli.checkpoint import CheckpointWriteError
+    from minigpt_cli.checkpoint import CheckpointWriteError, remove_unused_run_dir
     from minigpt_cli.trainer import NonFiniteLoss, TrainingStopped, detect_distributed
     from minigpt_cli.trainer import train as run_training
 
@@ -465,8 +454,8 @@ def train(
         fail(str(exc), EXIT_FAILURE)
     finally:
         view.close()
-        if out_dir is None and not resume and is_main:
-            _remove_if_empty(run_dir)  # the name claimed for a run that failed before writing anything
+        if created:
+            remove_unused_run_dir(run_dir)  # claimed for a run that failed before writing anything
     if not is_main:
         return
     summary = {**result.to_dict(), "config": cfg.name}

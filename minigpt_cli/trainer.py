@@ -405,7 +405,9 @@ class Trainer:
     def run(self) -> TrainResult:
         try:
             self._setup()
-            return self._run()
+            # One writer per run: the lock is held until the last save, and refused at once to a second.
+            with ckpt.RunLock(self.run_dir) if self.dist.is_main else contextlib.nullcontext():
+                return self._run()
         finally:
             if self.dist.enabled:
                 import torch.distributed as dist
@@ -418,8 +420,11 @@ class Trainer:
         loaded = self._load_resume()
         parent = self._load_parent()
         # The bundled text ships with minigpt; any other is copied into the run (below), so that the
-        # run needs nothing outside itself to be evaluated or resumed.
-        copy_text = self.dist.is_main and bool(cfg.data.path) and ckpt.data_copy(self.run_dir) is None
+        # run needs nothing outside itself to be evaluated or resumed. A new run, or one resumed on
+        # other text (--resume --data NEW), writes its copy; a run resumed on its own copy keeps it.
+        own_copy = ckpt.data_copy(self.run_dir) if self.resume else None
+        copy_text = self.dist.is_main and bool(cfg.data.path) and (
+            own_copy is None or Path(cfg.data.path).expanduser().resolve() != own_copy.resolve())
         added: list[str] = []
         if parent is not None:
             corpus, added = self._parent_corpus(parent, copy_text)
@@ -457,10 +462,6 @@ class Trainer:
             best_val = float(best) if isinstance(best, (int, float)) else math.inf
             prior_seconds = float(loaded.meta.get("train_seconds", 0.0))
         if self.dist.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UserError(f"cannot create run directory {self.run_dir}: {exc.strerror or exc}") from None
             # Resumed: drop records past the checkpoint. New: drop those of an attempt killed before its first save.
             ckpt.truncate_metrics(self.run_dir, step)
             if corpus.text is not None:

@@ -69,9 +69,9 @@ def test_resuming_several_times_never_replays_or_skips(uninterrupted, tmp_path: 
                                                                         "train.stop_after=3"))
     assert result.exit_code == 0, result.stderr
     steps = [3]
-    # With no CONFIG, --resume takes the run's own config, stop_after included: 3 more steps each time.
+    # stop_after pauses the invocation that asks for it: each resume asks for 3 more steps.
     for _ in range(3):
-        result = invoke("train", "--resume", "--out", run, "--json")
+        result = invoke("train", "--resume", "--out", run, "--json", "--set", "train.stop_after=3")
         assert result.exit_code == 0, result.stderr
         steps.append(result.json()["steps"])
     result = invoke("train", "--resume", "--out", run, "--json", "--set", "train.stop_after=0")

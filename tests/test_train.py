@@ -126,9 +126,11 @@ def test_a_new_run_never_overwrites_an_old_one(run_copy: Path, small_corpus: Pat
 
 
 def test_a_run_killed_before_its_first_save_can_be_started_again(tmp_path: Path, small_corpus: Path):
-    # What kill -9 before the first checkpoint leaves: metrics of steps that were never saved.
+    # What kill -9 before the first checkpoint leaves: the run's lock file (which marks the folder as
+    # minigpt's) and metrics of steps that were never saved.
     run = tmp_path / "runs" / "again"
     run.mkdir(parents=True)
+    (run / ckpt.LOCK_FILE).write_text("4242\n")
     (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 9.0}\n{"kind": "train", "st')
     result = invoke("train", "tiny", "--data", small_corpus, "--out", run, "--json",
                     *set_flags(*FAST, "train.max_iters=3", "train.eval_interval=100"))

@@ -1,0 +1,108 @@
+"""Nothing of the user's is ever deleted, one writer per run, and no file makes minigpt crash (issue 19)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, assert_usage_error, invoke, set_flags
+from minigpt_cli import checkpoint as ckpt
+from test_checkpoint import save_random_model
+
+
+def snapshot(folder: Path) -> dict[str, bytes | str]:
+    """Every file (its bytes) and link (its target) under folder, by relative path."""
+    found: dict[str, bytes | str] = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            found[key] = os.readlink(path)
+        elif path.is_file():
+            found[key] = path.read_bytes()
+        else:
+            found[key] = "<dir>"
+    return found
+
+
+# -- 1. a new run goes only into a new or empty folder (or an unused one of minigpt's) -------------
+
+def test_train_into_a_folder_that_is_not_a_run_is_refused_and_deletes_nothing(tmp_path: Path, small_corpus: Path):
+    mine = tmp_path / "p"
+    (mine / "checkpoints" / "my_resnet").mkdir(parents=True)
+    (mine / "checkpoints" / "my_resnet" / "w.pt").write_text("x")
+    (mine / ".tmp-notes.12").write_text("mine")
+    (mine / "data.txt").write_text("not the training text")
+    before = snapshot(mine)
+    os.chdir(mine)
+    result = invoke("train", "tiny", "--out", ".", "--data", small_corpus, *set_flags(*FAST, "train.max_iters=2"))
+    assert_usage_error(result, "not empty and is not a minigpt run")
+    assert snapshot(mine) == before
+
+
+def test_a_new_run_into_an_empty_folder_trains(tmp_path: Path, small_corpus: Path):
+    (tmp_path / "empty").mkdir()
+    result = invoke("train", "tiny", "--out", "empty", "--data", small_corpus, *set_flags(*FAST, "train.max_iters=2"))
+    assert result.exit_code == 0, result.stderr
+    assert ckpt.load_checkpoint(tmp_path / "empty", "latest").step == 2
+
+
+def test_a_claimed_folder_is_removed_when_the_run_fails_before_writing(tmp_path: Path, small_corpus: Path):
+    result = invoke("train", "tiny", "--out", "new/run", "--data", tmp_path / "missing.txt", *set_flags(*FAST))
+    assert result.exit_code == 2
+    assert not (tmp_path / "new" / "run").exists()
+
+
+# -- 2. deletes touch only minigpt's own names, never through a link ------------------------------
+
+def test_a_symlinked_checkpoints_folder_is_refused_and_its_target_kept(run_copy: Path, tmp_path: Path):
+    elsewhere = tmp_path / "elsewhere"
+    (run_copy / "checkpoints").rename(elsewhere)
+    (elsewhere / "my_models").mkdir()
+    (elsewhere / "my_models" / "w.pt").write_text("precious")
+    (run_copy / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    before = snapshot(elsewhere)
+    ckpt.prune(run_copy)
+    assert snapshot(elsewhere) == before
+    result = invoke("train", "--resume", "--out", run_copy, "--set", "train.max_iters=8")
+    assert_usage_error(result, "symbolic link")
+    assert snapshot(elsewhere) == before
+
+
+def test_prune_removes_only_checkpoints_and_temporary_files_it_wrote(tmp_path: Path):
+    run = tmp_path / "run"
+    save_random_model(run, step=1)
+    outside = tmp_path / "outside"
+    (outside / "step-0000005").mkdir(parents=True)
+    (outside / "step-0000005" / ckpt.META_FILE).write_text("{}")
+    checkpoints = run / "checkpoints"
+    (checkpoints / "my_notes").mkdir()
+    (checkpoints / "my_notes" / "a.txt").write_text("mine")
+    (checkpoints / "step-0000002").mkdir()  # named like a checkpoint, but holding a file of the user's
+    (checkpoints / "step-0000002" / "notes.txt").write_text("mine")
+    (checkpoints / "step-0000005").symlink_to(outside / "step-0000005", target_is_directory=True)
+    (run / ".tmp-keep").write_text("mine")  # the prefix, but not a name minigpt writes
+    leftover = checkpoints / f"{ckpt.TMP_PREFIX}step-0000003.4242"  # what a killed save leaves
+    leftover.mkdir()
+    (leftover / ckpt.MODEL_FILE).write_bytes(b"\0" * 8)
+    (run / f"{ckpt.TMP_PREFIX}latest.json.4242").write_text("{")
+    keep = {k: v for k, v in snapshot(tmp_path).items()
+            if k.startswith(("outside", "run/checkpoints/my_notes", "run/checkpoints/step-0000002",
+                             "run/checkpoints/step-0000005", "run/.tmp-keep"))}
+    save_random_model(run, step=4)
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in keep} == keep
+    assert not leftover.exists() and not (run / f"{ckpt.TMP_PREFIX}latest.json.4242").exists()
+    assert not (checkpoints / "step-0000001").exists()  # replaced by step 4: its own checkpoint goes
+    assert ckpt.load_checkpoint(run, "latest").step == 4
+
+
+def test_a_pointer_never_leads_out_of_the_run(tmp_path: Path):
+    run = tmp_path / "run"
+    save_random_model(run, step=1)
+    other = tmp_path / "other"
+    save_random_model(other, step=7)
+    (run / "latest.json").write_text('{"checkpoint": "../other/checkpoints/step-0000007"}')
+    (run / "best.json").write_text('{"checkpoint": "../other/checkpoints/step-0000007"}')
+    assert ckpt.load_checkpoint(run, "latest").step == 1
