@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from minigpt_cli.config import ModelConfig
 from minigpt_cli.device import resolve_device, synchronize
-from minigpt_cli.model import GPT, Linear, onednn_linear, pack_weight, packing_supported, prepare_for_inference, project
+from minigpt_cli.inference import Decoder, onednn_linear, pack_weight, packing_supported
+from minigpt_cli.model import GPT
 from minigpt_cli.sampler import SamplingSettings, generate
 
 CLASSIC = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.0, pos_encoding="learned",
@@ -40,14 +41,10 @@ CLASSIC = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0
 VOCAB = 65
 
 
-def weight_matrices(model: GPT) -> list[torch.Tensor]:
-    return [m.weight for m in model.modules() if isinstance(m, Linear)]
-
-
-def matrix_passes(model: GPT) -> dict[str, list]:
+def matrix_passes(decoder: Decoder) -> dict[str, list]:
     """Ways to push one vector through every weight matrix: F.linear (MKL) on every matrix, oneDNN
-    on every matrix packed, and the model's own choice per matrix (what a decode step does)."""
-    modules = [m for m in model.modules() if isinstance(m, Linear)]
+    on every matrix packed, and the decoder's own choice per matrix (what a decode step does)."""
+    modules = decoder.matrices
     linear = [(lambda x, w=m.weight: F.linear(x, w), m.in_features) for m in modules]
     passes = {"linear": linear}
     if modules[0].weight.device.type == "cpu" and packing_supported(modules[0].weight.dtype):
@@ -55,13 +52,13 @@ def matrix_passes(model: GPT) -> dict[str, list]:
         passes["packed"] = [(lambda x, w=pack_weight(m.weight): linear_packed(x, w, None, "none", [], ""),
                              m.in_features)
                             for m in modules]
-        passes["model"] = [(lambda x, m=m: project(x, m), m.in_features) for m in modules]
+        passes["model"] = [(lambda x, m=m: m.project(x), m.in_features) for m in modules]
     return passes
 
 
 @torch.inference_mode()
-def floor_seconds(model: GPT, matrices: list) -> float:
-    weight = model.lm_head.weight
+def floor_seconds(decoder: Decoder, matrices: list) -> float:
+    weight = decoder.matrices[-1].weight
     inputs = {n: torch.randn(1, n, dtype=weight.dtype, device=weight.device) for _, n in matrices}
     synchronize(weight.device)
     start = time.perf_counter()
@@ -85,14 +82,14 @@ def stream_bytes_per_second(device: torch.device) -> float:
     return x.nbytes / statistics.median(times)
 
 
-def greedy_tokens(model: GPT, new_tokens: int, use_cache: bool) -> list[int]:
+def greedy_tokens(model: GPT | Decoder, new_tokens: int, use_cache: bool) -> list[int]:
     steps = generate(model, [0], new_tokens, SamplingSettings(temperature=0.0), None, 1, use_cache)
     return [step.tokens.item() for step in steps]
 
 
-def generation_seconds(model: GPT, new_tokens: int, use_cache: bool, batch: int = 1) -> float:
+def generation_seconds(model: GPT | Decoder, new_tokens: int, use_cache: bool, batch: int = 1) -> float:
     """Greedy decoding of `batch` samples together, each `new_tokens` long."""
-    device = model.lm_head.weight.device
+    device = model.device
     settings = SamplingSettings(temperature=0.0)
     synchronize(device)
     start = time.perf_counter()
@@ -123,12 +120,11 @@ def main() -> None:
     models, plain, compiled = {}, {}, {}
     for name, dtype in dtypes.items():
         torch.manual_seed(0)
-        models[name] = prepare_for_inference(GPT(CLASSIC, VOCAB).to(device), dtype)
-        torch.manual_seed(0)
-        plain[name] = prepare_for_inference(GPT(CLASSIC, VOCAB).to(device), dtype, fast=False)
+        trained = GPT(CLASSIC, VOCAB).to(device)  # random weights: speed does not depend on them
+        models[name] = Decoder(trained, dtype)
+        plain[name] = Decoder(trained, dtype, fast=False)
         if args.compile:
-            torch.manual_seed(0)
-            compiled[name] = prepare_for_inference(GPT(CLASSIC, VOCAB).to(device), dtype, compile=True)
+            compiled[name] = Decoder(trained, dtype, compile=True)
     packed = {name: device.type == "cpu" and packing_supported(dtype) for name, dtype in dtypes.items()}
     cases = {
         "cached_float32": lambda: generation_seconds(models["float32"], n, True),
@@ -180,10 +176,10 @@ def main() -> None:
     step_over_floor = {name: per_round(lambda r, name=name: times[f"cached_{name}"][r] / n,
                                        lambda r, name=name: min(times[k][r] for k in floor_kinds[name]))
                        for name in dtypes}
-    weight_bytes = {name: sum(w.nbytes for w in weight_matrices(models[name])) for name in dtypes}
+    weight_bytes = {name: sum(m.weight.nbytes for m in models[name].matrices) for name in dtypes}
     result = {
         "model": "6 layers, 6 heads, 384 wide, block 256, vocab 65, batch 1",
-        "params": models["float32"].num_parameters(),
+        "params": trained.num_parameters(),
         "threads": torch.get_num_threads(),
         "new_tokens": n,
         "repeats": args.repeats,

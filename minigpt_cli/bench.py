@@ -31,8 +31,10 @@ from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, ModelConfig, UserError, apply_overrides, default_data_path, load_config
 from minigpt_cli.data import read_text
 from minigpt_cli.device import DTYPES, check_inference_dtype, choose_precision, resolve_device, synchronize
-from minigpt_cli.kv_cache import KVCache, cache_bytes_per_token
-from minigpt_cli.model import GPT, prepare_for_inference, project
+from minigpt_cli.inference import Decoder
+from minigpt_cli.kv_cache import KVCache
+from minigpt_cli.model import (GPT, count_parameters, flops_per_token, kv_bytes_per_token, visible_keys,
+                               written_out_attention)
 
 Progress = Callable[[str], None]
 
@@ -139,40 +141,8 @@ def resolve_target(arg: str | None, overrides: Sequence[str] = (), which: str = 
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOPs
+# FLOPs (the estimate itself is model.flops_per_token)
 # ---------------------------------------------------------------------------------------------
-
-def matmul_params(model: ModelConfig, vocab_size: int) -> int:
-    """N: weights every token is multiplied by (attention, MLP and lm_head; not the embedding lookups)."""
-    C = model.n_embd
-    per_layer = 3 * C * C + C * C + 2 * model.mlp_ratio * C * C  # c_attn, attn c_proj, c_fc, mlp c_proj
-    return model.n_layer * per_layer + C * vocab_size
-
-
-def flops_per_token(model: ModelConfig, vocab_size: int, seq_len: int | None = None) -> dict[str, Any]:
-    """The usual estimate (Kaplan et al. 2020; PaLM appendix B): a forward pass costs 2N per token
-    for the weight matmuls, plus QK^T and AV; backward costs twice the forward, so training is 3x.
-
-    With a causal mask a position attends to (T + 1) / 2 positions on average, so the attention
-    matmuls cost 2 * 2 * n_layer * C * (T / 2) = 2 * n_layer * T * C per token ("causal"). Kernels
-    that compute the masked half anyway do 4 * n_layer * T * C ("full").
-    """
-    T = seq_len or model.block_size
-    N = matmul_params(model, vocab_size)
-    attention_causal = 2 * model.n_layer * T * model.n_embd
-    attention_full = 2 * attention_causal
-    forward = 2 * N + attention_causal
-    return {
-        "matmul_params": N,
-        "seq_len": T,
-        "attention": "causal",
-        "forward": forward,
-        "attention_forward": attention_causal,
-        "train": 3 * forward,
-        "forward_full_attention": 2 * N + attention_full,
-        "train_full_attention": 3 * (2 * N + attention_full),
-    }
-
 
 def gpu_peak_tflops(name: str, precision: str) -> float | None:
     for key, half, tf32 in GPU_PEAK_TFLOPS:
@@ -261,13 +231,6 @@ class LiveTensorBytes(TorchDispatchMode):
         if entry[1] == 0:
             self.current -= entry[0]
             del self.live[key]
-
-
-def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
-    """softmax(QK^T / sqrt(head_dim)) V with the (T, T) scores in memory; q, k, v: (B, n_head, T, head_dim)."""
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, n_head, T, T)
-    att = att.masked_fill(future, float("-inf"))
-    return att.softmax(dim=-1) @ v  # (B, n_head, T, head_dim)
 
 
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
@@ -371,7 +334,7 @@ class BenchOptions:
     seq_len: int | None = None
     batch_sizes: Sequence[int] | None = None
     sections: Sequence[str] = ("train", "sample", "attention")
-    # Sampling precision, as `minigpt sample --dtype` runs it (see prepare_for_inference).
+    # Sampling precision, as `minigpt sample --dtype` runs it (see inference.Decoder).
     dtype: str = "float32"
     # Stop repeating one measurement after this many seconds (once it has 3 repeats).
     max_seconds: float | None = None
@@ -440,7 +403,7 @@ class Bench:
         return tokens * (2 * self.flops["matmul_params"] + 4 * self.m.n_layer * self.m.n_embd * context)
 
     def build_model(self) -> GPT:
-        weights = 4 * _param_count(self.m, self.V)
+        weights = 4 * count_parameters(self.m, self.V)
         if not self._fits(weights):
             free = available_memory(self.device) or 0
             raise UserError(f"{self.cfg.name} needs {weights / 2**30:.1f} GiB for its float32 weights, but "
@@ -471,12 +434,11 @@ class Bench:
                               f"bench began: other programs compete for the CPU, so times will be slower and less "
                               f"steady than on an idle machine")
         sections = self.options.sections
-        result["model"] = {"n_params": _param_count(self.m, self.V), "matmul_params": self.flops["matmul_params"],
+        result["model"] = {"n_params": count_parameters(self.m, self.V), "matmul_params": self.flops["matmul_params"],
                            "n_layer": self.m.n_layer, "n_head": self.m.n_head, "n_embd": self.m.n_embd,
                            "block_size": self.m.block_size, "vocab_size": self.V, "flops_per_token": self.flops}
         with preserved_global_state(self.device):
-            # Training before sampling: sampling then readies the same model the way `minigpt sample`
-            # does (prepare_for_inference), which leaves it unfit for training.
+            # Sampling times the decoder `minigpt sample` builds from the model (inference.Decoder).
             if "attention" in sections:
                 result["attention"] = self.attention()
             if "sample" in sections or "train" in sections:
@@ -484,7 +446,7 @@ class Bench:
                 if "train" in sections:
                     result["train"] = self.train(model)
                 if "sample" in sections:
-                    result["sample"] = self.sample(prepare_for_inference(model, DTYPES[self.options.dtype]))
+                    result["sample"] = self.sample(Decoder(model, DTYPES[self.options.dtype]))
                 del model
         result["memory"] = self.memory()
         if self.unsteady:
@@ -566,8 +528,7 @@ class Bench:
         return out
 
     @torch.inference_mode()
-    def sample(self, model: GPT) -> dict[str, Any]:
-        model.eval()
+    def sample(self, model: Decoder) -> dict[str, Any]:
         m, bs = self.m, self.m.block_size
         # Time to first token: prefill half a window (fewer tokens if that is over the budget), choose one token.
         P = max(1, bs // 2)
@@ -624,7 +585,7 @@ class Bench:
         sizes = self.options.batch_sizes or ((1, 4) if self.options.quick else (1, 4, 16, 64))
         batch = []
         for B in sizes:
-            need = cache_bytes_per_token(m.n_layer, m.n_embd) * B * (L + 1)
+            need = kv_bytes_per_token(m) * B * (L + 1)
             if not self._fits(need):
                 self.notes.append(f"decode at batch {B} skipped: its KV cache needs {need / 2**30:.1f} GiB")
                 continue
@@ -647,20 +608,16 @@ class Bench:
         out["batch"] = batch
         return out
 
-    def weight_floor(self, model: GPT) -> dict[str, Any]:
+    def weight_floor(self, model: Decoder) -> dict[str, Any]:
         """One batch-1 matrix-vector product per weight matrix a decode step reads, back to back.
 
         A decode step must read every weight once, so this is the least one step can take on this
         device; its ratio to the real step shows how much time goes elsewhere (attention, norms,
-        kernel launches, Python). Timed with F.linear on every matrix and, where
-        prepare_for_inference packed some for oneDNN, with the model's own kernels too; the faster
-        of the two is the floor.
+        kernel launches, Python). Timed with F.linear on every matrix and, where the decoder
+        packed some for oneDNN, with the decoder's own kernels too; the faster of the two is the floor.
         """
         self.progress("sampling: weight-read floor")
-        modules = []
-        for block in model.blocks:
-            modules += [block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj]
-        modules.append(model.lm_head)
+        modules = model.matrices
         vectors = {(m.in_features, m.weight.dtype): torch.randn(1, m.in_features, generator=self.generator,
                                                                 device=self.device).to(m.weight.dtype)
                    for m in modules}
@@ -671,7 +628,7 @@ class Bench:
 
         def with_model_kernels() -> None:
             for m in modules:
-                project(vectors[m.in_features, m.weight.dtype], m)
+                m.project(vectors[m.in_features, m.weight.dtype])
 
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in modules)
         kernels = {"F.linear": self._time(with_linear, 2 * nbytes / 4)}
@@ -704,11 +661,11 @@ class Bench:
                 break
             q, k, v = (torch.randn(1, m.n_head, T, m.head_dim, generator=self.generator, device=self.device,
                                    dtype=dtype) for _ in range(3))  # (B, n_head, T, head_dim)
-            # Made once, as a model would keep it in a buffer: True above the diagonal (the future).
-            future = torch.ones(T, T, dtype=torch.bool, device=self.device).triu(diagonal=1)
+            # Made once, as a model would keep it in a buffer: True on and below the diagonal.
+            visible = visible_keys(T, 0, self.device)
 
             def plain() -> torch.Tensor:
-                return written_out_attention(q, k, v, future)
+                return written_out_attention(q, k, v, visible)
 
             def fused() -> torch.Tensor:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -729,12 +686,6 @@ class Bench:
                     "method": "CUDA allocator peak (torch.cuda.max_memory_allocated) over the bench"}
         return {"peak_bytes": peak_rss_bytes(),
                 "method": "peak resident set of this process (getrusage ru_maxrss), including Python and torch"}
-
-
-def _param_count(m: ModelConfig, vocab_size: int) -> int:
-    """Parameters of the model, counted on the meta device (no memory, no time)."""
-    with torch.device("meta"):
-        return GPT(m, vocab_size).num_parameters()
 
 
 def bench(target: Target, options: BenchOptions | None = None, progress: Progress | None = None) -> dict[str, Any]:

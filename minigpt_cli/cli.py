@@ -556,9 +556,10 @@ def sample(
         raise UserError(f"--unknown must be error or skip, got {unknown!r}")
     text = _read_prompt(prompt)
     streaming = (out.is_terminal if stream is None else stream) and not json_out and num_samples == 1
+    settings = sampler.SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
     request = sampler.SampleRequest(
-        run=run, prompt=text, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty, num_samples=num_samples, stop=stop, seed=seed,
+        run=run, prompt=text, settings=settings, max_new_tokens=max_new_tokens, num_samples=num_samples, stop=stop,
+        seed=seed,
         use_cache=not no_kv_cache, dtype=dtype, device=device, skip_unknown=unknown == "skip", compile=compile_step)
     session = sampler.prepare(request)
     for warning in session.warnings:

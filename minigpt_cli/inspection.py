@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.bench import Target, flops_per_token, resolve_target
+from minigpt_cli.bench import Target, resolve_target
 from minigpt_cli.config import UserError
-from minigpt_cli.kv_cache import cache_bytes_per_token
-from minigpt_cli.model import GPT, MLP, CausalSelfAttention, Norm
+from minigpt_cli.model import GPT, MLP, CausalSelfAttention, Norm, flops_per_token, kv_bytes_per_token
 from minigpt_cli.trainer import LN2
 
 
@@ -266,9 +265,9 @@ def inspect(arg: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     flops = flops_per_token(c, target.vocab_size)
     flops["counted"] = counted_flops(model, c.block_size)
     kv = {
-        "bytes_per_token": cache_bytes_per_token(c.n_layer, c.n_embd, 4),
-        "bytes_per_token_bf16": cache_bytes_per_token(c.n_layer, c.n_embd, 2),
-        "bytes_at_block_size": cache_bytes_per_token(c.n_layer, c.n_embd, 4) * c.block_size,
+        "bytes_per_token": kv_bytes_per_token(c, 4),
+        "bytes_per_token_bf16": kv_bytes_per_token(c, 2),
+        "bytes_at_block_size": kv_bytes_per_token(c, 4) * c.block_size,
         "block_size": c.block_size,
         "layout": "(n_layer, B, n_head, block_size, head_dim), keys and values, float32",
     }

@@ -20,7 +20,6 @@ class KVCache:
         self.k = self.kv[:, :, 0]
         self.v = self.kv[:, :, 1]
         # Per-layer views, made once, so a step indexes no more than it must.
-        self.kv_layers = [self.kv[i] for i in range(n_layer)]  # (B, 2, n_head, block_size, head_dim)
         self.k_layers = [self.k[i] for i in range(n_layer)]
         self.v_layers = [self.v[i] for i in range(n_layer)]
         self.length = 0
@@ -34,10 +33,6 @@ class KVCache:
     @property
     def block_size(self) -> int:
         return self.k.shape[3]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k.dtype
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, n_head, T, head_dim) keys and values after the cached ones; return all of them.
@@ -67,7 +62,3 @@ class KVCache:
     def nbytes(self) -> int:
         return self.kv.nbytes
 
-
-def cache_bytes_per_token(n_layer: int, n_embd: int, dtype_bytes: int = 4) -> int:
-    """Keys and values for every layer: 2 * n_layer * n_embd numbers per position."""
-    return 2 * n_layer * n_embd * dtype_bytes

@@ -13,7 +13,8 @@ import torch
 
 from minigpt_cli.config import UserError
 from minigpt_cli.device import make_generator, synchronize
-from minigpt_cli.model import GPT, prepare_for_inference
+from minigpt_cli.inference import Decoder
+from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
 
 
@@ -103,7 +104,7 @@ def slide_keep(block_size: int) -> int:
 
 
 @torch.inference_mode()
-def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, settings: SamplingSettings,
+def generate(model: GPT | Decoder, prompt: Sequence[int], max_new_tokens: int, settings: SamplingSettings,
              generator: torch.Generator | None = None, num_samples: int = 1, use_cache: bool = True,
              stop: Sequence[Sequence[int]] = ()) -> Iterator[GenerationStep]:
     """Yield one GenerationStep per new position for num_samples samples of the same prompt.
@@ -112,10 +113,11 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, settings: S
     its last slide_keep(block_size) tokens. With the cache, the prompt is prefilled once (batch 1,
     shared by every sample) and each step feeds one token; a full window is prefilled again after
     the slide. Without it, every step runs the whole window, which is the reference the cached
-    path matches. Generation stops early once every sample has ended with one of `stop`.
+    path matches. Generation stops early once every sample has ended with one of `stop`. `model`
+    is a GPT or the Decoder built from one (which is called the same way).
     """
     block_size = model.config.block_size
-    device = model.lm_head.weight.device
+    device = model.device
     if not prompt:
         raise ValueError("prompt must hold at least one token")
     window = torch.tensor(list(prompt)[-block_size:], dtype=torch.long, device=device)[None]  # (1, T)
@@ -175,12 +177,8 @@ def _last(logits: torch.Tensor) -> torch.Tensor:
 class SampleRequest:
     run: Path | None
     prompt: str
+    settings: SamplingSettings = SamplingSettings()
     max_new_tokens: int = 500
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
     num_samples: int = 1
     stop: Sequence[str] = ()
     seed: int | None = None
@@ -203,7 +201,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 class SampleSession:
-    def __init__(self, request: SampleRequest, model: GPT, tokenizer: CharTokenizer, prompt_ids: list[int],
+    def __init__(self, request: SampleRequest, model: Decoder, tokenizer: CharTokenizer, prompt_ids: list[int],
                  settings: SamplingSettings, seed: int, checkpoint: Path, warnings: list[str], prompt: str):
         self.request = request
         # The prompt as the model reads it (without characters dropped by --unknown skip): what is printed.
@@ -222,7 +220,7 @@ class SampleSession:
 
     def stream(self) -> Iterator[str]:
         """Generate every sample; yield the first sample's text as soon as it is safe to show."""
-        req, device = self.request, self.model.lm_head.weight.device
+        req, device = self.request, self.model.device
         stops = [s for s in req.stop if s]
         stop_ids = [self.tokenizer.encode(s) for s in stops if not self.tokenizer.unknown(s)]
         texts = [[] for _ in range(req.num_samples)]
@@ -274,7 +272,7 @@ class SampleSession:
                          "num_samples": req.num_samples, "stop": list(req.stop), "kv_cache": req.use_cache,
                          "dtype": req.dtype, "compile": req.compile},
             "checkpoint": str(self.checkpoint),
-            "device": str(self.model.lm_head.weight.device),
+            "device": str(self.model.device),
         }
 
 
@@ -289,8 +287,7 @@ def prepare(request: SampleRequest) -> SampleSession:
         raise UserError("--compile compiles the KV-cached decode step; it cannot go with --no-kv-cache")
     loaded = load_checkpoint(request.run, which="best")
     tokenizer = loaded.tokenizer
-    settings = check_settings(SamplingSettings(request.temperature, request.top_k, request.top_p, request.min_p,
-                                               request.repetition_penalty), tokenizer.vocab_size)
+    settings = check_settings(request.settings, tokenizer.vocab_size)
     warnings = []
     prompt = request.prompt
     missing = tokenizer.unknown(prompt)
@@ -312,7 +309,7 @@ def prepare(request: SampleRequest) -> SampleSession:
     if request.compile and device.type == "cpu":
         warnings.append("--compile is meant for GPUs: on a CPU the compiled step is slower than the default "
                         "one (oneDNN's packed matrices cannot be compiled)")
-    model = prepare_for_inference(loaded.build_model(device), DTYPES[request.dtype], compile=request.compile)
+    model = Decoder(loaded.build_model(device), DTYPES[request.dtype], compile=request.compile)
     seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
     return SampleSession(request, model, tokenizer, tokenizer.encode(prompt), settings, seed, loaded.path, warnings,
                          shown)

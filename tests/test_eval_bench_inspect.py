@@ -381,8 +381,8 @@ def test_bench_samples_in_the_precision_sample_would_use():
 
 
 def test_flops_per_token_is_the_standard_estimate():
-    from minigpt_cli.bench import flops_per_token
     from minigpt_cli.config import ModelConfig
+    from minigpt_cli.model import flops_per_token
 
     m = ModelConfig(n_layer=3, n_head=4, n_embd=64, block_size=128, mlp_ratio=4)
     f = flops_per_token(m, vocab_size=50)
@@ -391,16 +391,3 @@ def test_flops_per_token_is_the_standard_estimate():
     assert f["forward"] == 2 * N + 2 * 3 * 128 * 64
     assert f["train"] == 3 * f["forward"]
     assert json.loads(json.dumps(f)) == f
-
-
-def test_the_written_out_attention_is_the_same_function_as_sdpa():
-    import torch
-    import torch.nn.functional as F
-
-    from minigpt_cli.bench import written_out_attention
-
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 40, 8, generator=generator) for _ in range(3))
-    future = torch.ones(40, 40, dtype=torch.bool).triu(diagonal=1)
-    assert torch.allclose(written_out_attention(q, k, v, future),
-                          F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5)

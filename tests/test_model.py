@@ -7,7 +7,7 @@ import torch
 
 from minigpt_cli.config import ModelConfig
 from minigpt_cli.kv_cache import KVCache
-from minigpt_cli.model import GPT
+from minigpt_cli.model import GPT, attention_probs, visible_keys, written_out_attention
 
 VOCAB = 37
 SMALL = dict(n_layer=2, n_head=2, n_embd=16, block_size=24, dropout=0.0)
@@ -23,9 +23,9 @@ VARIANTS = [
 ]
 
 
-def make_model(seed: int = 0, **overrides) -> GPT:
+def make_model(seed: int = 0, sdpa: bool = True, **overrides) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(**{**SMALL, **overrides}), VOCAB)
+    model = GPT(ModelConfig(**{**SMALL, **overrides}), VOCAB, sdpa=sdpa)
     # zero_init_proj starts every block as the identity; random projections exercise attention fully.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -123,14 +123,53 @@ def test_dropout_only_in_training_mode():
 
 
 def test_model_holds_no_inference_state():
-    model = make_model()
+    """Building the fast decoder from a model and sampling with it leave the model as it was:
+    the same modules, parameters, buffers and state, and no cache or decoder hung on it."""
+    from minigpt_cli.inference import Decoder
+    from minigpt_cli.sampler import SamplingSettings, generate
+
+    model = make_model(tie_weights=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [(name, type(m), sorted(vars(m)), m.training) for name, m in model.named_modules()]
+    params = [(name, p, p.dtype, p.stride(), p.requires_grad) for name, p in model.named_parameters()]
+    for dtype in (torch.float32, torch.bfloat16):
+        decoder = Decoder(model, dtype)
+        steps = list(generate(decoder, [1, 2, 3], 30, SamplingSettings(temperature=1.0), num_samples=2))
+        assert len(steps) == 30
     with torch.no_grad():
         model(torch.zeros(1, 4, dtype=torch.long), model.new_kv_cache(1))
     after = model.state_dict()
     assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(isinstance(v, KVCache) for v in vars(model).values())
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    assert [(name, type(m), sorted(vars(m)), m.training) for name, m in model.named_modules()] == modules
+    assert [(name, p, p.dtype, p.stride(), p.requires_grad) for name, p in model.named_parameters()] == params
+
+
+@pytest.mark.parametrize("variant", VARIANTS + [dict(dropout=0.0, qk_norm=False, pos_encoding="learned")],
+                         ids=[variant_id(v) for v in VARIANTS] + ["plain"])
+def test_sdpa_equals_the_written_out_attention(variant: dict):
+    """F.scaled_dot_product_attention is the textbook product, for a whole window, a prefill
+    followed by one-position steps, and a chunk after cached positions."""
+    written, sdpa = make_model(sdpa=False, **variant), make_model(**variant)
+    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(idx), written(idx), rtol=1e-5, atol=1e-5)
+        for model in (written, sdpa):
+            cache = model.new_kv_cache(2)
+            parts = [model(idx[:, :8], cache), model(idx[:, 8:9], cache), model(idx[:, 9:], cache)]
+            torch.testing.assert_close(torch.cat(parts, dim=1), written(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_probabilities_are_causal_rows_that_sum_to_one():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=generator) for _ in range(3))  # (B, n_head, T, head_dim)
+    probs = attention_probs(q, k, visible_keys(10, 0, q.device))  # (B, n_head, T, T)
+    assert probs.shape == (2, 3, 10, 10)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, 10))
+    future = ~visible_keys(10, 0, q.device)
+    assert (probs.masked_select(future) == 0).all() and (probs.masked_select(~future) > 0).all()
+    torch.testing.assert_close(written_out_attention(q, k, v, visible_keys(10, 0, q.device)),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 def test_greedy_generation_with_cache_equals_without():

@@ -11,8 +11,9 @@ import torch
 from conftest import assert_usage_error, cli_command, cli_env, invoke
 from minigpt_cli.config import ModelConfig
 from minigpt_cli.kv_cache import KVCache
-from minigpt_cli import model as model_module
-from minigpt_cli.model import GPT, packing_supported, prepare_for_inference
+from minigpt_cli import inference
+from minigpt_cli.inference import Decoder, packing_supported
+from minigpt_cli.model import GPT
 from minigpt_cli.sampler import SamplingSettings, apply_repetition_penalty, generate, next_token, slide_keep
 
 VOCAB = 11
@@ -54,17 +55,17 @@ INFERENCE_VARIANTS = VARIANTS + [
 @pytest.mark.parametrize("pack_min", [0, 10**9], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("scripted", [True, False], ids=["scripted", "python"])
 def test_inference_decode_step_equals_the_uncached_reference(options, pack_min, scripted, monkeypatch):
-    """prepare_for_inference's one-position step, with every matrix packed or none, scripted by
-    TorchScript or run as Python, against the plain modules on the whole window, for batch 1 and
-    for several samples sharing one prefill."""
-    monkeypatch.setattr(model_module, "PACK_MIN_ELEMENTS", pack_min)
+    """The Decoder's one-position step, with every matrix packed or none, scripted by TorchScript
+    or run as Python, against the plain modules on the whole window, for batch 1 and for several
+    samples sharing one prefill."""
+    monkeypatch.setattr(inference, "PACK_MIN_ELEMENTS", pack_min)
     reference = small_model(**options)
-    fast = prepare_for_inference(small_model(**options), torch.float32, script=scripted)
-    assert fast.decoder is not None
+    fast = Decoder(small_model(**options), torch.float32, script=scripted)
+    assert fast.step is not None
     if not scripted:
-        assert fast.decoder.scripted is None
+        assert fast.scripted is None
     if packing_supported(torch.float32):
-        assert (fast.blocks[0].mlp.c_fc.packed is not None) == (pack_min == 0)
+        assert (fast.model.blocks[0].mlp.c_fc.packed is not None) == (pack_min == 0)
     greedy = SamplingSettings(temperature=0.0)
     for samples in (1, 3):
         cached = list(generate(fast, [1, 2, 3, 4, 5], 30, greedy, num_samples=samples, use_cache=True))
@@ -81,11 +82,11 @@ def test_inference_decode_step_equals_the_uncached_reference(options, pack_min, 
 def test_inference_rows_differ_after_a_shared_prefill(options, pack_min, fixed_shapes, monkeypatch):
     """Batch-1 prefill shared by 3 rows, then each row decodes its own tokens: every row's logits
     equal one full forward pass of that row's text (eager step, and the fixed-shape step torch.compile gets)."""
-    monkeypatch.setattr(model_module, "PACK_MIN_ELEMENTS", pack_min)
+    monkeypatch.setattr(inference, "PACK_MIN_ELEMENTS", pack_min)
     reference = small_model(**options)
-    fast = prepare_for_inference(small_model(**options), torch.float32)
+    fast = Decoder(small_model(**options), torch.float32)
     if fixed_shapes:
-        fast.decoder.compiled = fast.decoder.step  # the step torch.compile would compile, run eagerly
+        fast.compiled = fast.step  # the step torch.compile would compile, run eagerly
     prompt = torch.tensor([[1, 2, 3, 4]])
     rows = torch.tensor([[5, 6, 7, 8, 9, 10, 1, 2], [9, 8, 7, 6, 5, 4, 3, 2], [0, 0, 1, 1, 2, 2, 3, 3]])
     with torch.inference_mode():
@@ -104,8 +105,8 @@ def test_decode_step_runs_as_python_where_torchscript_fails(monkeypatch):
         raise RuntimeError("no TorchScript here")
 
     monkeypatch.setattr(torch.jit, "script", broken)
-    model = prepare_for_inference(small_model(pos_encoding="rope"), torch.float32)
-    assert model.decoder is not None and model.decoder.scripted is None
+    model = Decoder(small_model(pos_encoding="rope"), torch.float32)
+    assert model.step is not None and model.scripted is None
     reference = small_model(pos_encoding="rope")
     greedy = SamplingSettings(temperature=0.0)
     got = [s.tokens.item() for s in generate(model, [1, 2, 3], 20, greedy)]
@@ -113,25 +114,11 @@ def test_decode_step_runs_as_python_where_torchscript_fails(monkeypatch):
 
 
 def test_compiled_decode_step_writes_the_same_text():
-    model = prepare_for_inference(small_model(pos_encoding="rope"), torch.float32, compile=True)
+    model = Decoder(small_model(pos_encoding="rope"), torch.float32, compile=True)
     reference = small_model(pos_encoding="rope")
     greedy = SamplingSettings(temperature=0.0)
     compiled = [s.tokens.item() for s in generate(model, [1, 2, 3], 20, greedy)]
     assert compiled == [s.tokens.item() for s in generate(reference, [1, 2, 3], 20, greedy, use_cache=False)]
-
-
-def test_a_prepared_model_in_training_mode_uses_the_plain_modules(monkeypatch):
-    model = prepare_for_inference(small_model(), torch.float32)
-    cache = model.new_kv_cache(1)
-    calls = []
-    monkeypatch.setattr(model_module.Decoder, "__call__", lambda self, *args: calls.append(args))
-    with torch.inference_mode():
-        model(torch.tensor([[1, 2]]), cache)
-        model(torch.tensor([[3]]), cache)
-        assert len(calls) == 1  # in eval mode, the one-position call goes to the decoder
-        model.train()
-        model(torch.tensor([[4]]), cache)
-    assert len(calls) == 1
 
 
 def test_prefill_then_steps_equal_one_forward_pass():
@@ -170,13 +157,12 @@ def test_window_keeps_three_quarters_when_full():
 def test_bfloat16_weights_keep_greedy_text_close():
     model = small_model()
     reference = [s.tokens.item() for s in generate(model, [1, 2], 20, SamplingSettings(temperature=0.0))]
-    half = prepare_for_inference(small_model(), torch.bfloat16)
-    assert half.lm_head.weight.dtype == torch.bfloat16 and half.wte.weight.dtype == torch.float32
+    half = Decoder(small_model(), torch.bfloat16)
+    assert half.model.lm_head.weight.dtype == torch.bfloat16 and half.model.wte.weight.dtype == torch.float32
     logits = [s.logits for s in generate(half, [1, 2], 20, SamplingSettings(temperature=0.0))]
     assert all(torch.isfinite(x).all() for x in logits)
     agree = sum(a == b for a, b in zip(reference, [x.argmax().item() for x in logits]))
     assert agree >= 15
-
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu2"])
@@ -186,8 +172,7 @@ def test_bfloat16_decode_step_is_the_same_scripted_as_python_and_with_fixed_shap
     to float32's."""
     options = dict(activation=activation, pos_encoding="learned", qk_norm=False)
     reference = small_model(**options)
-    half = prepare_for_inference(small_model(**options), torch.bfloat16)
-    decoder = half.decoder
+    decoder = Decoder(small_model(**options), torch.bfloat16)
     if packing_supported(torch.bfloat16):
         assert decoder.step.fuse_activation and all(decoder.step.packed)
     runs = {"python": decoder.step, "fixed-shapes": decoder.step}
@@ -198,7 +183,7 @@ def test_bfloat16_decode_step_is_the_same_scripted_as_python_and_with_fixed_shap
     with torch.inference_mode():
         want = reference(tokens)[0]  # (T, vocab_size), float32
         for name, step in runs.items():
-            kv = half.new_kv_cache(1).kv
+            kv = decoder.new_kv_cache(1).kv
             rows = []
             for t in range(tokens.shape[1]):
                 position = torch.tensor([t]) if name == "fixed-shapes" else None
@@ -218,7 +203,7 @@ def test_sampled_rows_match_without_the_cache_and_differ_from_each_other(penalty
     """Three samples drawn together at temperature 1 (with and without a repetition penalty, which
     makes the cached path keep its window): the same draws as the uncached path across window
     slides, and the rows go their own ways."""
-    model = prepare_for_inference(small_model(pos_encoding="rope"), torch.float32)
+    model = Decoder(small_model(pos_encoding="rope"), torch.float32)
     reference = small_model(pos_encoding="rope")
     settings = SamplingSettings(temperature=1.0, repetition_penalty=penalty)
 
