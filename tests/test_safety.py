@@ -106,3 +106,69 @@ def test_a_pointer_never_leads_out_of_the_run(tmp_path: Path):
     (run / "latest.json").write_text('{"checkpoint": "../other/checkpoints/step-0000007"}')
     (run / "best.json").write_text('{"checkpoint": "../other/checkpoints/step-0000007"}')
     assert ckpt.load_checkpoint(run, "latest").step == 1
+
+
+# -- 3. one writer per run --------------------------------------------------------------------------
+
+def _wait_for(predicate, proc, seconds: float = 240) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds  # a bound on a hang, not a timing assertion
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_second_writer_is_refused_at_once_naming_the_first(run_copy: Path):
+    import signal
+    import subprocess
+
+    from conftest import cli_command, cli_env, run_cli
+
+    first = subprocess.Popen(cli_command("train", "--resume", "--out", run_copy, "--quiet",
+                                         "--set", "train.max_iters=1000000"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(), text=True)
+    try:
+        _wait_for(lambda: any(r.get("step", 0) > 6 for r in ckpt.read_metrics(run_copy)), first)
+        second = run_cli("train", "--resume", "--out", run_copy, "--set", "train.stop_after=1")
+        assert_usage_error(second, "being written by another minigpt train", f"PID {first.pid}")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # kill -9 leaves no stale lock: the run continues at once.
+    again = invoke("train", "--resume", "--out", run_copy, "--set", "train.max_iters=1000000",
+                   "--set", "train.stop_after=1", "--json")
+    assert again.exit_code == 0, again.stderr
+
+
+def test_the_run_lock_is_exclusive_and_names_its_holder(tmp_path: Path):
+    with ckpt.RunLock(tmp_path / "run"):
+        with pytest.raises(ckpt.RunLockedError, match=f"PID {os.getpid()}"):
+            with ckpt.RunLock(tmp_path / "run"):
+                pass
+    with ckpt.RunLock(tmp_path / "run"):
+        pass
+
+
+# -- 4. a reader beside a writer always gets a whole checkpoint --------------------------------------
+
+@pytest.mark.parametrize("when", [1, 2], ids=["reading-weights", "reading-training-state"])
+def test_a_reader_gets_a_whole_checkpoint_when_the_writer_prunes_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: int):
+    run = tmp_path / "run"
+    save_random_model(run, step=1)
+    real_load_file = ckpt.load_file
+    calls = []
+
+    def writer_saves_meanwhile(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == when:
+            save_random_model(run, step=2, is_best=True)  # moves both pointers, prunes step 1
+            save_random_model(run, step=3, is_best=True)
+        return real_load_file(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "load_file", writer_saves_meanwhile)
+    loaded = ckpt.load_checkpoint(run, "latest", with_train_state=True)
+    assert loaded.step == 3
+    assert loaded.path == ckpt.find_checkpoint(run, "latest")
