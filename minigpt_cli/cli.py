@@ -77,7 +77,13 @@ out = _LazyConsole(highlight=False, soft_wrap=True)
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
+MESSAGE_MAX_CHARS = 1000  # an error is one readable line, whatever the input quoted in it
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> None:
+    message = " ".join(message.splitlines())
+    if len(message) > MESSAGE_MAX_CHARS:
+        message = message[:MESSAGE_MAX_CHARS] + f"... ({len(message):,} characters in all)"
     err.print(f"error: {message}", markup=False, soft_wrap=True)
     raise typer.Exit(code)
 

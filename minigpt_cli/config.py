@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import os
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,15 @@ import yaml
 
 class UserError(Exception):
     """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
+def _show(value: Any) -> str:
+    """A bounded repr for error messages: a YAML alias bomb (a "billion laughs") is never expanded."""
+    return _SHORT.repr(value)
 
 
 @dataclass(frozen=True)
@@ -126,17 +136,17 @@ def _convert(key: str, value: Any, annotation: Any) -> Any:
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
-            raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+            raise UserError(f"{key}: {_show(value)} is not one of {', '.join(map(str, allowed))}")
         return value
     if annotation is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
             return value.lower() in ("true", "yes", "on", "1")
-        raise UserError(f"{key}: expected true or false, got {value!r}")
+        raise UserError(f"{key}: expected true or false, got {_show(value)}")
     if annotation is int:
         if isinstance(value, bool):
-            raise UserError(f"{key}: expected an integer, got {value!r}")
+            raise UserError(f"{key}: expected an integer, got {_show(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -148,26 +158,26 @@ def _convert(key: str, value: Any, annotation: Any) -> Any:
                 number = math.nan
             if number.is_integer():
                 return int(number)
-        raise UserError(f"{key}: expected an integer, got {value!r}")
+        raise UserError(f"{key}: expected an integer, got {_show(value)}")
     if annotation is float:
         if isinstance(value, bool):
-            raise UserError(f"{key}: expected a number, got {value!r}")
+            raise UserError(f"{key}: expected a number, got {_show(value)}")
         if isinstance(value, (int, float)):
             number = float(value)
         elif isinstance(value, str):
             try:
                 number = float(value)
             except ValueError:
-                raise UserError(f"{key}: expected a number, got {value!r}") from None
+                raise UserError(f"{key}: expected a number, got {_show(value)}") from None
         else:
-            raise UserError(f"{key}: expected a number, got {value!r}")
+            raise UserError(f"{key}: expected a number, got {_show(value)}")
         if not math.isfinite(number):
-            raise UserError(f"{key}: expected a finite number, got {value!r}")
+            raise UserError(f"{key}: expected a finite number, got {_show(value)}")
         return number
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise UserError(f"{key}: expected text, got {value!r}")
+        raise UserError(f"{key}: expected text, got {_show(value)}")
     raise AssertionError(f"unhandled annotation {annotation!r} for {key}")
 
 
@@ -253,7 +263,7 @@ def from_dict(raw: Any, name: str = "config", base: Config | None = None) -> Con
         if values is None:
             values = {}
         if not isinstance(values, dict):
-            raise UserError(f"config section '{section}' must be a mapping, got {values!r}")
+            raise UserError(f"config section '{section}' must be a mapping, got {_show(values)}")
         sections[section] = _build_section(section, values, getattr(config, section))
     return validate(dataclasses.replace(config, **sections, name=name))
 
@@ -339,7 +349,7 @@ def load_config(name_or_path: str | None = None) -> Config:
     # A run's config.yaml names the config it was made from, so that training it again names runs alike.
     name = raw.pop("name", None)
     if name is not None and not (isinstance(name, str) and name.strip()):
-        raise UserError(f"{path}: 'name' must be text, got {name!r}")
+        raise UserError(f"{path}: 'name' must be text, got {_show(name)}")
     return from_dict(raw, name=name.strip() if name else path.stem)
 
 

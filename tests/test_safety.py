@@ -172,3 +172,74 @@ def test_a_reader_gets_a_whole_checkpoint_when_the_writer_prunes_meanwhile(
     loaded = ckpt.load_checkpoint(run, "latest", with_train_state=True)
     assert loaded.step == 3
     assert loaded.path == ckpt.find_checkpoint(run, "latest")
+
+
+# -- 5. no traceback from any file: JSON is read bounded in size and depth ---------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_metadata_is_a_one_line_error(run_copy: Path):
+    meta = ckpt.find_checkpoint(run_copy, "best") / ckpt.META_FILE
+    meta.write_text(DEEP)
+    assert_usage_error(invoke("sample", meta.parent, "-n", "5"), ckpt.META_FILE)
+
+
+def test_deeply_nested_training_state_is_a_one_line_error(run_copy: Path):
+    (ckpt.find_checkpoint(run_copy, "latest") / ckpt.STATE_JSON).write_text(DEEP)
+    assert_usage_error(invoke("train", "--resume", "--out", run_copy, "--set", "train.max_iters=8"), ckpt.STATE_JSON)
+
+
+def test_deeply_nested_pointers_and_metrics_are_passed_over(run_copy: Path):
+    (run_copy / "latest.json").write_text(DEEP)
+    (run_copy / "best.json").write_text(DEEP)
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write(DEEP + "\n")
+    assert ckpt.find_checkpoint(run_copy, "latest").name.startswith("step-")
+    assert invoke("inspect", run_copy, "--json").exit_code == 0
+    assert invoke("sample", run_copy, "-n", "5").exit_code == 0
+    result = invoke("train", "--resume", "--out", run_copy, "--set", "train.max_iters=8", "--json")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_a_metadata_file_past_the_size_bound_is_refused_unread(run_copy: Path):
+    meta = ckpt.find_checkpoint(run_copy, "best") / ckpt.META_FILE
+    with open(meta, "ab") as f:
+        f.truncate(ckpt.META_MAX_BYTES + 1)
+    assert_usage_error(invoke("sample", meta.parent, "-n", "5"), ckpt.META_FILE, "bytes")
+
+
+# -- 7. the weights' shapes are checked against the config before a model is made -------------------
+
+def inflate(folder: Path, **sizes: int) -> None:
+    import json
+
+    meta = json.loads((folder / ckpt.META_FILE).read_text())
+    meta["config"]["model"].update(sizes)
+    (folder / ckpt.META_FILE).write_text(json.dumps(meta))
+
+
+def test_metadata_with_inflated_sizes_is_refused_before_a_model_is_made(run_copy: Path):
+    folder = ckpt.find_checkpoint(run_copy, "best")
+    inflate(folder, n_embd=4096, n_layer=48)  # a model of about 10 GB, were it built
+    with pytest.raises(ckpt.CheckpointError, match="weights do not fit"):
+        ckpt.load_checkpoint(folder)  # which builds no model at all
+    assert_usage_error(invoke("sample", folder, "-n", "5"), "weights do not fit", ckpt.MODEL_FILE)
+
+
+def test_inspect_checks_the_weights_of_a_run(run_copy: Path):
+    inflate(ckpt.find_checkpoint(run_copy, "best"), n_embd=64)
+    inflate(ckpt.find_checkpoint(run_copy, "latest"), n_embd=64)
+    assert_usage_error(invoke("inspect", run_copy), "weights do not fit", ckpt.MODEL_FILE)
+
+
+# -- 8. an error message is one bounded line, whatever the input ----------------------------------
+
+def test_a_yaml_alias_bomb_gives_a_short_error(tmp_path: Path):
+    # Five levels of nine aliases: a small file whose value expands to 9**5 strings when printed.
+    levels = ['&a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip("abcd", "bcde"):
+        levels.append(f"&{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    (tmp_path / "bomb.yaml").write_text("model:\n  n_layer: [" + ", ".join(levels) + "]\n")
+    line = assert_usage_error(invoke("train", "bomb.yaml"), "n_layer")
+    assert len(line) < 400
