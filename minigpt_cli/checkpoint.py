@@ -563,15 +563,20 @@ class RunLock:
 
 
 def remove_unused_run_dir(path: Path) -> None:
-    """Remove a run directory claimed for a run that failed before writing anything: only when it
-    holds nothing, or nothing but an unheld lock file."""
-    names = _listing(path)
-    if names == [LOCK_FILE]:
-        try:
-            with RunLock(path):
-                (path / LOCK_FILE).unlink(missing_ok=True)
-        except (UserError, OSError):
-            return
+    """Remove a run directory this process created, for a run that failed before its first checkpoint:
+    the files such a run writes (lock, config, text copy, records, temporary files) go, then the folder
+    if nothing else is in it."""
+    if is_run(path) or (path / CHECKPOINTS_DIR).exists():
+        return
+    try:
+        with RunLock(path):  # not while another process writes here
+            for name in _listing(path):
+                entry = path / name
+                if (name in (LOCK_FILE, CONFIG_FILE, DATA_COPY, "metrics.jsonl") or TMP_FILE_NAME.fullmatch(name)) \
+                        and entry.is_file() and not entry.is_symlink():
+                    entry.unlink(missing_ok=True)
+    except (UserError, OSError):
+        return
     try:
         path.rmdir()  # fails, and so keeps it, unless the directory is empty
     except OSError:
