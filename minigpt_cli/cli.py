@@ -929,10 +929,22 @@ def _render_inspect(result: dict) -> None:
             ("best val loss", best),
             ("data fingerprint", f"{run['data_fingerprint']}"),
             ("checkpoint", escape(run["checkpoint"])),
+            *_parent_rows(run.get("parent")),
         ]))
         out.print("[bold]loss against step[/]")
         for line in text_chart(run["curves"]):
             out.print(line, markup=False, highlight=False)
+
+
+def _parent_rows(parent: Optional[dict]) -> List[tuple]:
+    from rich.markup import escape
+
+    if not parent:
+        return []
+    added = parent.get("added_chars") or ""
+    grown = f"; added to its vocabulary: {escape(repr(added))}" if added else ""
+    return [("started from", escape(f"{parent.get('run')} (step {parent.get('step')}, "
+                                    f"{parent.get('checkpoint')})") + grown)]
 
 
 @app.command(epilog="Examples:\n\n  minigpt inspect\n\n  minigpt inspect gpt2_small\n\n"
@@ -962,6 +974,266 @@ def inspect(
         emit_json(result)
         return
     _render_inspect(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs, compare
+# ---------------------------------------------------------------------------------------------
+
+def _size(nbytes: Optional[float]) -> str:
+    if nbytes is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes:,.0f} B"
+
+
+def _loss(value: Optional[float]) -> str:
+    return f"{value:.4f}" if value is not None else "-"
+
+
+def _render_runs(folder: Path, infos: List[Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not infos:
+        out.print(f"no runs under {escape(str(folder))} (train one with: minigpt train)")
+        return
+    table = Table(title=f"runs under {escape(str(folder))}, newest first", title_justify="left",
+                  title_style="bold", box=None, pad_edge=False)
+    for column, justify in (("run", "left"), ("config", "left"), ("params", "right"), ("steps", "right"),
+                            ("tokens", "right"), ("best val", "right"), ("final val", "right"),
+                            ("wall", "right"), ("state", "left"), ("size", "right")):
+        table.add_column(column, justify=justify, overflow="fold", header_style="bold",
+                         no_wrap=column not in ("run", "config"))
+    styles = {"finished": "green", "live": "bold cyan", "paused": "yellow", "interrupted": "yellow",
+              "failed": "red", "damaged": "red", "not a run": "dim"}
+    short = {"time budget used": "budget", "max_iters reached": "", "train.stop_after": "stop_after"}
+    notes, measures = [], set()
+    for r in infos:
+        name = escape(r.name) + (f" -> {escape(r.link)}" if r.link else "")
+        best = "-"
+        if r.best_val_loss is not None:
+            whole = r.best_measure == "whole val split"
+            best = f"{r.best_val_loss:.4f}" + ("*" if whole else "")
+            measures.add(r.best_measure)
+        detail = short.get(r.detail.split(";")[0], None)
+        if detail is None and r.detail:
+            notes.append(f"{r.name}: {r.detail}")
+        elif r.state == "paused":
+            notes.append(f"{r.name}: {r.detail}")
+        state = f"[{styles.get(r.state, '')}]{r.state}[/]" + (f" ({detail})" if detail else "")
+        if r.parent:
+            notes.append(f"{r.name}: started from the weights of {r.parent}")
+        table.add_row(name, escape(r.config or "-"), _count(r.params) if r.params is not None else "-",
+                      f"{r.steps:,}" if r.steps is not None else "-",
+                      _count(r.tokens) if r.tokens is not None else "-", best,
+                      f"{r.final_val_loss:.4f}" if r.final_val_loss is not None else "-",
+                      _fmt_seconds(r.wall_seconds) if r.wall_seconds is not None else "-", state,
+                      _size(r.size_bytes) if r.is_run and not r.link else "-")
+    out.print(table)
+    sampled = sorted(m for m in measures if m != "whole val split")
+    out.print(f"best val: the lowest periodic validation loss ({', '.join(sampled) or 'sampled batches'}; "
+              f"* the whole validation split); final val: the whole validation split at the end", markup=False)
+    for note in notes:
+        out.print(f"  {note}", markup=False)
+
+
+def _runs_rm(paths: List[str], yes: bool, json_out: bool) -> None:
+    from minigpt_cli.runs import plan_removal, remove_run
+
+    infos = plan_removal([Path(p) for p in paths])
+    total = sum(0 if r.link else r.size_bytes for r in infos)
+    for r in infos:
+        what = f"the link {r.path} (its target {r.link} stays)" if r.link else f"{r.path} ({r.state}, {_size(r.size_bytes)})"
+        err.print(f"  {what}", markup=False)
+    if not yes:
+        prompt = f"Delete {len(infos)} run{'s' if len(infos) > 1 else ''} ({_size(total)})?"
+        try:
+            confirmed = typer.confirm(prompt, default=False, err=True)
+        except (typer.Abort, EOFError):
+            confirmed = False
+        if not confirmed:
+            err.print("nothing deleted (pass --yes to delete without asking)", markup=False)
+            raise typer.Exit(EXIT_FAILURE)
+    for r in infos:
+        remove_run(r)
+    if json_out:
+        emit_json({"removed": [r.path for r in infos], "bytes": total})
+        return
+    err.print(f"deleted {len(infos)} run{'s' if len(infos) > 1 else ''} ({_size(total)})", markup=False)
+
+
+@app.command(epilog="Examples:\n\n  minigpt runs\n\n  minigpt runs --json\n\n"
+                    "  minigpt runs rm runs/tiny-20261124-101500 --yes")
+@handle_errors
+def runs(
+    items: Optional[List[str]] = typer.Argument(None, metavar="[FOLDER] | rm RUN...",
+                                                help="Folder to list (default: ./runs); or rm and the runs to "
+                                                     "delete."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="With rm: delete without asking."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every run."),
+) -> None:
+    """List your runs, newest first (what, how far, how good, how it ended, size); `runs rm RUN...` deletes runs."""
+    from minigpt_cli.runs import list_runs
+
+    items = list(items or [])
+    if items and items[0] == "rm":
+        _runs_rm(items[1:], yes, json_out)
+        return
+    if yes:
+        raise UserError("--yes goes with rm (minigpt runs rm RUN... --yes)")
+    if len(items) > 1:
+        raise UserError("runs lists one FOLDER; to delete runs: minigpt runs rm RUN...")
+    folder = Path(items[0]) if items else Path("runs")
+    infos = [] if not items and not folder.exists() else list_runs(folder)
+    if json_out:
+        emit_json({"folder": str(folder), "runs": [r.to_dict() for r in infos]})
+        return
+    _render_runs(folder, infos)
+
+
+CURVE_MARKS = "o*+x#@%&"
+
+
+def _render_compare(result: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from minigpt_cli.inspection import text_chart
+
+    rows = result["runs"]
+    if not rows:
+        out.print("no run finished a checkpoint: nothing to compare")
+        return
+    table = Table(title="runs side by side", title_justify="left", title_style="bold")
+    table.add_column("")
+    for r in rows:
+        table.add_column(escape(r["label"]), justify="right", overflow="fold")
+
+    def row(name: str, cells: List[str]) -> None:
+        table.add_row(name, *cells)
+
+    for key in result["differences"]:
+        section, name = key.split(".", 1)
+        row(escape(key), [escape(str(r["config_values"][section].get(name, "-")) or "(none)") for r in rows])
+    if result["differences"]:
+        table.add_section()
+    row("parameters", [_count(r["params"]) if r["params"] is not None else "-" for r in rows])
+    row("tokens/s", [f"{r['tokens_per_sec']:,.0f}" if r["tokens_per_sec"] else "-" for r in rows])
+    row("steps", [f"{r['steps']:,}" if r["steps"] is not None else "-" for r in rows])
+    row("best val loss", [f"{_loss(r['best_val_loss'])} ({r['best_measure']})" if r["best_val_loss"] is not None
+                          else "-" for r in rows])
+    row("final val loss", [f"{_loss(r['final_val_loss'])} (whole split)" if r["final_val_loss"] is not None
+                           else "-" for r in rows])
+    row("bits per char", [f"{r['final_val_bpc']:.3f}" if r["final_val_bpc"] is not None else "-" for r in rows])
+    row("wall time", [f"{r['wall_seconds']:.1f}s" if r["wall_seconds"] is not None else "-" for r in rows])
+    row("state", [escape(r["state"]) for r in rows])
+    row("run", [escape(r["path"]) for r in rows])
+    out.print(table)
+    if not result["differences"]:
+        out.print("(the runs' configs are the same)")
+    marks = {r["label"]: CURVE_MARKS[i % len(CURVE_MARKS)] for i, r in enumerate(rows)}
+    out.print("[bold]validation loss against step[/]")
+    for line in text_chart({r["label"]: r["val_curve"] for r in rows}, marks=marks):
+        out.print(line, markup=False, highlight=False)
+
+
+@app.command(epilog="Examples:\n\n  minigpt compare runs/a runs/b\n\n"
+                    "  minigpt compare tiny --vary model.pos_encoding=learned,sinusoidal,rope --time-budget 30\n\n"
+                    "  minigpt compare tiny --vary model.norm_placement=pre,post --set train.max_iters=200 --json")
+@handle_errors
+def compare(
+    targets: List[str] = typer.Argument(..., metavar="RUN RUN... | CONFIG",
+                                        help="Two or more run directories; or one config (path or shipped name) "
+                                             "with --vary."),
+    vary: List[str] = typer.Option([], "--vary", help="Train one run per value: KEY=V1,V2 (repeatable: every "
+                                                      "combination)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key for every variant, e.g. "
+                                                     "--set train.max_iters=200 (repeatable)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Seconds of wall clock for each "
+                                                                           "variant."),
+    data: Optional[str] = typer.Option(None, "--data", help="Text for every variant (default: the config's)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of every variant (default: the config's)."),
+    out_dir: Path = typer.Option(Path("runs"), "--out", help="Folder the variants' runs go in."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the validation curves as an image "
+                                                             "(.png, .svg or .pdf; needs matplotlib)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the whole comparison."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No training progress, only the result."),
+) -> None:
+    """Compare runs side by side, or train variants of a config (--vary) and compare them."""
+    from minigpt_cli import runs as runs_lib
+
+    starting = _Starting(quiet, "loading")
+    interrupted = False
+    try:
+        if vary:
+            if len(targets) != 1:
+                raise UserError("--vary trains variants of one CONFIG; give one config, not "
+                                f"{len(targets)} arguments")
+            flags = list(set_)
+            if data is not None:
+                flags.append(f"data.path={data if data == '-' else Path(data).expanduser().resolve()}")
+            for key, value in (("time_budget", time_budget), ("device", device), ("seed", seed)):
+                if value is not None:
+                    flags.append(f"train.{key}={value}")
+            if any(f.startswith("data.path=-") for f in flags):
+                raise UserError("compare trains several runs on the same text, so it cannot read it from stdin; "
+                                "give --data PATH")
+            variants = runs_lib.plan_variants(targets[0], vary, flags)
+            starting.done()
+            result = _train_variants(variants, out_dir, quiet)
+            interrupted = any(v["state"] == "interrupted" for v in result["variants"])
+        else:
+            if set_ or time_budget is not None or data is not None or seed is not None or device is not None:
+                raise UserError("--set, --time-budget, --data, --seed and --device shape the runs --vary trains; "
+                                "comparing existing runs takes none of them")
+            result = runs_lib.compare_runs([Path(t) for t in targets])
+    finally:
+        starting.done()
+    if plot is not None:
+        from minigpt_cli.inspection import plot_curves
+
+        curves = {r["label"]: r["val_curve"] for r in result["runs"]}
+        result["plot"] = str(plot_curves(curves, plot, "validation loss"))
+        err.print(f"wrote {result['plot']}", markup=False)
+    result["interrupted"] = interrupted
+    if json_out:
+        emit_json(result)
+    else:
+        _render_compare(result)
+    if interrupted:
+        done = sum(v["state"] == "finished" for v in result["variants"])
+        err.print(f"stopped by Ctrl-C: {done} of {len(result['variants'])} variants finished", markup=False)
+        raise typer.Exit(130)
+
+
+def _train_variants(variants: List[Any], base: Path, quiet: bool) -> dict:
+    from minigpt_cli import runs as runs_lib
+    from minigpt_cli.trainer import train as run_training
+
+    first = variants[0].config.train
+    budget = f"{first.time_budget:g}s each" if first.time_budget else f"{first.max_iters:,} steps each"
+    if not quiet:
+        err.print(f"compare: {len(variants)} variants of {variants[0].config.name} ({budget}, seed {first.seed}, "
+                  f"same data): " + "; ".join(v.label for v in variants), markup=False)
+
+    def run(variant: Any, run_dir: Path) -> None:
+        index = variants.index(variant) + 1
+        if not quiet:
+            err.print(f"\n[bold]variant {index}/{len(variants)}[/]: {variant.label} -> {run_dir}")
+        view = TrainView(quiet)
+        try:
+            run_training(variant.config, run_dir, callback=view)
+        finally:
+            view.close()
+
+    for variant in runs_lib.train_variants(variants, base, run):
+        if variant.state == "failed":
+            err.print(f"variant {variant.label} failed: {variant.error}", markup=False)
+    return runs_lib.compare_variants(variants)
 
 
 def _click_errors() -> tuple[type, type]:

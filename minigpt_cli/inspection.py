@@ -248,6 +248,7 @@ def run_record(target: Target) -> dict[str, Any]:
         "best_val_loss": best,
         "best_val_bpc": best / LN2 if best is not None else None,
         "data_fingerprint": meta.get("data_fingerprint"),
+        "parent": meta.get("parent") if isinstance(meta.get("parent"), dict) else None,  # train --init-from
         "vocab": {"size": loaded.tokenizer.vocab_size, "chars": escape_vocab(loaded.tokenizer.chars)},
         "curves": loss_curves(loaded.run_dir),
     }

@@ -232,8 +232,8 @@ class TimeBudget:
     The next step is estimated from the steady-state rate: the median of recent step times, leaving
     out the first (allocation, kernel choice and caches make it slow). The final evaluation's cost is
     measured before the loop on a batch of its own windows; saves are timed as they happen. The first
-    MIN_STEPS steps are taken whenever the final evaluation still fits, so a short budget trains a few
-    steps instead of none; after them, a step starts only if it fits too.
+    MIN_STEPS steps are taken if they end within GRACE seconds of the budget, so a short budget trains
+    a few steps instead of none; after them, a step starts only if it fits.
     """
 
     WARMUP_STEPS = 1
@@ -241,6 +241,9 @@ class TimeBudget:
     RECENT = 20
     # Seconds kept for what follows the final evaluation: the summary and the process's exit.
     MARGIN = 0.5
+    # Seconds past the budget the first MIN_STEPS may run into: a run that shows something beats
+    # one that ends on time having trained nothing.
+    GRACE = 1.0
 
     def __init__(self, budget: float, started_at: float, clock: Callable[[], float] = time.perf_counter):
         self.budget = budget
@@ -280,7 +283,7 @@ class TimeBudget:
         """Whether to stop before the next step."""
         left = self.left()
         if len(self.step_seconds) < self.MIN_STEPS:
-            return left <= 0
+            return left + self.GRACE < self.step_estimate()
         return left < self.step_estimate()
 
     def allows(self, seconds: float) -> bool:

@@ -1,0 +1,345 @@
+"""Experiments: listing and deleting runs, comparing them, building on a run, config.yaml, the time budget."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, assert_usage_error, invoke, set_flags, train_in_process
+
+# ---------------------------------------------------------------------------------------------
+# The time budget, on a fake clock
+# ---------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulate_budget(budget: float, startup: float, first_step: float, step: float, final_eval: float,
+                    save: float = 0.1, measured_final_eval: float | None = None) -> tuple[int, float]:
+    """The trainer's loop against a TimeBudget: steps until it says stop, then the final evaluation
+    and two saves as long as they really take. Returns (steps, seconds since the process started)."""
+    from minigpt_cli.trainer import TimeBudget
+
+    clock = FakeClock(startup)
+    timer = TimeBudget(budget, started_at=0.0, clock=clock)
+    timer.begin(final_eval if measured_final_eval is None else measured_final_eval, save)
+    steps = 0
+    while steps < 100_000 and not timer.out_of_time():
+        took = first_step if steps == 0 else step
+        clock.now += took
+        timer.step_done(took)
+        steps += 1
+    clock.now += final_eval + 2 * save
+    return steps, clock.now
+
+
+@pytest.mark.parametrize("budget", [8, 20, 60])
+def test_budget_ends_on_time_and_uses_it(budget: float):
+    # What went wrong before: 4 s of start-up, a slow first step, a final evaluation of 2 s.
+    steps, ended = simulate_budget(budget, startup=4.0, first_step=0.6, step=0.1, final_eval=2.0)
+    assert ended <= budget, f"ran {ended - budget:.2f}s past a {budget}s budget"
+    assert ended >= budget - 1.0, f"stopped {budget - ended:.2f}s early"
+    assert steps >= 3
+
+
+def test_budget_estimates_from_the_steady_rate_not_the_first_step():
+    # A first step of 5 s must not make the loop think there is no time for another 0.05 s step.
+    steps, ended = simulate_budget(12, startup=1.0, first_step=5.0, step=0.05, final_eval=1.0)
+    assert steps > 50
+    assert 11.0 <= ended <= 12.0
+
+
+def test_budget_trains_a_few_steps_when_a_step_barely_fits():
+    # 0.3 s left after the reserve, steps of 0.5 s: still the few steps that show anything.
+    steps, ended = simulate_budget(6, startup=4.2, first_step=0.5, step=0.5, final_eval=0.5, save=0.0)
+    assert steps == 3
+    assert ended <= 6 + 1.0  # within a second of the budget
+
+
+def test_budget_spent_before_training_trains_nothing():
+    steps, _ = simulate_budget(5, startup=6.0, first_step=1.0, step=0.1, final_eval=1.0)
+    assert steps == 0
+
+
+def test_budget_progress_ends_at_the_reserve():
+    from minigpt_cli.trainer import TimeBudget
+
+    clock = FakeClock(2.0)
+    timer = TimeBudget(10.0, started_at=0.0, clock=clock)
+    timer.begin(final_eval_seconds=1.5, save_seconds=0.0)
+    assert timer.progress() == pytest.approx(0.0)
+    clock.now = 10.0 - 1.5 - timer.MARGIN  # where training must end
+    assert timer.progress() == pytest.approx(1.0)
+
+
+def test_training_under_a_budget_on_a_fake_clock(small_corpus: Path, tmp_path: Path, monkeypatch):
+    """The real loop: steps cost 0.2 s (the first 2 s), scoring a window 0.01 s; 6 s of start-up."""
+    from minigpt_cli import trainer
+    from minigpt_cli.config import apply_overrides, load_config
+
+    clock = FakeClock(6.0)
+    real_step, real_score = trainer.Trainer._train_step, trainer.score_text
+    taken = []
+
+    def timed_step(self, *args, **kwargs):
+        clock.now += 2.0 if not taken else 0.2
+        taken.append(1)
+        return real_step(self, *args, **kwargs)
+
+    def timed_score(model, ids, block_size, stride, *args, **kwargs):
+        total, count = real_score(model, ids, block_size, stride, *args, **kwargs)
+        clock.now += 0.01 * max(1, count // stride)
+        return total, count
+
+    monkeypatch.setattr(trainer.Trainer, "_train_step", timed_step)
+    monkeypatch.setattr(trainer, "score_text", timed_score)
+    config = apply_overrides(load_config("tiny"), [*FAST, f"data.path={small_corpus}", "train.max_iters=100000",
+                                                   "train.eval_interval=100000", "train.time_budget=15"])
+    result = trainer.train(config, tmp_path / "run", started_at=0.0, clock=clock)
+    assert result.stopped == "time_budget"
+    assert result.steps >= 3
+    assert clock.now <= 15.0, f"ended at {clock.now:.2f}s of a 15s budget"
+    assert clock.now >= 13.0, f"ended at {clock.now:.2f}s, wasting the budget"
+
+
+# ---------------------------------------------------------------------------------------------
+# config.yaml
+# ---------------------------------------------------------------------------------------------
+
+def test_config_yaml_round_trips_and_trains_the_same_run(small_corpus: Path, tmp_path: Path):
+    from minigpt_cli.checkpoint import load_checkpoint
+    from minigpt_cli.config import load_config
+
+    first = tmp_path / "first"
+    train_in_process([*FAST, f"data.path={small_corpus}", "train.max_iters=3", "train.eval_interval=2",
+                      "train.seed=7"], first)
+    saved = load_checkpoint(first, which="latest")
+    written = load_config(str(first / "config.yaml"))
+    assert written == saved.config  # name included: a run of it is named like the first
+    assert written.name == "tiny" and written.train.seed == 7
+
+    result = invoke("train", first / "config.yaml", "--out", tmp_path / "again", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    again = load_checkpoint(tmp_path / "again", which="latest")
+    assert again.config == saved.config
+    for key, tensor in saved.model_state.items():
+        assert (again.model_state[key] == tensor).all(), f"{key} differs: not the same training"
+
+
+def test_training_header_prints_the_seed(small_corpus: Path, tmp_path: Path):
+    result = invoke("train", "tiny", "--data", small_corpus, "--out", tmp_path / "r", "--seed", "4242",
+                    *set_flags(*FAST, "train.max_iters=1"))
+    assert result.exit_code == 0, result.stderr
+    assert "seed 4242" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# minigpt runs
+# ---------------------------------------------------------------------------------------------
+
+def _runs_json(*args) -> list[dict]:
+    result = invoke("runs", *args, "--json")
+    assert result.exit_code == 0, result.stderr
+    return result.json()["runs"]
+
+
+def test_runs_lists_a_damaged_run_and_a_foreign_folder(run_copy: Path, tmp_path: Path):
+    runs = tmp_path / "runs"
+    damaged = runs / "damaged"
+    shutil.copytree(run_copy, damaged)
+    pointer = json.loads((damaged / "latest.json").read_text())
+    (damaged / pointer["checkpoint"] / "meta.json").write_text("[" * 100_000)  # deeper than any parser allows
+    (runs / "photos").mkdir()
+    (runs / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+    (runs / "notes.txt").write_text("not a folder")
+    listed = {r["name"]: r for r in _runs_json()}
+    assert listed["tiny"]["state"] == "finished"
+    assert listed["tiny"]["steps"] == 6 and listed["tiny"]["params"] > 0
+    assert listed["tiny"]["best_val_loss"] is not None and listed["tiny"]["final_val_loss"] is not None
+    assert listed["damaged"]["state"] == "damaged" and "meta.json" in listed["damaged"]["detail"]
+    assert listed["photos"]["state"] == "not a run"
+    assert listed["notes.txt"]["state"] == "not a run"
+    table = invoke("runs")
+    assert table.exit_code == 0 and "damaged" in table.stdout and "finished" in table.stdout
+
+
+def test_runs_names_how_a_run_ended(small_corpus: Path, tmp_path: Path):
+    paused = tmp_path / "runs" / "paused"
+    train_in_process([*FAST, f"data.path={small_corpus}", "train.max_iters=6", "train.stop_after=2"], paused)
+    listed = {r["name"]: r for r in _runs_json()}
+    assert listed["paused"]["state"] == "paused" and listed["paused"]["final_val_loss"] is None
+    meta_path = paused / json.loads((paused / "latest.json").read_text())["checkpoint"] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "stopped": None}))  # the last save a periodic one: it died
+    assert _runs_json()[0]["state"] == "failed"
+
+
+def hold_lock(run: Path) -> int:
+    """Lock a run as a live `minigpt train` does (flock on its lock file, PID inside)."""
+    fd = os.open(run / ".minigpt.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def test_runs_rm_refuses_a_live_run_and_deletes_a_finished_one(run_copy: Path):
+    fd = hold_lock(run_copy)
+    try:
+        assert _runs_json()[0]["state"] == "live"
+        assert_usage_error(invoke("runs", "rm", run_copy, "--yes"), "live process", str(os.getpid()))
+        assert (run_copy / "latest.json").exists()
+    finally:
+        os.close(fd)
+    assert _runs_json()[0]["state"] == "finished"
+    declined = invoke("runs", "rm", run_copy, input="n\n")
+    assert declined.exit_code == 1 and run_copy.exists()
+    assert invoke("runs", "rm", run_copy, input="y\n").exit_code == 0
+    assert not run_copy.exists()
+
+
+def test_runs_rm_removes_links_not_what_they_point_to(run_copy: Path, tmp_path: Path):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("mine")
+    (run_copy / "outside").symlink_to(keep)  # a link inside a run: removed as a link
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(run_copy, elsewhere, symlinks=True)
+    (tmp_path / "runs" / "linked").symlink_to(elsewhere)  # a linked run: the link goes, the run stays
+    assert invoke("runs", "rm", tmp_path / "runs" / "linked", run_copy, "--yes").exit_code == 0
+    assert not os.path.lexists(tmp_path / "runs" / "linked") and not run_copy.exists()
+    assert (elsewhere / "latest.json").exists()
+    assert (keep / "precious.txt").read_text() == "mine"
+
+
+def test_runs_rm_refuses_what_is_not_a_run(tmp_path: Path):
+    (tmp_path / "runs" / "photos").mkdir(parents=True)
+    assert_usage_error(invoke("runs", "rm", tmp_path / "runs" / "photos", "--yes"), "not a minigpt run")
+    assert_usage_error(invoke("runs", "rm", tmp_path / "nothing", "--yes"), "not found")
+    assert (tmp_path / "runs" / "photos").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# minigpt compare
+# ---------------------------------------------------------------------------------------------
+
+COMPARE_FLAGS = set_flags(*FAST, "train.max_iters=4", "train.eval_interval=2")
+
+
+def test_compare_trains_two_variants_and_shows_them_side_by_side(small_corpus: Path, tmp_path: Path):
+    result = invoke("compare", "tiny", "--vary", "model.pos_encoding=learned,rope", "--data", small_corpus,
+                    *COMPARE_FLAGS, "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    assert [v["state"] for v in report["variants"]] == ["finished", "finished"]
+    assert report["differences"] == ["model.pos_encoding"]
+    assert [r["config_values"]["model"]["pos_encoding"] for r in report["runs"]] == ["learned", "rope"]
+    for run in report["runs"]:
+        assert run["steps"] == 4 and run["final_val_loss"] is not None and run["val_curve"]
+        assert run["config_values"]["train"]["seed"] == report["runs"][0]["config_values"]["train"]["seed"]
+    # Each variant is a normal run: it samples, and compares again from its folder.
+    runs = [r["path"] for r in report["runs"]]
+    assert invoke("sample", runs[0], "--max-new-tokens", "5", "--prompt", "A").exit_code == 0
+    table = invoke("compare", *runs)
+    assert table.exit_code == 0, table.stderr
+    assert "model.pos_encoding" in table.stdout and "learned" in table.stdout and "bits per char" in table.stdout
+    assert "train.seed" not in table.stdout  # only the differences
+
+
+def test_compare_stopped_by_ctrl_c_shows_what_finished(small_corpus: Path, monkeypatch):
+    from minigpt_cli import trainer
+
+    real_train, calls = trainer.train, []
+
+    def train_then_interrupt(config, run_dir, **kwargs):
+        calls.append(run_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(config, run_dir, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", train_then_interrupt)
+    result = invoke("compare", "tiny", "--vary", "model.n_layer=1,2,3", "--data", small_corpus, *COMPARE_FLAGS,
+                    "--json", "--quiet")
+    assert result.exit_code == 130
+    report = result.json()
+    assert [v["state"] for v in report["variants"]] == ["finished", "interrupted", "pending"]
+    assert len(report["runs"]) == 1 and report["interrupted"] is True
+
+
+def test_compare_checks_every_variant_before_training(small_corpus: Path, tmp_path: Path):
+    assert_usage_error(invoke("compare", "tiny", "--vary", "model.pos_encoding=rope,spiral", "--data", small_corpus),
+                       "spiral")
+    assert_usage_error(invoke("compare", "tiny", "--vary", "model.n_layr=1,2"), "model.n_layer")
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# train --init-from
+# ---------------------------------------------------------------------------------------------
+
+def test_init_from_a_run_on_text_it_knows(tiny_run: Path, small_corpus: Path, tmp_path: Path):
+    from minigpt_cli.checkpoint import load_checkpoint
+
+    new_text = tmp_path / "more.txt"
+    new_text.write_text(small_corpus.read_text()[-8000:])  # characters the run has seen
+    child = tmp_path / "child"
+    result = invoke("train", "--init-from", tiny_run, "--data", new_text, "--out", child, "--quiet", "--json",
+                    *set_flags("train.max_iters=2", "train.eval_interval=1"))
+    assert result.exit_code == 0, result.stderr
+    parent, loaded = load_checkpoint(tiny_run), load_checkpoint(child, which="latest")
+    assert loaded.tokenizer.chars == parent.tokenizer.chars
+    assert loaded.meta["parent"]["run"] == str(tiny_run.resolve())
+    assert loaded.step == 2  # a fresh schedule and step count
+    # Its best is measured on its own validation text only, never the parent's.
+    records = [r for r in map(json.loads, (child / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    own = [r.get("sampled_val_loss") if r.get("final") else r["val_loss"] for r in records]
+    assert loaded.meta["best_val_loss"] == pytest.approx(min(v for v in own if v is not None))
+    assert loaded.meta["best_val_loss"] != parent.meta["best_val_loss"]
+    shown = invoke("inspect", child)
+    assert shown.exit_code == 0 and "started from" in shown.stdout and tiny_run.name in shown.stdout
+
+
+def test_init_from_new_characters_refused_or_added(tiny_run: Path, small_corpus: Path, tmp_path: Path):
+    import torch
+
+    from minigpt_cli.checkpoint import load_checkpoint
+
+    new_text = tmp_path / "accents.txt"
+    new_text.write_text(small_corpus.read_text()[:6000] + "\nÉtienne à Noel {}\n" * 3)
+    refused = invoke("train", "--init-from", tiny_run, "--data", new_text, "--out", tmp_path / "no")
+    assert_usage_error(refused, "--extend-vocab", "'É'", "'{'")
+    assert not (tmp_path / "no" / "latest.json").exists()
+
+    child = tmp_path / "grown"
+    result = invoke("train", "--init-from", tiny_run, "--data", new_text, "--out", child, "--extend-vocab",
+                    "--quiet", *set_flags("train.max_iters=1", "train.learning_rate=1e-9", "train.min_lr=0",
+                                          "train.muon_lr=1e-9"))
+    assert result.exit_code == 0, result.stderr
+    parent, grown = load_checkpoint(tiny_run), load_checkpoint(child, which="latest")
+    assert set(grown.tokenizer.chars) == set(parent.tokenizer.chars) | set("É{}à")
+    assert grown.meta["parent"]["added_chars"] == "".join(sorted(set("É{}à") - set(parent.tokenizer.chars)))
+    # Old rows kept at the characters' new ids (a near-zero learning rate barely moves them).
+    for key in ("wte.weight", "lm_head.weight"):
+        old, new = parent.model_state[key], grown.model_state[key]
+        for i, c in enumerate(parent.tokenizer.chars):
+            assert torch.allclose(new[grown.tokenizer.stoi[c]], old[i], atol=1e-5), (key, c)
+        added = new[grown.tokenizer.stoi["É"]]
+        assert torch.allclose(added, old.mean(dim=0), atol=1e-5)  # a new row starts as the mean of the old
+    sample = invoke("sample", child, "--prompt", "Étienne", "--max-new-tokens", "3")
+    assert sample.exit_code == 0, sample.stderr
+
+
+def test_init_from_refuses_a_different_model_shape(tiny_run: Path, small_corpus: Path, tmp_path: Path):
+    result = invoke("train", "--init-from", tiny_run, "--data", small_corpus, "--out", tmp_path / "x",
+                    *set_flags("model.n_layer=3"))
+    assert_usage_error(result, "model.n_layer")
