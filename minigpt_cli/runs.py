@@ -452,20 +452,13 @@ def train_variants(variants: Sequence[Variant], base: Path,
             variant.state = "interrupted"
             if isinstance(exc, TrainingStopped):
                 variant.error = str(exc)
-            _remove_if_empty(run_dir)
+            ckpt.remove_unused_run_dir(run_dir)
             yield variant
             return
         except UserError as exc:
             variant.state, variant.error = "failed", str(exc)
-            _remove_if_empty(run_dir)
+            ckpt.remove_unused_run_dir(run_dir)
         yield variant
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()  # only an empty folder: one claimed for a run that wrote nothing
-    except OSError:
-        pass
 
 
 def compare_variants(variants: Sequence[Variant]) -> dict[str, Any]:

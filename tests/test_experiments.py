@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -185,22 +184,13 @@ def test_runs_names_how_a_run_ended(small_corpus: Path, tmp_path: Path):
     assert _runs_json()[0]["state"] == "failed"
 
 
-def hold_lock(run: Path) -> int:
-    """Lock a run as a live `minigpt train` does (flock on its lock file, PID inside)."""
-    fd = os.open(run / ".minigpt.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
-
-
 def test_runs_rm_refuses_a_live_run_and_deletes_a_finished_one(run_copy: Path):
-    fd = hold_lock(run_copy)
-    try:
+    from minigpt_cli.checkpoint import RunLock
+
+    with RunLock(run_copy):  # what a live `minigpt train` holds while it writes the run
         assert _runs_json()[0]["state"] == "live"
         assert_usage_error(invoke("runs", "rm", run_copy, "--yes"), "live process", str(os.getpid()))
         assert (run_copy / "latest.json").exists()
-    finally:
-        os.close(fd)
     assert _runs_json()[0]["state"] == "finished"
     declined = invoke("runs", "rm", run_copy, input="n\n")
     assert declined.exit_code == 1 and run_copy.exists()
