@@ -3,7 +3,12 @@ the decode step against the weight-read floor, and the fast CPU path against the
 measured in one process.
 
     python benchmarks/sample_speed.py [--repeats 7] [--new-tokens 255] [--threads N] [--json]
-        [--device cuda] [--compile] [--batch-sizes 1,64]
+        [--device cuda] [--compile] [--batch-sizes 1,64] [--config default]
+
+The fast path is inference.Decoder's decode step, scripted by TorchScript on a CPU; "python step"
+is the same step unscripted (what scripting buys), "plain path" the model's own modules.
+With --config, the model shape of that config (a name in configs/ or a YAML path) replaces the
+classic one.
 
 Random weights (speed does not depend on them). Each configuration runs once as a warm-up, then
 the configurations take turns for --repeats rounds, so a slow moment on a shared machine hits them
@@ -21,6 +26,7 @@ Floors, for each dtype:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -29,7 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minigpt_cli.config import ModelConfig
+from minigpt_cli.config import ModelConfig, load_config
 from minigpt_cli.device import resolve_device, synchronize
 from minigpt_cli.inference import Decoder, onednn_linear, pack_weight, packing_supported
 from minigpt_cli.model import GPT
@@ -109,19 +115,22 @@ def main() -> None:
                         help="also time the decode step compiled with torch.compile (CUDA graphs on a GPU)")
     parser.add_argument("--batch-sizes", default="1",
                         help="comma-separated batch sizes for the cached rates, e.g. 1,64 (default: 1)")
+    parser.add_argument("--config", default=None, help="time this config's model shape instead of the classic one")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    shape = CLASSIC if args.config is None else dataclasses.replace(load_config(args.config).model, dropout=0.0)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device).device
     batches = [int(b) for b in args.batch_sizes.split(",")]
     n = args.new_tokens
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    models, plain, compiled = {}, {}, {}
+    models, python, plain, compiled = {}, {}, {}, {}
     for name, dtype in dtypes.items():
         torch.manual_seed(0)
-        trained = GPT(CLASSIC, VOCAB).to(device)  # random weights: speed does not depend on them
+        trained = GPT(shape, VOCAB).to(device)  # random weights: speed does not depend on them
         models[name] = Decoder(trained, dtype)
+        python[name] = Decoder(trained, dtype, script=False)
         plain[name] = Decoder(trained, dtype, fast=False)
         if args.compile:
             compiled[name] = Decoder(trained, dtype, compile=True)
@@ -130,6 +139,8 @@ def main() -> None:
         "cached_float32": lambda: generation_seconds(models["float32"], n, True),
         "uncached_float32": lambda: generation_seconds(models["float32"], n, False),
         "cached_bfloat16": lambda: generation_seconds(models["bfloat16"], n, True),
+        "python_cached_float32": lambda: generation_seconds(python["float32"], n, True),
+        "python_cached_bfloat16": lambda: generation_seconds(python["bfloat16"], n, True),
         "plain_cached_float32": lambda: generation_seconds(plain["float32"], n, True),
         "plain_cached_bfloat16": lambda: generation_seconds(plain["bfloat16"], n, True),
     }
@@ -165,6 +176,7 @@ def main() -> None:
     bandwidth = stream_bytes_per_second(device)
     step = {name: med[f"cached_{name}"] / n for name in dtypes}
     plain_step = {name: med[f"plain_cached_{name}"] / n for name in dtypes}
+    python_step = {name: med[f"python_cached_{name}"] / n for name in dtypes}
     floor = {name: min(v for k, v in med.items() if k.startswith("floor") and k.endswith(name)) for name in dtypes}
     # Ratios are taken within each round (its step against its own fastest floor pass), then the
     # median over rounds: a slow minute on a shared machine moves both sides of a ratio together.
@@ -178,7 +190,9 @@ def main() -> None:
                        for name in dtypes}
     weight_bytes = {name: sum(m.weight.nbytes for m in models[name].matrices) for name in dtypes}
     result = {
-        "model": "6 layers, 6 heads, 384 wide, block 256, vocab 65, batch 1",
+        "model": f"{shape.n_layer} layers, {shape.n_head} heads, {shape.n_embd} wide, block {shape.block_size}, "
+                 f"vocab {VOCAB}, batch 1",
+        "scripted": {name: models[name].scripted is not None for name in dtypes},
         "params": trained.num_parameters(),
         "threads": torch.get_num_threads(),
         "new_tokens": n,
@@ -191,6 +205,10 @@ def main() -> None:
         "bfloat16_over_float32": per_round(lambda r: times["cached_float32"][r], lambda r: times["cached_bfloat16"][r]),
         "decode_step_ms": {name: step[name] * 1e3 for name in dtypes},
         "plain_decode_step_ms": {name: plain_step[name] * 1e3 for name in dtypes},
+        "python_decode_step_ms": {name: python_step[name] * 1e3 for name in dtypes},
+        # What TorchScript buys: the unscripted step's time over the scripted one's, per round.
+        "python_over_scripted": {name: per_round(lambda r, name=name: times[f"python_cached_{name}"][r],
+                                                 lambda r, name=name: times[f"cached_{name}"][r]) for name in dtypes},
         "floor_ms": {name: floor[name] * 1e3 for name in dtypes},
         "floor_kernel_ms": {k[len("floor_"):]: med[k] * 1e3 for k in med if k.startswith("floor")},
         "step_over_floor": step_over_floor,
@@ -209,6 +227,8 @@ def main() -> None:
         kernels = "  ".join(f"{k.split('_')[0]} {v:.3f}" for k, v in kernel.items() if k.endswith(name))
         print(f"  cached   {name:8}: {tps[f'cached_{name}']:7.1f} tok/s  step {step[name] * 1e3:.3f} ms  "
               f"floor {floor[name] * 1e3:.3f} ms ({kernels})  ratio {result['step_over_floor'][name]:.2f}")
+        print(f"           {'':8}  python step {tps[f'python_cached_{name}']:7.1f} tok/s  "
+              f"step {python_step[name] * 1e3:.3f} ms  ({result['python_over_scripted'][name]:.2f}x the scripted step)")
         print(f"           {'':8}  plain path {tps[f'plain_cached_{name}']:7.1f} tok/s  "
               f"step {plain_step[name] * 1e3:.3f} ms"
               f"  ({plain_step[name] / step[name]:.2f}x slower)")

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.config import Config, ModelConfig, UserError, apply_overrides, default_data_path, load_config
+from minigpt_cli.config import Config, UserError, apply_overrides, default_data_path, load_config
 from minigpt_cli.data import read_text
 from minigpt_cli.device import DTYPES, check_inference_dtype, choose_precision, resolve_device, synchronize
 from minigpt_cli.inference import Decoder

@@ -470,6 +470,8 @@ def train(
         return
     from rich.table import Table
 
+    from minigpt_cli.scoring import bits_per_char
+
     finished = result.stopped != "stop_after"
     table = Table(title="training finished" if finished else "training paused (train.stop_after)",
                   show_header=False, box=None)
@@ -477,7 +479,7 @@ def train(
     table.add_column()
     measure = "whole validation split" if cfg.train.eval_full else f"{cfg.train.eval_iters} sampled batches"
     if math.isfinite(result.best_val_loss):
-        table.add_row("best val loss", f"{result.best_val_loss:.4f}  ({result.best_val_loss / math.log(2):.3f} "
+        table.add_row("best val loss", f"{result.best_val_loss:.4f}  ({bits_per_char(result.best_val_loss):.3f} "
                                        f"bits/char, {measure})")
     else:
         table.add_row("best val loss", "-  (no evaluation yet)")

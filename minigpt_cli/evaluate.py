@@ -18,7 +18,8 @@ from minigpt_cli.data import encode_array, load_corpus, read_text
 from minigpt_cli.device import DTYPES, Precision, check_inference_dtype, choose_precision, resolve_device
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import UnknownCharactersError
-from minigpt_cli.trainer import LN2, score_text
+from minigpt_cli.scoring import bits_per_char
+from minigpt_cli.trainer import score_text
 
 
 
@@ -121,7 +122,7 @@ def evaluate(request: EvalRequest) -> EvalResult:
     val_loss = loaded.meta.get("val_loss")
     # math.exp overflows a float past about 709: such a perplexity is reported as infinite.
     return EvalResult(
-        nll=nll, bpc=nll / LN2, perplexity=math.exp(nll) if nll < 709 else math.inf, chars_scored=count,
+        nll=nll, bpc=bits_per_char(nll), perplexity=math.exp(nll) if nll < 709 else math.inf, chars_scored=count,
         text_chars=len(ids), source=source,
         stride=stride, block_size=block_size, min_context=block_size - stride, batch_size=request.batch_size,
         checkpoint=str(loaded.path), step=loaded.step,

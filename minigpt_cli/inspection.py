@@ -17,7 +17,7 @@ from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.bench import Target, resolve_target
 from minigpt_cli.config import UserError
 from minigpt_cli.model import GPT, MLP, CausalSelfAttention, Norm, flops_per_token, kv_bytes_per_token
-from minigpt_cli.trainer import LN2
+from minigpt_cli.scoring import bits_per_char
 
 
 
@@ -246,7 +246,7 @@ def run_record(target: Target) -> dict[str, Any]:
         "torch_version": meta.get("torch_version"),
         "saved_at": meta.get("saved_at"),
         "best_val_loss": best,
-        "best_val_bpc": best / LN2 if best is not None else None,
+        "best_val_bpc": bits_per_char(best) if best is not None else None,
         "data_fingerprint": meta.get("data_fingerprint"),
         "parent": meta.get("parent") if isinstance(meta.get("parent"), dict) else None,  # train --init-from
         "vocab": {"size": loaded.tokenizer.vocab_size, "chars": escape_vocab(loaded.tokenizer.chars)},

@@ -28,8 +28,8 @@ from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
 from minigpt_cli.optim import build_optimizers, lr_factor, set_lr
 from minigpt_cli.progress import FINAL_EVAL_TASK, Progress, ProgressCallback, progress_task
+from minigpt_cli.scoring import bits_per_char
 
-LN2 = math.log(2.0)
 # Eval batches draw from generators keyed past any training micro-step, so they never overlap.
 EVAL_STREAM = 1 << 30
 
@@ -658,15 +658,14 @@ class Trainer:
         t, m = self.config.train, self.config.model
         out = {}
         model.eval()
-        with torch.no_grad(), autocast(self.device, self.precision):
+        with torch.no_grad():
             for split_id, (name, ids) in enumerate((("train", corpus.train), ("val", corpus.val))):
                 losses = []
                 for i in range(t.eval_iters):
                     starts = batch_indices(len(ids), m.block_size, t.batch_size, t.seed, i, EVAL_STREAM + split_id,
                                            self.dist.rank, self.dist.world_size)
                     x, y = get_batch(ids, starts, m.block_size, self.device)
-                    logits = model(x).float()
-                    losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
+                    losses.append(training_loss(model, x, y, self.device, self.precision))
                 out[name] = torch.stack(losses).mean().item()
         if self.dist.enabled:
             out = {k: self._mean(v) for k, v in out.items()}
@@ -731,7 +730,7 @@ class Trainer:
             if not t.eval_full and math.isfinite(candidate):
                 record["sampled_val_loss"] = candidate  # the measure the best checkpoint is chosen by
             ckpt.append_metrics(self.run_dir, record)
-        self.emit("final_eval", state["step"], val_loss=loss, bpc=loss / LN2, tokens=count, seconds=seconds,
+        self.emit("final_eval", state["step"], val_loss=loss, bpc=bits_per_char(loss), tokens=count, seconds=seconds,
                   best_val_loss=state["best_val"])
         self._save(model, corpus, optimizers, state, is_best=is_best, val_loss=loss, final=True)
         return loss, count
@@ -799,7 +798,7 @@ class Trainer:
         return TrainResult(
             run_dir=str(self.run_dir), steps=state["step"], tokens=state["tokens"],
             best_val_loss=state["best_val"], final_val_loss=final_loss,
-            final_val_bpc=final_loss / LN2 if math.isfinite(final_loss) else math.nan,
+            final_val_bpc=bits_per_char(final_loss) if math.isfinite(final_loss) else math.nan,
             wall_seconds=wall, train_seconds=wall - state["eval_seconds"], eval_seconds=state["eval_seconds"],
             stopped=stopped, device=str(self.device), precision=self.precision.name,
             n_params=model.num_parameters(), val_tokens_scored=scored)
