@@ -133,8 +133,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
-                kv_cache: Optional[KVCache], layer: int) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]):
+        """Queries, keys and values of x (B, T, C), each (B, n_head, T, head_dim), qk-normed and rotated;
+        with attention_probs, what a caller needs to see a layer's attention weights."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
@@ -143,8 +144,13 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:
             q, k = rms(q), rms(k)
         if rope is not None:
-            q = apply_rope(q, *rope)
-            k = apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+                kv_cache: Optional[KVCache], layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, rope)
         past = 0
         if kv_cache is not None:
             past = kv_cache.length

@@ -184,3 +184,18 @@ def test_greedy_generation_with_cache_equals_without():
         return [s.tokens.item() for s in generate(model, prompt, 40, greedy, use_cache=use_cache)]
 
     assert tokens(True) == tokens(False)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[3:6], ids=[variant_id(v) for v in VARIANTS[3:6]])
+def test_a_layers_attention_weights_reproduce_its_output(variant: dict):
+    """qkv and attention_probs give the weights the layer really uses: weighting the values by
+    them and projecting gives the attention module's own output."""
+    model = make_model(**variant)
+    attn, T = model.blocks[0].attn, 12
+    x = torch.randn(2, T, SMALL["n_embd"], generator=torch.Generator().manual_seed(6))
+    rope = (model.rope_cos[:T], model.rope_sin[:T]) if model.rope_cos is not None else None
+    with torch.no_grad():
+        q, k, v = attn.qkv(x, rope)
+        probs = attention_probs(q, k, visible_keys(T, 0, x.device))  # (B, n_head, T, T)
+        y = (probs @ v).transpose(1, 2).reshape(2, T, SMALL["n_embd"])
+        torch.testing.assert_close(attn.c_proj(y), attn(x, rope, None, 0), rtol=1e-5, atol=1e-5)
