@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from minigpt_cli.config import Config, UserError, apply_overrides, load_config
+from minigpt_cli.scoring import bits_per_char
 
 try:
     import fcntl
@@ -36,7 +37,6 @@ METRICS, DATA_COPY = "metrics.jsonl", "data.txt"
 LOCK_FILE = ".minigpt.lock"
 # Far above anything minigpt writes: a larger or deeper file is not one of its own.
 JSON_MAX_BYTES = 2**26
-LN2 = math.log(2.0)
 
 STATES = ("live", "finished", "paused", "interrupted", "failed", "damaged", "not a run")
 
@@ -366,8 +366,8 @@ def run_summary(path: Path, label: Optional[str] = None) -> dict[str, Any]:
         "config_values": loaded.config.to_dict(),
         # The first log line's rate includes the warming-up steps: the median of the rest is steadier.
         "tokens_per_sec": _median([r for r in rates[1:] or rates if isinstance(r, (int, float))]),
-        "final_val_bpc": final / LN2 if final is not None else None,
-        "best_val_bpc": info.best_val_loss / LN2 if info.best_val_loss is not None else None,
+        "final_val_bpc": bits_per_char(final) if final is not None else None,
+        "best_val_bpc": bits_per_char(info.best_val_loss) if info.best_val_loss is not None else None,
         "val_curve": loss_curves(Path(path))["val"],
     }
 

@@ -1,4 +1,6 @@
-"""How well a model predicts text, in the units people read: shared by training and `eval`."""
+"""How well a model predicts text, in the units people read: shared by train, eval, inspect and runs.
+
+No torch here: `minigpt runs` lists runs without importing it."""
 
 from __future__ import annotations
 
