@@ -30,7 +30,8 @@ from torch.utils._pytree import tree_leaves
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, UserError, apply_overrides, default_data_path, load_config
 from minigpt_cli.data import read_text
-from minigpt_cli.device import DTYPES, check_inference_dtype, choose_precision, resolve_device, synchronize
+from minigpt_cli.device import (DTYPES, check_inference_dtype, choose_precision, resolve_device, synchronize,
+                                use_threads)
 from minigpt_cli.inference import Decoder
 from minigpt_cli.kv_cache import KVCache
 from minigpt_cli.model import (GPT, count_parameters, flops_per_token, kv_bytes_per_token, visible_keys,
@@ -338,6 +339,8 @@ class BenchOptions:
     dtype: str = "float32"
     # Stop repeating one measurement after this many seconds (once it has 3 repeats).
     max_seconds: float | None = None
+    # CPU threads per operation; 0: each section chooses as the command it times does (use_threads).
+    threads: int = 0
 
     def __post_init__(self) -> None:
         for name in ("repeats", "batch_size", "seq_len"):
@@ -353,6 +356,8 @@ class BenchOptions:
         unknown = set(self.sections) - {"train", "sample", "attention"}
         if unknown:
             raise UserError(f"unknown bench section(s) {', '.join(sorted(unknown))} (use train, sample, attention)")
+        if not 0 <= self.threads <= 1024:
+            raise UserError(f"--threads must be between 1 and 1024 (or 0 to choose), got {self.threads}")
         if self.batch_sizes is not None and any(b < 1 for b in self.batch_sizes):
             raise UserError(f"--batch-sizes must all be at least 1, got {list(self.batch_sizes)}")
 
@@ -443,10 +448,17 @@ class Bench:
                 result["attention"] = self.attention()
             if "sample" in sections or "train" in sections:
                 model = self.build_model()
+                params = model.num_parameters()
+                choices = result["thread_choice"] = {}
                 if "train" in sections:
+                    B = self.options.batch_size or self.cfg.train.batch_size
+                    choices["train"] = use_threads(params * B * self.m.block_size, self.options.threads).to_dict()
                     result["train"] = self.train(model)
                 if "sample" in sections:
+                    # As minigpt sample chooses for one sample: the weights a decode step reads.
+                    choices["sample"] = use_threads(params, self.options.threads).to_dict()
                     result["sample"] = self.sample(Decoder(model, DTYPES[self.options.dtype]))
+                result["threads"] = torch.get_num_threads()
                 del model
         result["memory"] = self.memory()
         if self.unsteady:

@@ -547,6 +547,8 @@ def sample(
     unknown: str = typer.Option("error", "--unknown", help="Prompt characters outside the vocabulary: error or skip."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Print text as it is made "
                                                                              "(default: on a terminal)."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads per operation (default: chosen from the model's "
+                                                    "size and the CPUs other programs leave free)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with samples and speed."),
 ) -> None:
     """Generate text from a trained run (prints the prompt, then its continuation)."""
@@ -568,7 +570,8 @@ def sample(
     request = sampler.SampleRequest(
         run=run, prompt=text, settings=settings, max_new_tokens=max_new_tokens, num_samples=num_samples, stop=stop,
         seed=seed,
-        use_cache=not no_kv_cache, dtype=dtype, device=device, skip_unknown=unknown == "skip", compile=compile_step)
+        use_cache=not no_kv_cache, dtype=dtype, device=device, skip_unknown=unknown == "skip", compile=compile_step,
+        threads=threads)
     session = sampler.prepare(request)
     for warning in session.warnings:
         err.print(f"warning: {warning}", markup=False)
@@ -649,13 +652,15 @@ def eval_(
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 (GPU only), or auto "
                                                          "(the training precision)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads per operation (default: the CPUs other "
+                                                    "programs leave free)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
 ) -> None:
     """Score a text with a trained run: NLL per character, bits per character, perplexity."""
     from minigpt_cli.evaluate import EvalRequest, evaluate
 
     result = evaluate(EvalRequest(run=run, data=data, stride=stride, batch_size=batch_size, device=device,
-                                  dtype=dtype, which=which))
+                                  dtype=dtype, which=which, threads=threads))
     for warning in result.warnings:
         err.print(f"warning: {warning}", markup=False)
     if json_out:
@@ -724,7 +729,10 @@ def _render_bench(result: dict) -> None:
     out.print(f"[bold]bench[/] {result['target']['kind']} {result['target']['name']}: "
               f"{_count(model['n_params'])} parameters, {model['n_layer']} layers x {model['n_embd']}, "
               f"block_size {model['block_size']}, vocabulary {model['vocab_size']}")
-    out.print(f"on {result['device']} ({result['device_name']}), {result['threads']} threads, "
+    choice = result.get("thread_choice") or {}
+    threads = (", ".join(f"{section} {c['threads']}" for section, c in choice.items()) + " threads"
+               if choice else f"{result['threads']} threads")
+    out.print(f"on {result['device']} ({result['device_name']}), {threads}, "
               f"torch {result['torch_version']}; times are medians ± median absolute deviation of "
               f"repeated, synchronised runs after warm-up", markup=False)
     train = result.get("train")
@@ -821,6 +829,8 @@ def bench(
                                                          "bfloat16, or float16 (GPU only)."),
     set_: List[str] = typer.Option([], "--set", help="Override a key of a CONFIG, e.g. --set model.n_layer=8 "
                                                      "(repeatable)."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads per operation (default: chosen per section as "
+                                                    "train and sample choose them)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every measurement."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
 ) -> None:
@@ -831,7 +841,7 @@ def bench(
     sections = tuple(s.strip() for s in only.split(",") if s.strip()) if only else ("train", "sample", "attention")
     options = BenchOptions(device=device, quick=quick, repeats=repeats, max_seq=max_seq, batch_size=batch_size,
                            seq_len=seq_len, batch_sizes=_comma_ints(batch_sizes, "--batch-sizes"), sections=sections,
-                           dtype=dtype)
+                           dtype=dtype, threads=threads)
     chosen = resolve_target(target, set_)
     progress = _ProgressLine(quiet)
     try:
@@ -1250,6 +1260,11 @@ def main() -> None:
     line like every other error, and help piped into `head` ends quietly."""
     import rich.console
 
+    # OpenMP threads that wait for work by sleeping, not spinning: on a CPU shared with other
+    # programs, a spinning thread takes the core that the thread it waits for needs (a batch-1
+    # decode ran 2.5 tokens/s spinning against 62 sleeping on a busy 2-core machine). libgomp reads
+    # this once, when torch loads it, so it is set here, before any command imports torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     click_exception, usage_error = _click_errors()
     # typer prints help through its own rich consoles, whose answer to a reader that went away is
     # exit code 1: give them ours (exit 0, as a pipe into `head` is not a failure).

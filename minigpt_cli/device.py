@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import statistics
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -109,3 +114,108 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU threads: how many intra-op threads a kind of work should use on this machine now.
+# ---------------------------------------------------------------------------------------------
+
+# A thread must get at least this many multiply-adds per step to repay itself: every parallel
+# operation waits for its slowest thread, so a thread woken late (or one the OS has given to
+# another process) costs the whole step. A batch-1 decode step reads each weight once, so its
+# work is the weights read: the default 0.8M model stays on one thread, the 6 x 384 model
+# (10.6M) may use two.
+WORK_PER_THREAD = 2**21
+
+
+@dataclass(frozen=True)
+class CpuState:
+    cpus: int  # CPUs this process may run on (its affinity mask)
+    others_running: float  # threads of other processes running or waiting for a CPU at this moment
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    threads: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"threads": self.threads, "reason": self.reason}
+
+
+def choose_threads(work: float, state: CpuState, requested: int = 0, env_threads: str | None = None) -> ThreadChoice:
+    """Intra-op threads for a step of `work` multiply-adds: `requested` (--threads) if given, else
+    OMP_NUM_THREADS if the user set it, else the CPUs other processes leave free now, no more than
+    the work can keep busy (WORK_PER_THREAD each), and at least one."""
+    if requested > 0:
+        return ThreadChoice(requested, "requested (--threads)")
+    if env_threads and env_threads.strip().isdigit() and int(env_threads) > 0:
+        return ThreadChoice(int(env_threads), f"OMP_NUM_THREADS={int(env_threads)}")
+    cpus = max(1, state.cpus)
+    free = max(1, min(cpus, math.floor(cpus - state.others_running + 0.5)))
+    useful = max(1, int(work // WORK_PER_THREAD))
+    threads = min(free, useful)
+    busy = f"{state.others_running:.0f} other thread(s) running on {cpus} CPU(s)"
+    if threads == cpus:
+        return ThreadChoice(threads, f"every CPU ({busy})")
+    if useful < free:
+        return ThreadChoice(threads, f"a step of {work / 1e6:.2g}M multiply-adds keeps {threads} thread(s) busy "
+                                     f"({busy})")
+    return ThreadChoice(threads, f"the CPUs left free ({busy})")
+
+
+def _own_running_threads() -> int:
+    """This process's threads in state R (running or runnable), from /proc/self/task."""
+    count = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] == "R":
+            count += 1
+    return count
+
+
+def _others_running_once() -> float:
+    # /proc/loadavg's fourth field is "runnable/total" scheduling entities right now, this
+    # process's running threads (at least the one reading) included.
+    with open("/proc/loadavg", encoding="ascii") as f:
+        runnable = int(f.read().split()[3].split("/")[0])
+    return max(0, runnable - max(1, _own_running_threads()))
+
+
+def cpu_state(samples: int = 3, gap_seconds: float = 0.001) -> CpuState:
+    """The CPUs this process may use, and how many other threads want one now: the median of a
+    few snapshots a few milliseconds apart (a snapshot alone catches bursts), or, without /proc,
+    the one-minute load average."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        readings = []
+        for i in range(samples):
+            if i:
+                time.sleep(gap_seconds)
+            readings.append(_others_running_once())
+        others = statistics.median(readings)
+    except (OSError, ValueError, IndexError):
+        try:
+            others = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            others = 0.0
+    return CpuState(cpus, float(others))
+
+
+def use_threads(work: float, requested: int = 0, state: CpuState | None = None) -> ThreadChoice:
+    """Choose the intra-op thread count for `work` (see choose_threads) and set it in torch."""
+    if not 0 <= requested <= 1024:
+        raise UserError(f"--threads must be between 1 and 1024 (or 0 to choose), got {requested}")
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    if state is None and requested == 0 and not (env_threads or "").strip().isdigit():
+        state = cpu_state()  # read only when the choice depends on it
+    choice = choose_threads(work, state or CpuState(os.cpu_count() or 1, 0.0), requested, env_threads)
+    if torch.get_num_threads() != choice.threads:
+        torch.set_num_threads(choice.threads)
+    return choice

@@ -15,7 +15,7 @@ import torch
 from minigpt_cli.checkpoint import LoadedCheckpoint, data_copy, load_checkpoint
 from minigpt_cli.config import UserError
 from minigpt_cli.data import encode_array, load_corpus, read_text
-from minigpt_cli.device import DTYPES, Precision, check_inference_dtype, choose_precision, resolve_device
+from minigpt_cli.device import DTYPES, Precision, check_inference_dtype, choose_precision, resolve_device, use_threads
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import UnknownCharactersError
 from minigpt_cli.scoring import bits_per_char
@@ -34,6 +34,8 @@ class EvalRequest:
     device: str = "auto"
     dtype: str = "float32"
     which: str = "best"
+    # CPU threads per operation; 0: the CPUs other programs leave free now (use_threads).
+    threads: int = 0
 
 
 @dataclass
@@ -56,6 +58,7 @@ class EvalResult:
     seconds: float
     chars_per_second: float
     warnings: list[str] = field(default_factory=list)
+    threads: dict | None = None  # ThreadChoice.to_dict(): the thread count and why
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,6 +119,8 @@ def evaluate(request: EvalRequest) -> EvalResult:
     if len(ids) < 2:
         raise UserError(f"{source} has {len(ids)} character(s); at least 2 are needed (the first is only context)")
     model = loaded.build_model(device)
+    # Each batch reads every weight once per position scored.
+    threads = use_threads(model.num_parameters() * request.batch_size * block_size, request.threads)
     began = time.perf_counter()
     nll, count = score(model, ids, stride, request.batch_size, device, precision)
     seconds = time.perf_counter() - began
@@ -128,4 +133,5 @@ def evaluate(request: EvalRequest) -> EvalResult:
         checkpoint=str(loaded.path), step=loaded.step,
         checkpoint_val_loss=float(val_loss) if val_loss is not None else None,
         device=str(device), precision=precision.name, seconds=seconds,
-        chars_per_second=count / seconds if seconds > 0 else math.nan, warnings=warnings)
+        chars_per_second=count / seconds if seconds > 0 else math.nan, warnings=warnings,
+        threads=threads.to_dict())

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import torch
 
 from minigpt_cli.config import UserError
-from minigpt_cli.device import make_generator, synchronize
+from minigpt_cli.device import ThreadChoice, make_generator, synchronize, use_threads
 from minigpt_cli.inference import Decoder
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
@@ -187,6 +187,8 @@ class SampleRequest:
     device: str = "auto"
     skip_unknown: bool = False
     compile: bool = False
+    # CPU threads per operation; 0: chosen from the step's size and the CPUs free now (use_threads).
+    threads: int = 0
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -202,8 +204,10 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 class SampleSession:
     def __init__(self, request: SampleRequest, model: Decoder, tokenizer: CharTokenizer, prompt_ids: list[int],
-                 settings: SamplingSettings, seed: int, checkpoint: Path, warnings: list[str], prompt: str):
+                 settings: SamplingSettings, seed: int, checkpoint: Path, warnings: list[str], prompt: str,
+                 threads: ThreadChoice | None = None):
         self.request = request
+        self.threads = threads
         # The prompt as the model reads it (without characters dropped by --unknown skip): what is printed.
         self.prompt = prompt
         self.model = model
@@ -273,6 +277,7 @@ class SampleSession:
                          "dtype": req.dtype, "compile": req.compile},
             "checkpoint": str(self.checkpoint),
             "device": str(self.model.device),
+            "threads": self.threads.to_dict() if self.threads else None,
         }
 
 
@@ -309,7 +314,10 @@ def prepare(request: SampleRequest) -> SampleSession:
     if request.compile and device.type == "cpu":
         warnings.append("--compile is meant for GPUs: on a CPU the compiled step is slower than the default "
                         "one (oneDNN's packed matrices cannot be compiled)")
-    model = Decoder(loaded.build_model(device), DTYPES[request.dtype], compile=request.compile)
+    model = loaded.build_model(device)
+    # A decode step reads every weight once per sample: that is the work its threads share.
+    threads = use_threads(model.num_parameters() * request.num_samples, request.threads)
+    model = Decoder(model, DTYPES[request.dtype], compile=request.compile)
     seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
     return SampleSession(request, model, tokenizer, tokenizer.encode(prompt), settings, seed, loaded.path, warnings,
-                         shown)
+                         shown, threads)

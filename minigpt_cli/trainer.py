@@ -23,7 +23,7 @@ from torch import nn
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, UserError
 from minigpt_cli.data import Corpus, batch_indices, check_split_lengths, get_batch, load_corpus
-from minigpt_cli.device import Precision, autocast, choose_precision, resolve_device, synchronize
+from minigpt_cli.device import Precision, autocast, choose_precision, resolve_device, synchronize, use_threads
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
 from minigpt_cli.optim import build_optimizers, lr_factor, set_lr
@@ -321,8 +321,9 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
         t = self.config.train
-        if t.num_threads:
-            torch.set_num_threads(t.num_threads)
+        m = self.config.model
+        # 0: the CPUs other programs leave free now (a training step has work for every core).
+        self.threads = use_threads(t.batch_size * m.block_size * 12 * m.n_layer * m.n_embd ** 2, t.num_threads)
         if self.dist.enabled:
             self._init_process_group()
         else:

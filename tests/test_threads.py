@@ -1,0 +1,91 @@
+"""How many CPU threads sampling, evaluation and training use: chosen from the work and the CPUs
+other programs leave free (fake machines here, no timing), or set with --threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt_cli import device
+from minigpt_cli.config import UserError
+from minigpt_cli.device import WORK_PER_THREAD, CpuState, choose_threads, use_threads
+
+from conftest import assert_usage_error, invoke
+
+DEFAULT_DECODE = 0.8e6  # weights the default model reads per decode step
+CLASSIC_DECODE = 10.6e6  # the 6 x 384 model's
+TRAIN_STEP = 32 * 64 * 0.8e6
+
+
+def test_a_quiet_machine_gives_a_big_step_every_cpu():
+    assert choose_threads(TRAIN_STEP, CpuState(cpus=2, others_running=0)).threads == 2
+    assert choose_threads(TRAIN_STEP, CpuState(cpus=16, others_running=0)).threads == 16
+
+
+def test_a_small_batch_1_step_stays_on_one_thread_even_when_cpus_are_free():
+    choice = choose_threads(DEFAULT_DECODE, CpuState(cpus=2, others_running=0))
+    assert choice.threads == 1
+    assert "multiply-adds" in choice.reason
+    # The work caps the threads at one per WORK_PER_THREAD.
+    assert choose_threads(3 * WORK_PER_THREAD, CpuState(cpus=16, others_running=0)).threads == 3
+    assert choose_threads(CLASSIC_DECODE, CpuState(cpus=2, others_running=0)).threads == 2
+
+
+def test_one_competing_process_takes_its_cpu_away():
+    for work in (CLASSIC_DECODE, TRAIN_STEP):
+        choice = choose_threads(work, CpuState(cpus=2, others_running=1))
+        assert choice.threads == 1
+        assert "1 other thread(s) running on 2 CPU(s)" in choice.reason
+    assert choose_threads(TRAIN_STEP, CpuState(cpus=16, others_running=3)).threads == 13
+
+
+def test_an_overloaded_machine_still_gets_one_thread():
+    assert choose_threads(TRAIN_STEP, CpuState(cpus=2, others_running=15)).threads == 1
+    assert choose_threads(0, CpuState(cpus=0, others_running=0)).threads == 1
+
+
+def test_threads_requested_or_set_in_the_environment_win():
+    busy = CpuState(cpus=2, others_running=15)
+    assert choose_threads(DEFAULT_DECODE, busy, requested=2) == device.ThreadChoice(2, "requested (--threads)")
+    assert choose_threads(DEFAULT_DECODE, busy, env_threads="3").threads == 3
+    assert choose_threads(DEFAULT_DECODE, busy, requested=2, env_threads="3").threads == 2
+    assert choose_threads(TRAIN_STEP, CpuState(2, 0), env_threads="junk").threads == 2  # not a count: ignored
+
+
+def test_the_machine_is_read_as_the_median_of_a_few_snapshots(monkeypatch):
+    readings = iter([0.0, 7.0, 1.0])  # a burst in one snapshot is not taken for the load
+    monkeypatch.setattr(device, "_others_running_once", lambda: next(readings))
+    monkeypatch.setattr(device.time, "sleep", lambda seconds: None)
+    state = device.cpu_state(samples=3)
+    assert state.others_running == 1.0
+    assert state.cpus >= 1
+
+
+def test_use_threads_sets_torch_and_reads_the_machine_only_when_it_must(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device, "cpu_state", lambda: pytest.fail("the machine was read for a requested count"))
+    try:
+        assert use_threads(TRAIN_STEP, requested=2).threads == 2
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(device, "cpu_state", lambda: CpuState(cpus=4, others_running=1))
+        assert use_threads(TRAIN_STEP).threads == 3
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(UserError, match="--threads"):
+        use_threads(TRAIN_STEP, requested=-1)
+
+
+def test_sample_and_eval_report_the_threads_they_used(run_copy):
+    sampled = invoke("sample", run_copy, "-n", "3", "--threads", "1", "--json")
+    assert sampled.exit_code == 0, sampled.stderr
+    assert sampled.json()["threads"] == {"threads": 1, "reason": "requested (--threads)"}
+    scored = invoke("eval", run_copy, "--json")  # the suite sets OMP_NUM_THREADS=1
+    assert scored.exit_code == 0, scored.stderr
+    assert scored.json()["threads"] == {"threads": 1, "reason": "OMP_NUM_THREADS=1"}
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "bench"])
+def test_a_bad_thread_count_is_a_usage_error(run_copy, command):
+    assert_usage_error(invoke(command, run_copy, "--threads", "-2", "--json"), "--threads")
