@@ -100,6 +100,23 @@ def test_inference_rows_differ_after_a_shared_prefill(options, pack_min, fixed_s
             fast(rows[:, :1], cache)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu2"])
+def test_activation_fused_into_the_packed_product_equals_the_model(activation, monkeypatch):
+    """The MLP activation as oneDNN's post-op on the packed product (what bfloat16 steps use where
+    oneDNN runs bfloat16), checked in float32 so that it is held to the plain model on any x86-64 CPU."""
+    if not packing_supported(torch.float32):
+        pytest.skip("oneDNN's packed linear does not run here")
+    monkeypatch.setattr(inference, "PACK_MIN_ELEMENTS", 0)
+    options = dict(activation=activation, pos_encoding="learned", qk_norm=False)
+    fast = Decoder(small_model(**options), torch.float32, script=False)
+    fast.step.fuse_activation = True
+    greedy = SamplingSettings(temperature=0.0)
+    cached = list(generate(fast, [1, 2, 3, 4, 5], 20, greedy))
+    uncached = list(generate(small_model(**options), [1, 2, 3, 4, 5], 20, greedy, use_cache=False))
+    for a, b in zip(cached, uncached):
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+
+
 def test_decode_step_runs_as_python_where_torchscript_fails(monkeypatch):
     def broken(module):
         raise RuntimeError("no TorchScript here")
