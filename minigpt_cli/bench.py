@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.config import Config, UserError, apply_overrides, default_data_path, load_config
-from minigpt_cli.data import read_text
+from minigpt_cli.config import Config, UserError, apply_overrides, load_config
+from minigpt_cli.data import scan_vocabulary
 from minigpt_cli.device import (DTYPES, check_inference_dtype, choose_precision, resolve_device, synchronize,
                                 use_threads)
 from minigpt_cli.inference import Decoder
@@ -108,8 +108,7 @@ def config_vocab_size(config: Config) -> int:
     if config.data.path == "-":
         raise UserError("the config reads its text from stdin (data.path: -); the vocabulary size needs the "
                         "text, so give a data.path (e.g. --set data.path=my.txt)")
-    text, _ = read_text(config.data.path or default_data_path())
-    return len(set(text))
+    return scan_vocabulary(config.data.path or None)
 
 
 def resolve_target(arg: str | None, overrides: Sequence[str] = (), which: str = "latest",

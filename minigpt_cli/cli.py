@@ -210,7 +210,8 @@ class ProgressView:
         self.plain_at[p.task] = p.elapsed
         share = f" ({100 * p.done / p.total:.0f}%)" if p.total else ""
         total = f"/{p.total:,.0f}" if p.total else ""
-        err.print(f"{p.task}: {p.done:,.0f}{total} {p.unit}{share}, {p.elapsed:.0f}s", markup=False)
+        eta = f", ETA {_fmt_seconds(p.elapsed / p.done * (p.total - p.done))}" if p.total and p.done else ""
+        err.print(f"{p.task}: {p.done:,.0f}{total} {p.unit}{share}, {p.elapsed:.0f}s{eta}", markup=False)
 
     def write(self, text: str) -> None:
         """A line of text above any bars being drawn."""
@@ -276,8 +277,8 @@ class TrainView:
             self._line(f"step {event.step}: train loss {d['train_loss']:.4f}, val loss {d['val_loss']:.4f} "
                        f"({d['scope']}, {d['seconds']:.1f}s)")
         elif kind == "final_eval":
-            self._line(f"step {event.step}: val loss {d['val_loss']:.4f} ({d['bpc']:.3f} bits/char) over the whole "
-                       f"validation split ({d['tokens']:,} characters, {d['seconds']:.1f}s)")
+            self._line(f"step {event.step}: val loss {d['val_loss']:.4f} ({d['bpc']:.3f} bits/char) over the "
+                       f"{d['scope']} ({d['seconds']:.1f}s)")
 
     def _start(self, step: int, d: dict) -> None:
         resumed = f", resuming from {d['resumed_from']}" if d["resumed_from"] else ""
@@ -288,6 +289,13 @@ class TrainView:
                   markup=False)
         err.print(f"data: {d['source']}: {d['train_chars']:,} train / {d['val_chars']:,} val characters, "
                   f"vocabulary {d['vocab_size']}; run directory {d['run_dir']}", markup=False)
+        read = {"cached": "read from the encoded cache", "run": "read from the run's encoded copy",
+                "encoded": "read and encoded"}.get(d["data_cache"], d["data_cache"])
+        sampled = ("" if d["val_scored"] >= d["val_chars"] - 1 else
+                   f"; final evaluation: {d['val_scored']:,} characters sampled of {d['val_chars']:,}")
+        err.print(f"data {read} in {d['data_seconds']:.1f}s{sampled}", markup=False)
+        if d["data_kept"]:
+            err.print(f"the run keeps {d['data_kept']}", markup=False)
         if self.live:
             from tqdm.auto import tqdm
 
@@ -368,7 +376,9 @@ def _resolve_train_config(config_name: Optional[str], resume: bool, out_dir: Opt
             config_name, note = _default_config_name(device)
         config = load_config(config_name)
     flags = list(overrides)
-    copy = ckpt.data_copy(run_dir) if resume else None
+    from minigpt_cli.data import run_copy
+
+    copy = (run_copy(run_dir) or ckpt.data_copy(run_dir)) if resume else None
     if copy is not None and data is None and not any(f.strip().startswith("data.path=") for f in flags):
         data = str(copy)  # the run's own copy of the text it was trained on
     if data is not None:
@@ -484,8 +494,10 @@ def train(
     else:
         table.add_row("best val loss", "-  (no evaluation yet)")
     if math.isfinite(result.final_val_loss):
-        table.add_row("final val loss", f"{result.final_val_loss:.4f}  (whole validation split, "
-                                        f"{result.val_tokens_scored:,} characters)")
+        scope = (f"whole validation split, {result.val_tokens_scored:,} characters"
+                 if result.val_tokens_scored >= result.val_chars - 1 else
+                 f"{result.val_tokens_scored:,} characters sampled of {result.val_chars:,}")
+        table.add_row("final val loss", f"{result.final_val_loss:.4f}  ({scope})")
     table.add_row("steps", f"{result.steps:,}  (stopped: {result.stopped.replace('_', ' ')})")
     table.add_row("tokens seen", f"{result.tokens:,}")
     table.add_row("wall time", f"{result.wall_seconds:.1f}s  (evaluation {result.eval_seconds:.1f}s)")
@@ -654,13 +666,21 @@ def eval_(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     threads: int = typer.Option(0, "--threads", help="CPU threads per operation (default: the CPUs other "
                                                     "programs leave free)."),
+    max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Score a longer text on a fixed sample of "
+                                            "windows holding about this many characters; 0 scores all of it "
+                                            "(default: the run's train.eval_max_chars, 2,000,000)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
 ) -> None:
     """Score a text with a trained run: NLL per character, bits per character, perplexity."""
     from minigpt_cli.evaluate import EvalRequest, evaluate
 
-    result = evaluate(EvalRequest(run=run, data=data, stride=stride, batch_size=batch_size, device=device,
-                                  dtype=dtype, which=which, threads=threads))
+    progress = ProgressView(quiet=False)
+    try:
+        result = evaluate(EvalRequest(run=run, data=data, stride=stride, batch_size=batch_size, device=device,
+                                      dtype=dtype, which=which, threads=threads, max_chars=max_chars,
+                                      progress=progress))
+    finally:
+        progress.close()
     for warning in result.warnings:
         err.print(f"warning: {warning}", markup=False)
     if json_out:
@@ -674,7 +694,9 @@ def eval_(
         ("NLL", f"{result.nll:.4f} nats per character"),
         ("bits per character", f"{result.bpc:.4f}"),
         ("perplexity", f"{result.perplexity:.3f}"),
-        ("characters scored", f"{result.chars_scored:,} of {result.text_chars:,} (the first is only context)"),
+        ("characters scored", f"{result.chars_scored:,} sampled of {result.text_chars:,} (fixed windows; "
+                              f"--max-chars 0 scores all)" if result.sampled else
+                              f"{result.chars_scored:,} of {result.text_chars:,} (the first is only context)"),
         ("text", result.source),
         ("scoring", context),
         ("checkpoint", f"{result.checkpoint} (step {result.step:,})"),

@@ -102,6 +102,9 @@ class TrainConfig:
     # With init_from: characters of the new text that the run's vocabulary lacks get new embedding
     # and output rows (otherwise they are refused).
     extend_vocab: bool = False
+    # Whole-split evaluations (the final one; periodic ones with eval_full) of a split with more characters
+    # than this score a fixed sample of windows holding about this many; 0 scores the whole split always.
+    eval_max_chars: int = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,7 @@ def validate(config: Config) -> Config:
         "train.min_lr": t.min_lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
         "train.warmup_iters": t.warmup_iters, "train.time_budget": t.time_budget,
         "train.checkpoint_interval": t.checkpoint_interval, "train.num_threads": t.num_threads,
-        "train.stop_after": t.stop_after,
+        "train.stop_after": t.stop_after, "train.eval_max_chars": t.eval_max_chars,
     }.items():
         if value < 0:
             raise UserError(f"{key} must be zero or positive, got {value}")

@@ -14,10 +14,10 @@ import torch
 
 from minigpt_cli.checkpoint import LoadedCheckpoint, data_copy, load_checkpoint
 from minigpt_cli.config import UserError
-from minigpt_cli.data import encode_array, load_corpus, read_text
+from minigpt_cli.data import load_corpus, run_copy
 from minigpt_cli.device import DTYPES, Precision, check_inference_dtype, choose_precision, resolve_device, use_threads
 from minigpt_cli.model import GPT
-from minigpt_cli.tokenizer import UnknownCharactersError
+from minigpt_cli.progress import ProgressCallback
 from minigpt_cli.scoring import bits_per_char
 from minigpt_cli.trainer import score_text
 
@@ -36,6 +36,10 @@ class EvalRequest:
     which: str = "best"
     # CPU threads per operation; 0: the CPUs other programs leave free now (use_threads).
     threads: int = 0
+    # Score at most about this many characters (a fixed sample of windows past it); 0: all of them;
+    # None: the run's train.eval_max_chars.
+    max_chars: int | None = None
+    progress: ProgressCallback | None = None
 
 
 @dataclass
@@ -45,6 +49,8 @@ class EvalResult:
     perplexity: float  # exp(nll)
     chars_scored: int
     text_chars: int
+    sampled: bool  # a fixed sample of windows, not the whole text (see max_chars)
+    max_chars: int
     source: str
     stride: int
     block_size: int
@@ -65,16 +71,18 @@ class EvalResult:
 
 
 def score(model: GPT, ids: np.ndarray, stride: int, batch_size: int, device: torch.device,
-          precision: Precision) -> tuple[float, int]:
-    """Mean -log p (nats) over every character after the first, and how many characters that is."""
-    total, count = score_text(model, ids, model.config.block_size, stride, batch_size, device, precision)
+          precision: Precision, max_chars: int = 0, progress: ProgressCallback | None = None) -> tuple[float, int]:
+    """Mean -log p (nats) over every character after the first (or a fixed sample of windows past
+    max_chars), and how many characters that is."""
+    total, count = score_text(model, ids, model.config.block_size, stride, batch_size, device, precision,
+                              progress, "evaluation", max_chars)
     return total / max(count, 1), count
 
 
 def _validation_ids(loaded: LoadedCheckpoint, warnings: list[str]) -> tuple[np.ndarray, str]:
     """The run's validation split, rebuilt from its data path with its own vocabulary."""
     data = loaded.config.data
-    copy = data_copy(loaded.run_dir)
+    copy = run_copy(loaded.run_dir) or data_copy(loaded.run_dir)
     if data.path and copy is not None:
         data = dataclasses.replace(data, path=str(copy))  # the text the run was trained on, kept in the run
     if data.path == "-":
@@ -90,11 +98,9 @@ def _validation_ids(loaded: LoadedCheckpoint, warnings: list[str]) -> tuple[np.n
 
 
 def _text_ids(loaded: LoadedCheckpoint, path: str) -> tuple[np.ndarray, str]:
-    text, source = read_text(path)
-    unknown = loaded.tokenizer.unknown(text)
-    if unknown:
-        raise UnknownCharactersError(unknown, source)
-    return encode_array(text, loaded.tokenizer), source
+    """The whole text encoded with the run's vocabulary, through the cache (a memory map)."""
+    corpus = load_corpus(path, 0.0, loaded.tokenizer)
+    return corpus.train, corpus.source
 
 
 def evaluate(request: EvalRequest) -> EvalResult:
@@ -102,6 +108,8 @@ def evaluate(request: EvalRequest) -> EvalResult:
         raise UserError(f"--checkpoint must be best or latest, got {request.which!r}")
     if request.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
+    if request.max_chars is not None and request.max_chars < 0:
+        raise UserError(f"--max-chars must be 0 (score everything) or positive, got {request.max_chars}")
     device = resolve_device(request.device).device
     check_inference_dtype(request.dtype, device, ("auto", *DTYPES))
     loaded = load_checkpoint(request.run, which=request.which)
@@ -121,14 +129,15 @@ def evaluate(request: EvalRequest) -> EvalResult:
     model = loaded.build_model(device)
     # Each batch reads every weight once per position scored.
     threads = use_threads(model.num_parameters() * request.batch_size * block_size, request.threads)
+    max_chars = loaded.config.train.eval_max_chars if request.max_chars is None else request.max_chars
     began = time.perf_counter()
-    nll, count = score(model, ids, stride, request.batch_size, device, precision)
+    nll, count = score(model, ids, stride, request.batch_size, device, precision, max_chars, request.progress)
     seconds = time.perf_counter() - began
     val_loss = loaded.meta.get("val_loss")
     # math.exp overflows a float past about 709: such a perplexity is reported as infinite.
     return EvalResult(
         nll=nll, bpc=bits_per_char(nll), perplexity=math.exp(nll) if nll < 709 else math.inf, chars_scored=count,
-        text_chars=len(ids), source=source,
+        text_chars=len(ids), sampled=count < len(ids) - 1, max_chars=max_chars, source=source,
         stride=stride, block_size=block_size, min_context=block_size - stride, batch_size=request.batch_size,
         checkpoint=str(loaded.path), step=loaded.step,
         checkpoint_val_loss=float(val_loss) if val_loss is not None else None,

@@ -22,7 +22,8 @@ from torch import nn
 
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, UserError
-from minigpt_cli.data import Corpus, batch_indices, check_split_lengths, get_batch, load_corpus
+from minigpt_cli.data import (Corpus, batch_indices, check_split_lengths, get_batch, keep_in_run, load_corpus,
+                              run_copy, scoring_windows)
 from minigpt_cli.device import Precision, autocast, choose_precision, resolve_device, synchronize, use_threads
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
@@ -57,6 +58,8 @@ class TrainResult:
     precision: str
     n_params: int
     val_tokens_scored: int
+    val_chars: int = 0  # characters in the validation split (val_tokens_scored is fewer when sampled)
+    data_kept: str | None = None  # what the run keeps of its text, in words
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,46 +138,31 @@ class _SignalCatcher:
 
 def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_size: int,
                device: torch.device, precision: Precision, progress: ProgressCallback | None = None,
-               task: str = "scoring") -> tuple[float, int]:
-    """Sum of -log p over every character after the first, and how many were scored.
+               task: str = "scoring", max_chars: int = 0) -> tuple[float, int]:
+    """Sum of -log p over every character after the first (or a fixed sample of windows when there
+    are more than max_chars, see data.scoring_windows), and how many were scored.
 
     Windows of up to block_size characters start every `stride` characters; each window scores
     only the characters no earlier window scored, so with stride < block_size every character
     after the first window sees at least block_size - stride characters of context. With
-    stride == block_size the windows do not overlap and each position is scored once.
+    stride == block_size the windows do not overlap and each position is scored once. Windows are
+    read from ids (a memory map, usually) a batch at a time; progress is reported in characters.
     """
-    n = len(ids)
-    windows = []  # (begin, end, first scored offset): inputs ids[begin:end], targets ids[begin+1:end+1]
-    scored_to = 0
-    for begin in range(0, max(n - 1, 0), stride):
-        end = min(begin + block_size, n - 1)
-        # The last window ends at the text's end; start it a full window earlier so its characters
-        # get full context too (and it batches with the others).
-        begin = max(0, end - block_size)
-        windows.append((begin, end, scored_to - begin))
-        scored_to = end
-        if end == n - 1:
-            break
-    data = torch.from_numpy(ids.astype(np.int64))
+    windows = scoring_windows(len(ids), block_size, stride, max_chars)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    full = [w for w in windows if w[1] - w[0] == block_size]
-    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-    groups += [[w] for w in windows if w[1] - w[0] != block_size]
     model.eval()
     with torch.no_grad(), autocast(device, precision), \
-            progress_task(progress, task, total=len(windows), unit="windows") as report:
-        for group in groups:
-            length = group[0][1] - group[0][0]
-            begins = torch.tensor([w[0] for w in group])
-            xy = data[begins[:, None] + torch.arange(length + 1)].to(device)  # (B, T+1)
+            progress_task(progress, task, total=windows.chars, unit="chars") as report:
+        for begins, skips, length in windows.batches(batch_size):
+            xy = torch.from_numpy(ids[begins[:, None] + np.arange(length + 1)].astype(np.int64)).to(device)  # (B, T+1)
             logits = model(xy[:, :-1]).float()  # (B, T, vocab_size)
             nll = F.cross_entropy(logits.transpose(1, 2), xy[:, 1:], reduction="none")  # (B, T)
-            skip = torch.tensor([w[2] for w in group], device=device)
+            skip = torch.from_numpy(skips).to(device)
             keep = torch.arange(length, device=device)[None] >= skip[:, None]  # (B, T)
             total += nll[keep].double().sum()
             count += int(keep.sum())
-            report.advance(len(group))
+            report.advance(int(keep.sum()))
     return total.item(), count
 
 
@@ -386,12 +374,12 @@ class Trainer:
                             + "; ".join(differ))
         return parent
 
-    def _parent_corpus(self, parent: ckpt.LoadedCheckpoint, copy_text: bool) -> tuple[Corpus, list[str]]:
+    def _parent_corpus(self, parent: ckpt.LoadedCheckpoint) -> tuple[Corpus, list[str]]:
         """The new text in the parent's vocabulary; with extend_vocab, characters it lacks are added."""
         cfg = self.config
         try:
             corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction, parent.tokenizer,
-                                 keep_text=copy_text, progress=self._report)
+                                 progress=self._report)
             return corpus, []
         except UnknownCharactersError as exc:
             if not cfg.train.extend_vocab:
@@ -401,8 +389,7 @@ class Trainer:
                     f"rows, or remove them from the text") from None
             added = exc.chars
         tokenizer = CharTokenizer([*parent.tokenizer.chars, *added])
-        corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction, tokenizer, keep_text=copy_text,
-                             progress=self._report)
+        corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction, tokenizer, progress=self._report)
         return corpus, added
 
     # -- the run --------------------------------------------------------------------------------
@@ -423,18 +410,12 @@ class Trainer:
         cfg, t = self.config, self.config.train
         loaded = self._load_resume()
         parent = self._load_parent()
-        # The bundled text ships with minigpt; any other is copied into the run (below), so that the
-        # run needs nothing outside itself to be evaluated or resumed. A new run, or one resumed on
-        # other text (--resume --data NEW), writes its copy; a run resumed on its own copy keeps it.
-        own_copy = ckpt.data_copy(self.run_dir) if self.resume else None
-        copy_text = self.dist.is_main and bool(cfg.data.path) and (
-            own_copy is None or Path(cfg.data.path).expanduser().resolve() != own_copy.resolve())
         added: list[str] = []
         if parent is not None:
-            corpus, added = self._parent_corpus(parent, copy_text)
+            corpus, added = self._parent_corpus(parent)
         else:
             corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction, loaded.tokenizer if loaded else None,
-                                 keep_text=copy_text, progress=self._report)
+                                 progress=self._report)
         check_split_lengths(corpus, cfg.model.block_size)
         if loaded and loaded.meta.get("data_fingerprint") not in (None, corpus.fingerprint):
             self.emit("warning", loaded.step, message=(
@@ -465,20 +446,20 @@ class Trainer:
             best = loaded.meta.get("best_val_loss")  # null until a first evaluation
             best_val = float(best) if isinstance(best, (int, float)) else math.inf
             prior_seconds = float(loaded.meta.get("train_seconds", 0.0))
+        kept = "nothing: the bundled text ships with minigpt" if not cfg.data.path else None
         if self.dist.is_main:
             # Resumed: drop records past the checkpoint. New: drop those of an attempt killed before its first save.
             ckpt.truncate_metrics(self.run_dir, step)
-            if corpus.text is not None:
-                if ckpt.save_data_copy(self.run_dir, corpus.text) is None:
-                    self.emit("warning", step, message=(
-                        f"{corpus.source} is over {ckpt.DATA_COPY_MAX_BYTES // 2**20} MiB, so the run keeps "
-                        f"no copy of it: `eval` and `--resume` will read {cfg.data.path}"))
-                corpus = dataclasses.replace(corpus, text=None)  # not held for the whole run
+            # The bundled text ships with minigpt; any other is kept in the run (its encoded ids, linked
+            # from the cache where possible), so the run needs nothing outside itself to be evaluated
+            # or resumed. A run resumed on other text (--resume --data NEW) keeps the new text.
+            if cfg.data.path:
+                kept = keep_in_run(self.run_dir, corpus)
             written = cfg
-            if cfg.data.path == "-" and ckpt.data_copy(self.run_dir) is not None:
+            if cfg.data.path == "-" and run_copy(self.run_dir) is not None:
                 # Text from stdin cannot be read again: the config names the run's copy of it instead.
                 written = dataclasses.replace(cfg, data=dataclasses.replace(
-                    cfg.data, path=str(ckpt.data_copy(self.run_dir).resolve())))
+                    cfg.data, path=str(run_copy(self.run_dir).resolve())))
             ckpt.save_config(self.run_dir, written)
 
         train_model: torch.nn.Module = model
@@ -496,15 +477,17 @@ class Trainer:
                   device_reason=self.device_reason, precision=self.precision.name,
                   precision_reason=self.precision.reason, vocab_size=corpus.tokenizer.vocab_size,
                   train_chars=len(corpus.train), val_chars=len(corpus.val), source=corpus.source,
+                  data_cache=corpus.cache, data_seconds=corpus.seconds, data_kept=kept,
+                  val_scored=self._val_windows(corpus).chars,
                   max_iters=t.max_iters, tokens_per_step=tokens_per_step, time_budget=t.time_budget,
                   run_dir=str(self.run_dir), resumed_from=str(loaded.path) if loaded else None,
                   world_size=self.dist.world_size, seed=t.seed,
                   init_from=str(parent.run_dir) if parent else None, added_chars="".join(added))
 
         state = dict(step=step, tokens=tokens_seen, best_val=best_val, eval_seconds=0.0, eval_rate=0.0,
-                     train_rate=0.0, val_tokens=len(corpus.val), prior_seconds=prior_seconds,
+                     train_rate=0.0, val_tokens=self._val_windows(corpus).chars, prior_seconds=prior_seconds,
                      fingerprint=corpus.fingerprint, periodic_eval_seconds=None, parent=lineage,
-                     stopped=None)
+                     stopped=None, val_chars=len(corpus.val), data_kept=kept)
         if t.time_budget:
             self.budget = TimeBudget(t.time_budget, self.started_at, self.clock)
             # Until a save is timed: the weights and two Adam moments, written at a modest 100 MB/s.
@@ -581,7 +564,7 @@ class Trainer:
         untimed batch: the first forward pass pays for allocation and kernel choice)."""
         t, m = self.config.train, self.config.model
         batch = max(t.batch_size, 32)
-        windows = max(1, math.ceil((len(corpus.val) - 1) / m.block_size))
+        windows = max(1, math.ceil(self._val_windows(corpus).chars / m.block_size))
         sample = corpus.val[:min(len(corpus.val), batch * m.block_size + 1)]
         score_text(model, sample[:m.block_size + 1], m.block_size, m.block_size, batch, self.device, self.precision)
         began = self.clock()
@@ -680,9 +663,9 @@ class Trainer:
         state["eval_rate"] = 2 * t.eval_iters * t.batch_size * m.block_size / max(seconds, 1e-9)
         scope = f"{t.eval_iters} sampled batches"
         if t.eval_full:
-            losses["val"] = self._full_val_loss(model, corpus)
+            losses["val"], count = self._full_val_loss(model, corpus, with_count=True)
             seconds = self.clock() - began
-            scope = "whole validation split"
+            scope = self.describe_scope(count, len(corpus.val))
         state["periodic_eval_seconds"] = seconds
         state["eval_seconds"] += seconds
         is_best = losses["val"] < state["best_val"]
@@ -698,18 +681,30 @@ class Trainer:
                   scope=scope, seconds=seconds, elapsed=self._elapsed(), eval_seconds=state["eval_seconds"])
         self._save(model, corpus, optimizers, state, is_best=is_best, val_loss=losses["val"])
 
+    def _val_windows(self, corpus: Corpus):
+        m = self.config.model
+        return scoring_windows(len(corpus.val), m.block_size, m.block_size, self.config.train.eval_max_chars)
+
+    @staticmethod
+    def describe_scope(scored: int, val_chars: int) -> str:
+        if scored >= val_chars - 1:
+            return f"whole validation split, {scored:,} characters"
+        return (f"{scored:,} characters sampled of {val_chars:,}: fixed windows; train.eval_max_chars=0 "
+                f"scores the whole split")
+
     def _full_val_loss(self, model: GPT, corpus: Corpus, with_count: bool = False, task: str = "evaluation"):
-        """Mean loss over the whole validation split, in non-overlapping block_size windows."""
+        """Mean loss over the validation split in non-overlapping block_size windows: all of them, or a
+        fixed sample of them when the split has more than train.eval_max_chars characters."""
         t, m = self.config.train, self.config.model
         total, count = score_text(model, corpus.val, m.block_size, m.block_size, max(t.batch_size, 32),
-                                  self.device, self.precision, self._report, task)
+                                  self.device, self.precision, self._report, task, t.eval_max_chars)
         loss = total / max(count, 1)
         if self.dist.enabled:
             loss = self._mean(loss)
         return (loss, count) if with_count else loss
 
     def _final_eval(self, model: GPT, corpus: Corpus, optimizers, state: dict) -> tuple[float, int]:
-        """Validation loss over the whole validation split, in non-overlapping block_size windows."""
+        """Validation loss over the validation split (or its fixed sample), in non-overlapping windows."""
         t, m = self.config.train, self.config.model
         began = time.perf_counter()
         loss, count = self._full_val_loss(model, corpus, with_count=True, task=FINAL_EVAL_TASK)
@@ -726,13 +721,16 @@ class Trainer:
         is_best = candidate < state["best_val"]
         state["best_val"] = min(state["best_val"], candidate)
         if self.dist.is_main:
-            record = dict(kind="eval", step=state["step"], val_loss=loss, scope="full", elapsed=self._elapsed(),
-                          eval_seconds=state["eval_seconds"], final=True)
+            record = dict(kind="eval", step=state["step"], val_loss=loss,
+                          scope="full" if count >= len(corpus.val) - 1 else "windows", chars_scored=count,
+                          val_chars=len(corpus.val), elapsed=self._elapsed(), eval_seconds=state["eval_seconds"],
+                          final=True)
             if not t.eval_full and math.isfinite(candidate):
                 record["sampled_val_loss"] = candidate  # the measure the best checkpoint is chosen by
             ckpt.append_metrics(self.run_dir, record)
         self.emit("final_eval", state["step"], val_loss=loss, bpc=bits_per_char(loss), tokens=count, seconds=seconds,
-                  best_val_loss=state["best_val"])
+                  best_val_loss=state["best_val"], val_chars=len(corpus.val),
+                  scope=self.describe_scope(count, len(corpus.val)))
         self._save(model, corpus, optimizers, state, is_best=is_best, val_loss=loss, final=True)
         return loss, count
 
@@ -802,7 +800,8 @@ class Trainer:
             final_val_bpc=bits_per_char(final_loss) if math.isfinite(final_loss) else math.nan,
             wall_seconds=wall, train_seconds=wall - state["eval_seconds"], eval_seconds=state["eval_seconds"],
             stopped=stopped, device=str(self.device), precision=self.precision.name,
-            n_params=model.num_parameters(), val_tokens_scored=scored)
+            n_params=model.num_parameters(), val_tokens_scored=scored, val_chars=state["val_chars"],
+            data_kept=state["data_kept"])
 
 
 def train(config: Config, run_dir: Path, resume: bool = False,

@@ -298,9 +298,17 @@ def test_a_run_keeps_its_text_so_eval_and_resume_need_nothing_outside_it(tmp_pat
     trained = invoke("train", "tiny", "--data", corpus, "--out", "run", *set_flags(*FAST, "train.max_iters=4"),
                      "--json")
     assert trained.exit_code == 0, trained.stderr
-    assert (tmp_path / "run" / ckpt.DATA_COPY).read_text(encoding="utf-8") == text
+    # The run keeps the encoded text and its vocabulary, as a hard link to the cache entry: no second copy.
+    import numpy as np
+    from minigpt_cli.tokenizer import CharTokenizer
+
+    kept = json.loads((tmp_path / "run" / "data.json").read_text(encoding="utf-8"))
+    assert CharTokenizer(kept["chars"]).decode(np.load(tmp_path / "run" / "data.npy").tolist()) == text
+    assert (tmp_path / "run" / "data.npy").stat().st_nlink == 2
+    assert "hard link" in trained.json()["data_kept"]
     reference = invoke("eval", "run", "--json").json()  # while the file is still there
     corpus.unlink()
+    shutil.rmtree(tmp_path / "cache")  # nor the cache
     evaluated = invoke("eval", "run", "--json")
     assert evaluated.exit_code == 0, evaluated.stderr
     assert evaluated.json()["nll"] == reference["nll"] and not evaluated.json()["warnings"]

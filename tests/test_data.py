@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -118,11 +120,11 @@ def test_cache_with_more_than_256_characters_uses_uint16(tmp_path: Path):
 def test_a_corrupt_cache_file_is_rebuilt(tmp_path: Path):
     path = tmp_path / "text.txt"
     path.write_text("hello world\n" * 50, encoding="utf-8")
-    first = data.load_corpus(path, 0.1)
+    first = np.array(data.load_corpus(path, 0.1).train)  # a copy: the corpus maps the cache file
     (cache_file,) = (tmp_path / "cache").glob("*.npy")
     cache_file.write_bytes(b"garbage")
     second = data.load_corpus(path, 0.1)
-    assert np.array_equal(first.train, second.train)
+    assert np.array_equal(first, second.train)
 
 
 def test_split_is_the_tail_of_the_text(tmp_path: Path):
@@ -203,3 +205,131 @@ def test_cli_data_folder(tmp_path: Path, small_corpus: Path):
                     *set_flags(*FAST, "train.max_iters=2", "train.eval_interval=100"))
     assert result.exit_code == 0, result.stderr
     assert result.json()["steps"] == 2
+
+
+# -- corpora larger than memory: chunked reading, the cache, evaluation sizing -----------------------
+
+MIXED = "héllo wörld 你好 🙂 end\n"  # 1-, 2-, 3- and 4-byte characters
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 5, 7, 64])
+def test_chunked_encoding_equals_encoding_the_whole_text(tmp_path: Path, chunk_bytes: int):
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + (MIXED * 20).encode("utf-8"))  # with a byte order mark
+    whole = MIXED * 20
+    corpus = data.load_corpus(path, 0.25, chunk_bytes=chunk_bytes)
+    assert corpus.tokenizer.chars == sorted(set(whole))
+    ids = np.concatenate([corpus.train, corpus.val])
+    assert ids.tolist() == corpus.tokenizer.encode(whole)
+    assert len(corpus.val) == len(whole) // 4
+    assert corpus.fingerprint == hashlib.sha256(whole.encode("utf-8")).hexdigest()
+
+
+def test_chunked_reading_of_a_folder_joins_files_as_whole_reading_did(tmp_path: Path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "a.txt").write_text("no newline at the end", encoding="utf-8")
+    (folder / "b.txt").write_bytes(b"\xef\xbb\xbf" + MIXED.encode("utf-8"))
+    (folder / "c.txt").write_text("", encoding="utf-8")
+    expected = "no newline at the end\n" + MIXED + "\n"
+    corpus = data.load_corpus(folder, 0.1, chunk_bytes=4)
+    assert corpus.tokenizer.decode(np.concatenate([corpus.train, corpus.val]).tolist()) == expected
+    assert data.read_text(folder)[0] == expected
+
+
+def test_invalid_utf8_far_into_a_file_names_its_byte_offset(tmp_path: Path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes("ü".encode("utf-8") * 50 + b"\xff" + b"tail")
+    with pytest.raises(UserError, match=r"byte 0xff at offset 100"):
+        data.load_corpus(path, 0.1, chunk_bytes=8)
+    path.write_bytes(b"abc" + "€".encode("utf-8")[:2])  # cut inside the last character
+    with pytest.raises(UserError, match=r"offset 3"):
+        data.load_corpus(path, 0.1, chunk_bytes=2)
+
+
+def test_the_cache_holds_the_ids_once_and_is_read_through_a_memory_map(tmp_path: Path):
+    path = tmp_path / "text.txt"
+    path.write_text("to be or not to be\n" * 100, encoding="utf-8")
+    first = data.load_corpus(path, 0.1)
+    second = data.load_corpus(path, 0.1)
+    assert (first.cache, second.cache) == ("encoded", "cached")
+    assert isinstance(second.train, np.memmap) and isinstance(second.val, np.memmap)
+    assert Path(second.train.filename) == Path(second.val.filename) == second.ids_path
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".npy"]  # ids, and length + vocabulary
+
+
+def test_a_same_size_edit_with_the_old_mtime_is_not_served_from_the_cache(tmp_path: Path):
+    path = tmp_path / "text.txt"
+    path.write_text("abcdefgh\n" * 100, encoding="utf-8")
+    stat = path.stat()
+    before = data.load_corpus(path, 0.1)
+    path.write_text("abcdefgh\n" * 99 + "hgfedcba\n", encoding="utf-8")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    after = data.load_corpus(path, 0.1)
+    assert after.cache == "encoded" and after.fingerprint != before.fingerprint
+    assert after.tokenizer.decode(after.val[-9:].tolist()) == "hgfedcba\n"
+
+
+def test_cached_ids_outside_the_vocabulary_are_rebuilt(tmp_path: Path):
+    """A cache file with the right shape and dtype but ids past the vocabulary made train die with
+    IndexError (issue 19, item 6): cached ids are range-checked and a bad file is encoded again."""
+    path = tmp_path / "text.txt"
+    path.write_text("hello world\n" * 50, encoding="utf-8")
+    good = np.array(np.concatenate(list(_splits(data.load_corpus(path, 0.1)))))
+    (cache_file,) = (tmp_path / "cache").glob("*.npy")
+    bad = good.copy()
+    bad[123] = 200  # the vocabulary has 8 characters
+    cache_file.unlink()  # a new file: the corpus above still maps the old one
+    np.save(cache_file, bad)
+    again = data.load_corpus(path, 0.1)
+    assert np.array_equal(np.concatenate(list(_splits(again))), good)
+    assert int(np.max(np.load(cache_file))) < again.tokenizer.vocab_size
+
+
+def _splits(corpus):
+    return corpus.train, corpus.val
+
+
+def test_cli_trains_past_a_cache_with_ids_outside_the_vocabulary(tmp_path: Path, small_corpus: Path):
+    first = invoke("train", "tiny", "--data", small_corpus, "--out", "a", "--json",
+                   *set_flags(*FAST, "train.max_iters=1"))
+    assert first.exit_code == 0, first.stderr
+    for cache_file in (tmp_path / "cache").glob("*.npy"):
+        ids = np.load(cache_file)
+        ids[::97] = 255
+        cache_file.unlink()
+        np.save(cache_file, ids)
+    again = invoke("train", "tiny", "--data", small_corpus, "--out", "b", "--json",
+                   *set_flags(*FAST, "train.max_iters=1"))
+    assert again.exit_code == 0, again.stderr
+
+
+@pytest.mark.parametrize("n, block_size, stride", [(2, 8, 8), (8, 8, 8), (9, 8, 8), (10, 8, 8), (100, 8, 8),
+                                                    (100, 8, 4), (101, 8, 3), (57, 16, 1)])
+def test_scoring_windows_score_every_character_after_the_first_once(n: int, block_size: int, stride: int):
+    windows = data.scoring_windows(n, block_size, stride)
+    scored = np.zeros(n, dtype=int)
+    for begins, skips, length in windows.batches(batch_size=3):
+        assert length <= block_size
+        for begin, skip in zip(begins, skips):
+            scored[begin + 1 + skip:begin + 1 + length] += 1
+            if begin > 0:  # every character after the first window has at least block_size - stride of context
+                assert skip >= min(block_size - stride, length - 1)
+    assert scored[0] == 0 and (scored[1:] == 1).all()
+    assert windows.chars == n - 1 and not windows.sampled
+
+
+def test_small_splits_are_scored_whole_and_large_ones_on_a_fixed_sample():
+    assert not data.scoring_windows(1_000, 16, 16, max_chars=1_000).sampled
+    assert not data.scoring_windows(10_000, 16, 16, max_chars=0).sampled  # 0: always the whole split
+    sample = data.scoring_windows(10_000, 16, 16, max_chars=1_000)
+    assert sample.sampled and sample.chars == 63 * 16  # whole windows, about max_chars characters
+    again = data.scoring_windows(10_000, 16, 16, max_chars=1_000)
+    assert np.array_equal(sample.chosen, again.chosen)  # reproducible
+    begins = np.concatenate([b for b, _, _ in sample.batches(8)])
+    assert len(set(begins.tolist())) == 63 and begins.max() + 16 < 10_000
+    assert begins.max() > 5_000  # spread over the split, not its first part
+    overlapping = data.scoring_windows(10_000, 16, 4, max_chars=1_000)
+    assert overlapping.chars == 250 * 4
+    assert all((skips == 12).all() for _, skips, _ in overlapping.batches(8))  # each sees 12 characters or more

@@ -71,6 +71,35 @@ def test_eval_reads_a_file_or_stdin(tiny, tmp_path: Path):
     assert from_file.json()["nll"] == pytest.approx(from_stdin.json()["nll"], rel=1e-9)
 
 
+def test_eval_of_a_long_text_scores_a_stated_fixed_sample_unless_told_to_score_all(tiny):
+    whole = invoke("eval", tiny["run"], "--json").json()
+    assert not whole["sampled"] and whole["max_chars"] == 2_000_000  # the split is small: all of it
+    first = invoke("eval", tiny["run"], "--max-chars", "200", "--json").json()
+    again = invoke("eval", tiny["run"], "--max-chars", "200", "--json").json()
+    assert first["sampled"] and first["chars_scored"] == 200 < whole["chars_scored"]
+    assert first["nll"] == again["nll"]  # the same windows every time
+    assert invoke("eval", tiny["run"], "--max-chars", "0", "--json").json()["nll"] == whole["nll"]
+    human = invoke("eval", tiny["run"], "--max-chars", "200")
+    assert f"200 sampled of {whole['text_chars']:,}" in human.stdout
+
+
+def test_eval_reports_progress_and_ctrl_c_exits_130_with_one_line(tiny, monkeypatch: pytest.MonkeyPatch):
+    from minigpt_cli import cli
+    from minigpt_cli.evaluate import EvalRequest, evaluate
+
+    seen = []
+    result = evaluate(EvalRequest(run=tiny["run"], batch_size=4, progress=seen.append))
+    assert seen[-1].finished and seen[-1].done == seen[-1].total == result.chars_scored
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
+
+    def interrupt(self, progress) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.ProgressView, "__call__", interrupt)
+    got = invoke("eval", tiny["run"])
+    assert got.exit_code == 130 and got.error_lines == ["interrupted"] and not got.stdout
+
+
 def test_eval_names_characters_outside_the_vocabulary(tiny, tmp_path: Path):
     path = tmp_path / "odd.txt"
     path.write_text("To be, or not to be: ☃ é\n", encoding="utf-8")

@@ -13,6 +13,7 @@ import torch
 from conftest import (BUNDLED_TEXT, FAST, assert_same_weights, invoke, latest_weights, run_cli, set_flags,
                       train_in_process, train_losses)
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli.checkpoint import read_metrics
 
 
 def test_tiny_model_learns_the_bundled_text(tmp_path: Path):
@@ -172,3 +173,18 @@ def test_best_checkpoint_is_chosen_by_one_measure_and_meta_is_strict_json(tmp_pa
     assert _strict((latest.path / ckpt.META_FILE).read_text())["best_val_loss"] is None
     for line in (early / "metrics.jsonl").read_text().splitlines():
         _strict(line)
+
+
+def test_the_final_evaluation_of_a_large_split_is_a_stated_sample(tmp_path: Path, small_corpus: Path):
+    # A small threshold stands in for a large corpus: the 2,000-character split is scored on 4 windows of 16.
+    flags = set_flags(*FAST, "train.max_iters=2", "train.eval_interval=100", "train.eval_max_chars=64")
+    got = invoke("train", "tiny", "--data", small_corpus, "--out", "sampled", *flags)
+    assert got.exit_code == 0, got.stderr
+    assert "64 characters sampled of 2,000" in got.stderr and "64 characters sampled of 2,000" in got.stdout
+    result = invoke("train", "tiny", "--data", small_corpus, "--out", "again", "--json", *flags).json()
+    assert (result["val_tokens_scored"], result["val_chars"]) == (64, 2_000)
+    final = [r for r in read_metrics(tmp_path / "again") if r.get("final")][-1]
+    assert final["scope"] == "windows" and final["chars_scored"] == 64
+    whole = invoke("train", "tiny", "--data", small_corpus, "--out", "whole", "--json",
+                   *flags, "--set", "train.eval_max_chars=0").json()
+    assert whole["val_tokens_scored"] == 1_999
