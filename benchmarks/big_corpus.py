@@ -131,6 +131,7 @@ def train_once(corpus: Path, out: Path, cache: Path, args: argparse.Namespace) -
     final = [r for r in records if r.get("kind") == "eval" and r.get("final")]
     return {
         "first_step_seconds": next(r["elapsed"] for r in steps if r["step"] == 1),
+        "data_seconds": result.get("data_seconds"),  # reading/encoding the text (newer minigpt only)
         "peak_rss_gb": int(match[1]) * 1024 / 2**30 if match else None,
         "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in steps if r["step"] > 2),
         "final_eval_seconds": final[-1]["eval_seconds"] if final else None,
@@ -218,19 +219,21 @@ def main() -> None:
     if args.json:
         print(json.dumps(report))
         return
-    print("| corpus | run | first step (s) | peak RSS (GB) | tokens/s | final eval (s) | characters scored |")
-    print("|---|---|---|---|---|---|---|")
+    print("| corpus | run | first step (s) | of which data (s) | peak RSS (GB) | tokens/s | final eval (s) "
+          "| characters scored |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in report["sizes"]:
         for name in ("cold", "cached"):
             r = row.get(name)
             if r is None:
                 continue
             if "stopped" in r:
-                print(f"| {row['bytes'] / 1e6:,.0f} MB | {name} | {r['stopped']} | {fmt(r.get('peak_rss_gb'), '.2f')} "
+                print(f"| {row['bytes'] / 1e6:,.0f} MB | {name} | {r['stopped']} | - | {fmt(r.get('peak_rss_gb'), '.2f')} "
                       f"| - | - | - |")
                 continue
             scored = f"{r['final_eval_chars']:,}" + (f" of {r['val_chars']:,}" if r.get("val_chars") else "")
-            print(f"| {row['bytes'] / 1e6:,.0f} MB | {name} | {r['first_step_seconds']:.1f} | {r['peak_rss_gb']:.2f} "
+            print(f"| {row['bytes'] / 1e6:,.0f} MB | {name} | {r['first_step_seconds']:.1f} "
+                  f"| {fmt(r.get('data_seconds'), '.1f')} | {r['peak_rss_gb']:.2f} "
                   f"| {r['tokens_per_sec']:,.0f} | {fmt(r['final_eval_seconds'], '.1f')} | {scored} |")
     if args.vocab_steps:
         v = report["vocab_steps"]

@@ -60,6 +60,8 @@ class TrainResult:
     val_tokens_scored: int
     val_chars: int = 0  # characters in the validation split (val_tokens_scored is fewer when sampled)
     data_kept: str | None = None  # what the run keeps of its text, in words
+    data_seconds: float = 0.0  # reading (hashing, encoding on a cache miss) the text before the first step
+    data_cache: str = ""  # encoded: read and encoded now | cached: from the encoded cache | run: the run's copy
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -487,7 +489,8 @@ class Trainer:
         state = dict(step=step, tokens=tokens_seen, best_val=best_val, eval_seconds=0.0, eval_rate=0.0,
                      train_rate=0.0, val_tokens=self._val_windows(corpus).chars, prior_seconds=prior_seconds,
                      fingerprint=corpus.fingerprint, periodic_eval_seconds=None, parent=lineage,
-                     stopped=None, val_chars=len(corpus.val), data_kept=kept)
+                     stopped=None, val_chars=len(corpus.val), data_kept=kept,
+                     data_seconds=corpus.seconds, data_cache=corpus.cache)
         if t.time_budget:
             self.budget = TimeBudget(t.time_budget, self.started_at, self.clock)
             # Until a save is timed: the weights and two Adam moments, written at a modest 100 MB/s.
@@ -801,7 +804,7 @@ class Trainer:
             wall_seconds=wall, train_seconds=wall - state["eval_seconds"], eval_seconds=state["eval_seconds"],
             stopped=stopped, device=str(self.device), precision=self.precision.name,
             n_params=model.num_parameters(), val_tokens_scored=scored, val_chars=state["val_chars"],
-            data_kept=state["data_kept"])
+            data_kept=state["data_kept"], data_seconds=state["data_seconds"], data_cache=state["data_cache"])
 
 
 def train(config: Config, run_dir: Path, resume: bool = False,

@@ -101,7 +101,7 @@ def test_cache_uses_the_smallest_dtype_and_is_reused(tmp_path: Path, monkeypatch
     def no_encoding(*args, **kwargs):
         raise AssertionError("the cached array should have been used")
 
-    monkeypatch.setattr(data, "encode_array", no_encoding)
+    monkeypatch.setattr(data, "_encode_to", no_encoding)
     again = data.load_corpus(path, 0.1)
     assert np.array_equal(np.concatenate([again.train, again.val]), np.concatenate([corpus.train, corpus.val]))
     assert again.fingerprint == corpus.fingerprint
@@ -333,3 +333,21 @@ def test_small_splits_are_scored_whole_and_large_ones_on_a_fixed_sample():
     overlapping = data.scoring_windows(10_000, 16, 4, max_chars=1_000)
     assert overlapping.chars == 250 * 4
     assert all((skips == 12).all() for _, skips, _ in overlapping.batches(8))  # each sees 12 characters or more
+
+
+def test_a_vocabulary_of_thousands_of_characters_trains_samples_and_is_inspected(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    chars = [chr(0x4E00 + i) for i in range(3_000)]  # CJK ideographs: uint16 ids
+    text = "".join(chars) + "".join(rng.choice(chars, size=20_000)) + "\n"
+    path = tmp_path / "cjk.txt"
+    path.write_text(text, encoding="utf-8")
+    trained = invoke("train", "tiny", "--data", path, "--out", "cjk", "--json", *set_flags(*FAST, "train.max_iters=2"))
+    assert trained.exit_code == 0, trained.stderr
+    assert np.load(tmp_path / "cjk" / "data.npy").dtype == np.uint16
+    sampled = invoke("sample", "cjk", "--prompt", chars[7], "--max-new-tokens", "20", "--repetition-penalty", "1.3",
+                     "--top-k", "50", "--seed", "1")
+    assert sampled.exit_code == 0, sampled.stderr
+    assert len(sampled.stdout.strip()) == 21 and set(sampled.stdout.strip()) <= set(chars)
+    inspected = invoke("inspect", "cjk", "--json")
+    assert inspected.exit_code == 0 and inspected.json()["run"]["vocab"]["size"] == 3_001
+    assert "vocabulary 3001" in invoke("inspect", "cjk").stdout.replace(",", "")
