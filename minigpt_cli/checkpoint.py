@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minigpt_cli.config import Config, UserError, config_from_checkpoint_dict
+from minigpt_cli.data import RUN_DATA_JSON, RUN_IDS
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer
 
@@ -572,7 +573,8 @@ def remove_unused_run_dir(path: Path) -> None:
         with RunLock(path):  # not while another process writes here
             for name in _listing(path):
                 entry = path / name
-                if (name in (LOCK_FILE, CONFIG_FILE, DATA_COPY, "metrics.jsonl") or TMP_FILE_NAME.fullmatch(name)) \
+                if (name in (LOCK_FILE, CONFIG_FILE, DATA_COPY, RUN_IDS, RUN_DATA_JSON, "metrics.jsonl")
+                        or TMP_FILE_NAME.fullmatch(name)) \
                         and entry.is_file() and not entry.is_symlink():
                     entry.unlink(missing_ok=True)
     except (UserError, OSError):

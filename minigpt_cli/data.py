@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -23,7 +24,7 @@ from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError
 
 
 # Text is read, hashed and encoded this many bytes at a time, so memory does not grow with the corpus.
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 4 * 2**20
 BOM = b"\xef\xbb\xbf"
 MAX_CODE_POINT = 0x110000
 
@@ -270,7 +271,7 @@ def _vocab_key(tokenizer: CharTokenizer) -> str:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")  # minigpt's temporary-file pattern
     try:
         tmp.write_text(json.dumps(value), encoding="utf-8")
         os.replace(tmp, path)
@@ -513,10 +514,29 @@ def batch_indices(n_tokens: int, block_size: int, batch_size: int, seed: int, st
     return starts[rank * batch_size:(rank + 1) * batch_size]
 
 
+def release_pages(ids: np.ndarray) -> None:
+    """Unmap the pages of a memory-mapped array that reads have mapped in. The kernel maps a whole
+    page-cache folio per fault (up to MBs with large read-ahead), so random windows of a big corpus
+    would otherwise keep growing the resident set towards the file's size; the pages stay in the
+    page cache and a later read maps them again."""
+    mapping = getattr(ids, "_mmap", None)  # np.memmap's mapping, shared by its slices
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
+def read_windows(ids: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """ids[start : start + length] for each start, as int64 (B, length), leaving no page mapped."""
+    windows = ids[starts[:, None] + np.arange(length)].astype(np.int64)
+    release_pages(ids)
+    return windows
+
+
 def get_batch(ids: np.ndarray, starts: np.ndarray, block_size: int,
               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    window = starts[:, None] + np.arange(block_size + 1)  # (B, T+1)
-    chunk = torch.from_numpy(ids[window].astype(np.int64))
+    chunk = torch.from_numpy(read_windows(ids, starts, block_size + 1))  # (B, T+1)
     x, y = chunk[:, :-1], chunk[:, 1:]  # (B, T) each
     if device is not None and device.type == "cuda":
         return (x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))

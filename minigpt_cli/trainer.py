@@ -23,7 +23,7 @@ from torch import nn
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, UserError
 from minigpt_cli.data import (Corpus, batch_indices, check_split_lengths, get_batch, keep_in_run, load_corpus,
-                              run_copy, scoring_windows)
+                              read_windows, run_copy, scoring_windows)
 from minigpt_cli.device import Precision, autocast, choose_precision, resolve_device, synchronize, use_threads
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
@@ -157,7 +157,7 @@ def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_
     with torch.no_grad(), autocast(device, precision), \
             progress_task(progress, task, total=windows.chars, unit="chars") as report:
         for begins, skips, length in windows.batches(batch_size):
-            xy = torch.from_numpy(ids[begins[:, None] + np.arange(length + 1)].astype(np.int64)).to(device)  # (B, T+1)
+            xy = torch.from_numpy(read_windows(ids, begins, length + 1)).to(device)  # (B, T+1)
             logits = model(xy[:, :-1]).float()  # (B, T, vocab_size)
             nll = F.cross_entropy(logits.transpose(1, 2), xy[:, 1:], reduction="none")  # (B, T)
             skip = torch.from_numpy(skips).to(device)

@@ -351,3 +351,16 @@ def test_a_vocabulary_of_thousands_of_characters_trains_samples_and_is_inspected
     inspected = invoke("inspect", "cjk", "--json")
     assert inspected.exit_code == 0 and inspected.json()["run"]["vocab"]["size"] == 3_001
     assert "vocabulary 3001" in invoke("inspect", "cjk").stdout.replace(",", "")
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_leaves_no_encoded_copy(tmp_path: Path):
+    from minigpt_cli import checkpoint as ckpt
+
+    path = tmp_path / "text.txt"
+    path.write_text("to be or not to be\n" * 100, encoding="utf-8")
+    corpus = data.load_corpus(path, 0.1)
+    run = tmp_path / "run"
+    run.mkdir()
+    assert "hard link" in data.keep_in_run(run, corpus)
+    ckpt.remove_unused_run_dir(run)
+    assert not run.exists() and corpus.ids_path.is_file()  # the cache's own link stays
