@@ -672,7 +672,11 @@ def eval_(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
 ) -> None:
     """Score a text with a trained run: NLL per character, bits per character, perplexity."""
-    from minigpt_cli.evaluate import EvalRequest, evaluate
+    starting = _Starting(False)
+    try:
+        from minigpt_cli.evaluate import EvalRequest, evaluate
+    finally:
+        starting.done()
 
     progress = ProgressView(quiet=False)
     try:
@@ -857,16 +861,16 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
 ) -> None:
     """Measure training and sampling speed, attention cost against length, and peak memory."""
-    from minigpt_cli.bench import BenchOptions, resolve_target
-    from minigpt_cli.bench import bench as run_bench
-
-    sections = tuple(s.strip() for s in only.split(",") if s.strip()) if only else ("train", "sample", "attention")
-    options = BenchOptions(device=device, quick=quick, repeats=repeats, max_seq=max_seq, batch_size=batch_size,
-                           seq_len=seq_len, batch_sizes=_comma_ints(batch_sizes, "--batch-sizes"), sections=sections,
-                           dtype=dtype, threads=threads)
-    chosen = resolve_target(target, set_)
-    progress = _ProgressLine(quiet)
+    progress = _ProgressLine(quiet)  # at once: loading PyTorch takes a moment
     try:
+        from minigpt_cli.bench import BenchOptions, resolve_target
+        from minigpt_cli.bench import bench as run_bench
+
+        sections = tuple(s.strip() for s in only.split(",") if s.strip()) if only else ("train", "sample", "attention")
+        options = BenchOptions(device=device, quick=quick, repeats=repeats, max_seq=max_seq, batch_size=batch_size,
+                               seq_len=seq_len, batch_sizes=_comma_ints(batch_sizes, "--batch-sizes"),
+                               sections=sections, dtype=dtype, threads=threads)
+        chosen = resolve_target(target, set_)
         result = run_bench(chosen, options, progress)
     finally:
         progress.close()
@@ -994,10 +998,14 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with everything shown."),
 ) -> None:
     """Show what a run or config is made of: modules, parameters, FLOPs, cache, shapes, training record."""
-    from minigpt_cli.inspection import inspect as run_inspect
-    from minigpt_cli.inspection import plot_curves
+    starting = _Starting(False)
+    try:
+        from minigpt_cli.inspection import inspect as run_inspect
+        from minigpt_cli.inspection import plot_curves
 
-    result = run_inspect(target, set_)
+        result = run_inspect(target, set_)
+    finally:
+        starting.done()
     if plot is not None:
         if "run" not in result:
             raise UserError("--plot draws a run's loss curves; a config has none (pass a run directory)")

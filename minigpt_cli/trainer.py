@@ -231,6 +231,9 @@ class TimeBudget:
     RECENT = 20
     # Seconds kept for what follows the final evaluation: the summary and the process's exit.
     MARGIN = 0.5
+    # The most of the time left at the loop's start that the final evaluation may take: past it, it
+    # scores a fixed sample of the validation windows, so that a short budget still trains.
+    FINAL_EVAL_SHARE = 0.25
     # Seconds past the budget the first MIN_STEPS may run into: a run that shows something beats
     # one that ends on time having trained nothing.
     GRACE = 1.0
@@ -241,14 +244,23 @@ class TimeBudget:
         self.clock = clock
         self.step_seconds: list[float] = []
         self.final_eval_seconds = 0.0
+        self.eval_fraction = 1.0
+        self.fixed_eval_seconds = 0.0
         self.save_seconds = 0.0
         self.loop_began = clock()
 
-    def begin(self, final_eval_seconds: float, save_seconds: float) -> None:
-        """The loop starts now; the final evaluation and one save are expected to cost this much."""
-        self.final_eval_seconds = final_eval_seconds
+    def begin(self, final_eval_seconds: float, save_seconds: float, fixed_eval_seconds: float = 0.0) -> None:
+        """The loop starts now; the whole-split final evaluation, one save, and the evaluation work
+        that cannot be cut (the sampled batches the best checkpoint is chosen by) are expected to cost
+        this much. A whole-split evaluation that would take more than FINAL_EVAL_SHARE of the time left
+        is cut to a sample of its windows that fits (eval_fraction of them)."""
         self.save_seconds = save_seconds
+        self.fixed_eval_seconds = fixed_eval_seconds
         self.loop_began = self.clock()
+        available = max(0.0, self.deadline - self.loop_began - 2 * save_seconds - fixed_eval_seconds - self.MARGIN)
+        share = self.FINAL_EVAL_SHARE * available
+        self.eval_fraction = 1.0 if final_eval_seconds <= share else share / final_eval_seconds
+        self.final_eval_seconds = final_eval_seconds * self.eval_fraction
 
     def step_done(self, seconds: float) -> None:
         self.step_seconds.append(seconds)
@@ -263,7 +275,7 @@ class TimeBudget:
 
     def reserve(self) -> float:
         """Seconds kept back from the deadline: the final evaluation, the saves around it, the exit."""
-        return self.final_eval_seconds + 2 * self.save_seconds + self.MARGIN
+        return self.final_eval_seconds + self.fixed_eval_seconds + 2 * self.save_seconds + self.MARGIN
 
     def left(self) -> float:
         """Seconds left for training (and periodic evaluations) before the reserve."""
@@ -287,6 +299,9 @@ class TimeBudget:
 
 
 class Trainer:
+    # Windows timed to price the final evaluation under a time budget (and the fewest it scores).
+    TIMED_WINDOWS = 8
+
     def __init__(self, config: Config, run_dir: Path, resume: bool = False,
                  callback: Callable[[TrainEvent], None] | None = None, started_at: float | None = None,
                  clock: Callable[[], float] = time.perf_counter):
@@ -492,10 +507,7 @@ class Trainer:
                      stopped=None, val_chars=len(corpus.val), data_kept=kept,
                      data_seconds=corpus.seconds, data_cache=corpus.cache)
         if t.time_budget:
-            self.budget = TimeBudget(t.time_budget, self.started_at, self.clock)
-            # Until a save is timed: the weights and two Adam moments, written at a modest 100 MB/s.
-            save_guess = 0.1 + 12 * model.num_parameters() / 100e6
-            self.budget.begin(self._measure_final_eval(model, corpus), save_guess)
+            self._start_budget(model, corpus)
         stopped = "max_iters"
         state["loop_start"] = last_log = (time.perf_counter(), step)
         with _SignalCatcher() as signals:
@@ -562,18 +574,28 @@ class Trainer:
         assert self.budget is not None
         return self._agree([float(self.budget.out_of_time())])[0] > 0
 
-    def _measure_final_eval(self, model: GPT, corpus: Corpus) -> float:
-        """Seconds the final evaluation will take, from timing one batch of its windows (after one
-        untimed batch: the first forward pass pays for allocation and kernel choice)."""
+    def _seconds_per_window(self, model: GPT, corpus: Corpus) -> float:
+        """Seconds to score one block_size window of validation text, from timing a few of them
+        (after one untimed window: the first forward pass pays for allocation and kernel choice).
+        Fewer windows than the evaluation batches score at once: an upper bound, cheaply measured."""
         t, m = self.config.train, self.config.model
-        batch = max(t.batch_size, 32)
-        windows = max(1, math.ceil(self._val_windows(corpus).chars / m.block_size))
+        batch = self.TIMED_WINDOWS
         sample = corpus.val[:min(len(corpus.val), batch * m.block_size + 1)]
         score_text(model, sample[:m.block_size + 1], m.block_size, m.block_size, batch, self.device, self.precision)
         began = self.clock()
         _, scored = score_text(model, sample, m.block_size, m.block_size, batch, self.device, self.precision)
-        per_window = (self.clock() - began) / max(1, math.ceil(scored / m.block_size))
-        return per_window * windows
+        return (self.clock() - began) / max(1, math.ceil(scored / m.block_size))
+
+    def _start_budget(self, model: GPT, corpus: Corpus) -> None:
+        t, m = self.config.train, self.config.model
+        self.budget = TimeBudget(t.time_budget, self.started_at, self.clock)
+        per_window = self.seconds_per_window = self._seconds_per_window(model, corpus)
+        windows = max(1, math.ceil(self._val_windows(corpus).chars / m.block_size))
+        # The sampled batches the best checkpoint is chosen by, scored again at the end (both splits).
+        fixed = 0.0 if t.eval_full else per_window * 2 * t.eval_iters * t.batch_size
+        # Until a save is timed: the weights and two Adam moments, written at a modest 100 MB/s.
+        save_guess = 0.1 + 12 * model.num_parameters() / 100e6
+        self.budget.begin(per_window * windows, save_guess, fixed)
 
     def _eval_fits(self, state: dict) -> bool:
         """Under a time budget, a periodic evaluation only where it leaves time for the final one
@@ -582,9 +604,8 @@ class Trainer:
             return True
         t, m = self.config.train, self.config.model
         cost = state["periodic_eval_seconds"]
-        if cost is None:  # not yet timed: its batches at the final evaluation's measured rate per window
-            windows = max(1, math.ceil((state["val_tokens"] - 1) / m.block_size))
-            cost = self.budget.final_eval_seconds / windows * 2 * t.eval_iters * t.batch_size
+        if cost is None:  # not yet timed: its batches at the measured rate per window
+            cost = self.seconds_per_window * 2 * t.eval_iters * t.batch_size
         return self._agree([float(self.budget.allows(cost))])[0] > 0
 
     def _agree(self, values: list[float]) -> list[float]:
@@ -688,19 +709,24 @@ class Trainer:
         m = self.config.model
         return scoring_windows(len(corpus.val), m.block_size, m.block_size, self.config.train.eval_max_chars)
 
-    @staticmethod
-    def describe_scope(scored: int, val_chars: int) -> str:
+    def describe_scope(self, scored: int, val_chars: int) -> str:
         if scored >= val_chars - 1:
             return f"whole validation split, {scored:,} characters"
+        if self.budget is not None and self.budget.eval_fraction < 1.0:
+            return (f"{scored:,} characters sampled of {val_chars:,}: fixed windows, as many as the time budget "
+                    f"leaves time for")
         return (f"{scored:,} characters sampled of {val_chars:,}: fixed windows; train.eval_max_chars=0 "
                 f"scores the whole split")
 
-    def _full_val_loss(self, model: GPT, corpus: Corpus, with_count: bool = False, task: str = "evaluation"):
+    def _full_val_loss(self, model: GPT, corpus: Corpus, with_count: bool = False, task: str = "evaluation",
+                       max_chars: int | None = None):
         """Mean loss over the validation split in non-overlapping block_size windows: all of them, or a
-        fixed sample of them when the split has more than train.eval_max_chars characters."""
+        fixed sample of them when the split has more than train.eval_max_chars (or max_chars) characters."""
         t, m = self.config.train, self.config.model
+        limit = t.eval_max_chars if max_chars is None else (min(max_chars, t.eval_max_chars) if t.eval_max_chars
+                                                            else max_chars)
         total, count = score_text(model, corpus.val, m.block_size, m.block_size, max(t.batch_size, 32),
-                                  self.device, self.precision, self._report, task, t.eval_max_chars)
+                                  self.device, self.precision, self._report, task, limit)
         loss = total / max(count, 1)
         if self.dist.enabled:
             loss = self._mean(loss)
@@ -710,7 +736,12 @@ class Trainer:
         """Validation loss over the validation split (or its fixed sample), in non-overlapping windows."""
         t, m = self.config.train, self.config.model
         began = time.perf_counter()
-        loss, count = self._full_val_loss(model, corpus, with_count=True, task=FINAL_EVAL_TASK)
+        max_chars = None
+        if self.budget is not None and self.budget.eval_fraction < 1.0:
+            # A fixed sample of windows (as train.eval_max_chars draws) that fits the time budget.
+            chars = round(self.budget.eval_fraction * self._val_windows(corpus).chars)
+            max_chars = max(self.TIMED_WINDOWS * m.block_size, chars)
+        loss, count = self._full_val_loss(model, corpus, with_count=True, task=FINAL_EVAL_TASK, max_chars=max_chars)
         seconds = time.perf_counter() - began
         # The best checkpoint is chosen by one measure throughout, the periodic evaluations' (their
         # fixed sampled batches, or the whole split with eval_full), never this loss against theirs.

@@ -39,7 +39,7 @@ def simulate_budget(budget: float, startup: float, first_step: float, step: floa
         clock.now += took
         timer.step_done(took)
         steps += 1
-    clock.now += final_eval + 2 * save
+    clock.now += final_eval * timer.eval_fraction + 2 * save  # the evaluation as cut to fit, if it was
     return steps, clock.now
 
 
@@ -64,6 +64,13 @@ def test_budget_trains_a_few_steps_when_a_step_barely_fits():
     steps, ended = simulate_budget(6, startup=4.2, first_step=0.5, step=0.5, final_eval=0.5, save=0.0)
     assert steps == 3
     assert ended <= 6 + 1.0  # within a second of the budget
+
+
+def test_budget_cuts_a_final_evaluation_that_would_not_fit():
+    # What a loaded machine did with --time-budget 15: 10 s to start, a whole-split evaluation of 60 s.
+    steps, ended = simulate_budget(15, startup=10.0, first_step=0.5, step=0.1, final_eval=60.0)
+    assert steps >= 3
+    assert 13.5 <= ended <= 15.0
 
 
 def test_budget_spent_before_training_trains_nothing():
@@ -110,6 +117,36 @@ def test_training_under_a_budget_on_a_fake_clock(small_corpus: Path, tmp_path: P
     assert result.steps >= 3
     assert clock.now <= 15.0, f"ended at {clock.now:.2f}s of a 15s budget"
     assert clock.now >= 13.0, f"ended at {clock.now:.2f}s, wasting the budget"
+
+
+def test_a_final_evaluation_too_slow_for_the_budget_scores_a_sample(small_corpus: Path, tmp_path: Path,
+                                                                      monkeypatch):
+    """Scoring a window costs 0.2 s, so the whole split (about 125 windows) would take 25 s of a 15 s budget."""
+    from minigpt_cli import trainer
+    from minigpt_cli.config import apply_overrides, load_config
+
+    clock = FakeClock(2.0)
+    real_step, real_score = trainer.Trainer._train_step, trainer.score_text
+
+    def timed_step(self, *args, **kwargs):
+        clock.now += 0.1
+        return real_step(self, *args, **kwargs)
+
+    def timed_score(model, ids, block_size, stride, *args, **kwargs):
+        total, count = real_score(model, ids, block_size, stride, *args, **kwargs)
+        clock.now += 0.2 * max(1, count // stride)
+        return total, count
+
+    monkeypatch.setattr(trainer.Trainer, "_train_step", timed_step)
+    monkeypatch.setattr(trainer, "score_text", timed_score)
+    events = []
+    config = apply_overrides(load_config("tiny"), [*FAST, f"data.path={small_corpus}", "train.max_iters=100000",
+                                                   "train.eval_interval=100000", "train.eval_iters=1",
+                                                   "train.time_budget=15"])
+    result = trainer.train(config, tmp_path / "run", callback=events.append, started_at=0.0, clock=clock)
+    final = [e for e in events if e.kind == "final_eval"][0]
+    assert "time budget" in final.data["scope"] and 0 < result.val_tokens_scored < final.data["val_chars"] // 2
+    assert result.steps >= 3 and clock.now <= 15.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ QUICK = {
     "eval": ["--batch-size", "64"],
     "bench": ["--quick", "--max-seq", "64", "--repeats", "1"],
     "inspect": [],
+    "runs": [],
+    "compare": [],
 }
 
 
@@ -58,6 +60,8 @@ def quick(line: str) -> str:
         extra = list(QUICK[command])
         if command == "bench" and any(not w.startswith("-") for w in words[at + 2:]):
             extra += SMALL_MODEL
+        if command == "compare" and "--vary" in words:
+            extra = list(QUICK["train"])  # each variant trains as a quick `train` would
         words = [sys.executable, "-m", "minigpt_cli", *words[at + 1:], *extra]
         parts[-1] = " " + shlex.join(words)
     return "|".join(parts)
