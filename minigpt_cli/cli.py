@@ -1077,7 +1077,8 @@ def _render_runs(folder: Path, infos: List[Any]) -> None:
     out.print(table)
     sampled = sorted(m for m in measures if m != "whole val split")
     out.print(f"best val: the lowest periodic validation loss ({', '.join(sampled) or 'sampled batches'}; "
-              f"* the whole validation split); final val: the whole validation split at the end", markup=False)
+              f"* the whole validation split); final val: the validation split at the end (a fixed sample of it "
+              f"where it is large or the time budget short)", markup=False)
     for note in notes:
         out.print(f"  {note}", markup=False)
 

@@ -591,8 +591,8 @@ class Trainer:
         self.budget = TimeBudget(t.time_budget, self.started_at, self.clock)
         per_window = self.seconds_per_window = self._seconds_per_window(model, corpus)
         windows = max(1, math.ceil(self._val_windows(corpus).chars / m.block_size))
-        # The sampled batches the best checkpoint is chosen by, scored again at the end (both splits).
-        fixed = 0.0 if t.eval_full else per_window * 2 * t.eval_iters * t.batch_size
+        # The sampled validation batches the best checkpoint is chosen by, scored again at the end.
+        fixed = 0.0 if t.eval_full else per_window * t.eval_iters * t.batch_size
         # Until a save is timed: the weights and two Adam moments, written at a modest 100 MB/s.
         save_guess = 0.1 + 12 * model.num_parameters() / 100e6
         self.budget.begin(per_window * windows, save_guess, fixed)
@@ -661,13 +661,15 @@ class Trainer:
         self.emit("step", step, loss=loss, lr=lr, tokens_per_sec=rate, eta=eta, elapsed=elapsed,
                   tokens=state["tokens"], max_iters=t.max_iters)
 
-    def _estimate(self, model: GPT, corpus: Corpus) -> dict[str, float]:
+    def _estimate(self, model: GPT, corpus: Corpus, splits: Sequence[str] = ("train", "val")) -> dict[str, float]:
         """Mean loss over eval_iters fixed batches of each split (the same batches every time)."""
         t, m = self.config.train, self.config.model
         out = {}
         model.eval()
         with torch.no_grad():
             for split_id, (name, ids) in enumerate((("train", corpus.train), ("val", corpus.val))):
+                if name not in splits:
+                    continue
                 losses = []
                 for i in range(t.eval_iters):
                     starts = batch_indices(len(ids), m.block_size, t.batch_size, t.seed, i, EVAL_STREAM + split_id,
@@ -749,8 +751,10 @@ class Trainer:
             candidate = loss
         elif state.get("evaluated_at") == state["step"]:
             candidate = math.inf  # these weights were measured and saved at this step's evaluation
+        elif self.budget is not None and self.budget.deadline - self.clock() < self.budget.fixed_eval_seconds:
+            candidate = math.inf  # no time left to measure it as the best checkpoint is measured
         else:
-            candidate = self._estimate(model, corpus)["val"]
+            candidate = self._estimate(model, corpus, splits=("val",))["val"]
         state["eval_seconds"] += time.perf_counter() - began
         is_best = candidate < state["best_val"]
         state["best_val"] = min(state["best_val"], candidate)
