@@ -190,8 +190,8 @@ class DecodeStep(nn.Module):
             gelu = self.activation == "gelu"
             h = torch.ops.mkldnn._linear_pointwise(x, self.weights[j], self.biases[j], "gelu" if gelu else "relu",
                                                    [], "tanh" if gelu else "")
-            return h if gelu else h.square()
-        return mlp_activation(self._linear(x, j), self.activation)
+            return h if gelu else h.square_()
+        return mlp_activation(self._linear(x, j), self.activation, True)
 
     def forward(self, idx: torch.Tensor, position: int, kv_all: torch.Tensor,
                 fixed_position: Optional[torch.Tensor] = None) -> torch.Tensor:

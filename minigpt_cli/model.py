@@ -37,10 +37,13 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, shape)
 
 
-def mlp_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
-    """GELU (GPT-2's tanh form) or ReLU squared (Primer; used by modded-nanoGPT)."""
+def mlp_activation(h: torch.Tensor, kind: str, inplace: bool = False) -> torch.Tensor:
+    """GELU (GPT-2's tanh form) or ReLU squared (Primer; used by modded-nanoGPT). With `inplace`, h
+    is overwritten: for inference only (autograd needs h), where it saves allocations."""
     if kind == "relu2":
-        return F.relu(h).square()
+        return F.relu(h, inplace=True).square_() if inplace else F.relu(h).square()
+    if inplace:
+        return torch.ops.aten.gelu_(h, approximate="tanh")
     return F.gelu(h, approximate="tanh")
 
 
