@@ -30,8 +30,7 @@ from torch.utils._pytree import tree_leaves
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, UserError, apply_overrides, load_config
 from minigpt_cli.data import scan_vocabulary
-from minigpt_cli.device import (DTYPES, check_inference_dtype, choose_precision, resolve_device, synchronize,
-                                use_threads)
+from minigpt_cli.device import DTYPES, Runtime, check_inference_dtype, runtime, synchronize, use_threads
 from minigpt_cli.inference import Decoder
 from minigpt_cli.kv_cache import KVCache
 from minigpt_cli.model import (GPT, count_parameters, flops_per_token, kv_bytes_per_token, visible_keys,
@@ -298,13 +297,12 @@ def device_name(device: torch.device) -> str:
 
 @contextlib.contextmanager
 def preserved_global_state(device: torch.device) -> Iterator[None]:
-    """Put back the random states and the matmul settings a bench touches."""
+    """Put back the random states a bench draws from (device.runtime puts back the matmul settings)."""
     if device.type == "cuda":
         torch.cuda.init()
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     mps_rng = torch.mps.get_rng_state() if device.type == "mps" else None
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         yield
     finally:
@@ -313,7 +311,6 @@ def preserved_global_state(device: torch.device) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
         if mps_rng is not None:
             torch.mps.set_rng_state(mps_rng)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,15 +359,15 @@ class BenchOptions:
 
 
 class Bench:
-    def __init__(self, target: Target, options: BenchOptions, progress: Progress | None = None):
+    def __init__(self, target: Target, options: BenchOptions, rt: Runtime, progress: Progress | None = None):
         self.target = target
         self.options = options
         self.progress = progress or (lambda message: None)
-        self.device = resolve_device(options.device).device
+        self.device = rt.device
         self.cfg = target.config
         self.m = target.config.model
         self.V = target.vocab_size
-        self.precision = choose_precision(self.device, self.cfg.train.dtype)
+        self.precision = rt.precision
         check_inference_dtype(options.dtype, self.device)
         o = options
         bounded = self.device.type != "cuda"
@@ -499,8 +496,6 @@ class Bench:
                               f"(--batch-size and --seq-len choose)")
         self.progress(f"training: timing steps of batch {B} x {T} tokens")
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
             torch.cuda.reset_peak_memory_stats(self.device)
         model.train()
         optimizers = build_optimizers(model, self.cfg.train, self.device)
@@ -700,5 +695,8 @@ class Bench:
 
 
 def bench(target: Target, options: BenchOptions | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    return Bench(target, options or BenchOptions(), progress).run()
+    options = options or BenchOptions()
+    # The device, precision and matmul settings a training run would use (threads: per section).
+    with runtime(options.device, target.config.train.dtype) as rt:
+        return Bench(target, options, rt, progress).run()
 

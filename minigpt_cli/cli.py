@@ -348,7 +348,7 @@ def _resolve_train_config(config_name: Optional[str], resume: bool, out_dir: Opt
 
     from minigpt_cli import checkpoint as ckpt
     from minigpt_cli.config import apply_overrides, load_config
-    from minigpt_cli.trainer import detect_distributed
+    from minigpt_cli.device import detect_distributed
 
     run_dir = out_dir
     note = None
@@ -448,7 +448,8 @@ def train(
         starting.done()
         raise
     from minigpt_cli.checkpoint import CheckpointWriteError, remove_unused_run_dir
-    from minigpt_cli.trainer import NonFiniteLoss, TrainingStopped, detect_distributed
+    from minigpt_cli.device import detect_distributed
+    from minigpt_cli.trainer import NonFiniteLoss, TrainingStopped
     from minigpt_cli.trainer import train as run_training
 
     is_main = detect_distributed().is_main

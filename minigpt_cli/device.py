@@ -8,6 +8,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -219,3 +220,92 @@ def use_threads(work: float, requested: int = 0, state: CpuState | None = None) 
     if torch.get_num_threads() != choice.threads:
         torch.set_num_threads(choice.threads)
     return choice
+
+
+# ---------------------------------------------------------------------------------------------
+# The runtime: what a command that runs the model sets up first and undoes last (train and bench).
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place under torchrun (world_size 1 without it)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_distributed() -> Distributed:
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return Distributed(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
+                           int(os.environ["WORLD_SIZE"]))
+    return Distributed()
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    device_reason: str
+    precision: Precision
+    dist: Distributed
+    threads: ThreadChoice | None  # None: the caller chooses threads per piece of work
+
+
+def _join_process_group(dist_info: Distributed, requested: str) -> DeviceChoice:
+    """Under torchrun: this rank's device (its own GPU, or the CPU), and the process group joined."""
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and requested in ("auto", "cuda"):
+        torch.cuda.set_device(dist_info.local_rank)
+        device, backend = torch.device("cuda", dist_info.local_rank), "nccl"
+    else:
+        if requested not in ("auto", "cpu"):
+            raise UserError(f"under torchrun use --device auto, cuda or cpu, got '{requested}'")
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend=backend)
+    return DeviceChoice(device, f"torchrun rank {dist_info.rank} of {dist_info.world_size} ({backend})")
+
+
+@contextlib.contextmanager
+def runtime(device: str = "auto", dtype: str = "auto", seed: int | None = None, deterministic: bool = False,
+            work: float | None = None, threads: int = 0, distributed: bool = False) -> Iterator[Runtime]:
+    """Set up, in this order, what running the model needs, and undo it on the way out:
+    CPU threads for `work` multiply-adds per step (see use_threads; None leaves them to the caller),
+    the device (under torchrun, with `distributed`, the rank's device and the process group),
+    deterministic kernels if asked, TF32 matmuls on CUDA (float32 weights, tensor-core speed),
+    the precision for `dtype`, and the global seed (seed + rank, so ranks draw apart).
+    The TF32 settings are put back afterwards (deterministic algorithms, once asked for, stay on, as
+    CUBLAS_WORKSPACE_CONFIG must); the process group is destroyed."""
+    dist_info = detect_distributed() if distributed else Distributed()
+    chosen_threads = use_threads(work, threads) if work is not None else None
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        choice = _join_process_group(dist_info, device) if dist_info.enabled else resolve_device(device)
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            if choice.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.backends.cudnn.benchmark = False
+        if choice.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        precision = choose_precision(choice.device, dtype)
+        if seed is not None:
+            torch.manual_seed(seed + dist_info.rank)
+        yield Runtime(choice.device, choice.reason, precision, dist_info, chosen_threads)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        if dist_info.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()

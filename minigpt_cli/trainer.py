@@ -24,7 +24,7 @@ from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, UserError
 from minigpt_cli.data import (Corpus, batch_indices, check_split_lengths, get_batch, keep_in_run, load_corpus,
                               read_windows, run_copy, scoring_windows)
-from minigpt_cli.device import Precision, autocast, choose_precision, resolve_device, synchronize, use_threads
+from minigpt_cli.device import Precision, autocast, detect_distributed, runtime
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
 from minigpt_cli.optim import build_optimizers, lr_factor, set_lr
@@ -85,29 +85,6 @@ class NonFiniteLoss(Exception):
             f"(try a lower train.learning_rate or train.grad_clip)"
         )
         self.step = step
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def detect_distributed() -> Distributed:
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return Distributed(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
-                           int(os.environ["WORLD_SIZE"]))
-    return Distributed()
 
 
 class _SignalCatcher:
@@ -323,41 +300,6 @@ class Trainer:
         """Progress of long work inside the run (encoding the text, the final evaluation)."""
         self.emit("progress", self.progress_step, progress=progress)
 
-    # -- set-up -------------------------------------------------------------------------------
-    def _setup(self) -> None:
-        t = self.config.train
-        m = self.config.model
-        # 0: the CPUs other programs leave free now (a training step has work for every core).
-        self.threads = use_threads(t.batch_size * m.block_size * 12 * m.n_layer * m.n_embd ** 2, t.num_threads)
-        if self.dist.enabled:
-            self._init_process_group()
-        else:
-            choice = resolve_device(t.device)
-            self.device, self.device_reason = choice.device, choice.reason
-        if t.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            if self.device.type == "cuda":
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-                torch.backends.cudnn.benchmark = False
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.precision = choose_precision(self.device, t.dtype)
-
-    def _init_process_group(self) -> None:
-        import torch.distributed as dist
-
-        t = self.config.train
-        if torch.cuda.is_available() and t.device in ("auto", "cuda"):
-            torch.cuda.set_device(self.dist.local_rank)
-            self.device, backend = torch.device("cuda", self.dist.local_rank), "nccl"
-        else:
-            if t.device not in ("auto", "cpu"):
-                raise UserError(f"under torchrun use --device auto, cuda or cpu, got '{t.device}'")
-            self.device, backend = torch.device("cpu"), "gloo"
-        dist.init_process_group(backend=backend)
-        self.device_reason = f"torchrun rank {self.dist.rank} of {self.dist.world_size} ({backend})"
-
     def _load_resume(self) -> ckpt.LoadedCheckpoint | None:
         if not self.resume:
             return None
@@ -411,17 +353,15 @@ class Trainer:
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        try:
-            self._setup()
+        t, m = self.config.train, self.config.model
+        # A training step's multiply-adds: threads as many as that work and the free CPUs allow.
+        work = t.batch_size * m.block_size * 12 * m.n_layer * m.n_embd ** 2
+        with runtime(t.device, t.dtype, seed=t.seed, deterministic=t.deterministic, work=work,
+                     threads=t.num_threads, distributed=True) as rt:
+            self.dist, self.device, self.device_reason, self.precision = rt.dist, rt.device, rt.device_reason, rt.precision
             # One writer per run: the lock is held until the last save, and refused at once to a second.
             with ckpt.RunLock(self.run_dir) if self.dist.is_main else contextlib.nullcontext():
                 return self._run()
-        finally:
-            if self.dist.enabled:
-                import torch.distributed as dist
-
-                if dist.is_initialized():
-                    dist.destroy_process_group()
 
     def _run(self) -> TrainResult:
         cfg, t = self.config, self.config.train
@@ -440,7 +380,6 @@ class Trainer:
                 f"{loaded.meta['data_fingerprint'][:12]} vs {corpus.fingerprint[:12]}); continuing on the new "
                 f"data. To keep runs apart, train a new run with a different --out instead of --resume."))
 
-        torch.manual_seed(t.seed + self.dist.rank)
         model = GPT(cfg.model, corpus.tokenizer.vocab_size)
         if loaded:
             ckpt.load_weights(model, loaded.model_state, loaded.path / ckpt.MODEL_FILE)
