@@ -10,6 +10,7 @@ and every such reduction is stated in the result.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -90,9 +91,12 @@ class Target:
     config: Config
     vocab_size: int
     loaded: ckpt.LoadedCheckpoint | None = None
+    # Where vocab_size came from: the run's vocabulary, the config's text, or --vocab-size.
+    vocab_source: str = "characters of the text"
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "config": self.config.name, "vocab_size": self.vocab_size}
+        return {"kind": self.kind, "name": self.name, "config": self.config.name, "vocab_size": self.vocab_size,
+                "vocab_source": self.vocab_source}
 
 
 def _is_run(path: Path) -> bool:
@@ -111,11 +115,25 @@ def config_vocab_size(config: Config) -> int:
 
 
 def resolve_target(arg: str | None, overrides: Sequence[str] = (), which: str = "latest",
-                   fallback_to_config: bool = True) -> Target:
+                   fallback_to_config: bool = True, vocab_size: int | None = None) -> Target:
     """RUN or CONFIG: a directory holding a checkpoint is a run; anything else is a config path or name.
 
     With no argument: the newest run under ./runs, else (fallback_to_config) the shipped default config.
+    vocab_size (--vocab-size) sizes a config's model for another vocabulary than its text's characters,
+    e.g. GPT-2's 50,257 tokens; a run keeps the vocabulary it was trained with.
     """
+    if vocab_size is not None and vocab_size < 1:
+        raise UserError(f"--vocab-size must be at least 1, got {vocab_size}")
+    target = _resolve_target(arg, overrides, which, fallback_to_config)
+    if vocab_size is None:
+        return target
+    if target.kind == "run":
+        raise UserError(f"--vocab-size sizes a CONFIG's model; the run {target.name} keeps its own vocabulary "
+                        f"of {target.vocab_size} characters")
+    return Target("config", target.name, target.config, vocab_size, vocab_source="--vocab-size")
+
+
+def _resolve_target(arg: str | None, overrides: Sequence[str], which: str, fallback_to_config: bool) -> Target:
     if arg is None:
         try:
             run = ckpt.newest_run()
@@ -132,7 +150,8 @@ def resolve_target(arg: str | None, overrides: Sequence[str] = (), which: str = 
         if overrides:
             raise UserError("--set changes a CONFIG; a run keeps the config it was trained with")
         loaded = ckpt.load_checkpoint(path, which=which)
-        return Target("run", str(loaded.run_dir), loaded.config, loaded.tokenizer.vocab_size, loaded)
+        return Target("run", str(loaded.run_dir), loaded.config, loaded.tokenizer.vocab_size, loaded,
+                      vocab_source="the run's characters")
     if path.is_dir():
         raise UserError(f"{path} is a directory without a checkpoint: expected a run directory or a config")
     config = apply_overrides(load_config(arg), overrides)
@@ -556,25 +575,33 @@ class Bench:
         out["weight_floor"] = floor
 
         decode = []
-        contexts = sorted({max(1, bs // 8), max(1, bs // 2), bs - 1})
+        contexts = decode_contexts(bs, self.options.max_seq)
+        long_model = long_cache = None
         for L in contexts:
             self.progress(f"sampling: one decode step after {L} tokens, with and without the KV cache")
             token = self._tokens(1, 1)
-            cache.reset()
+            step_model, step_cache = model, cache
+            if L >= bs:
+                if long_model is None:
+                    long_model, long_cache = self._long_model(contexts[-1] + 1)
+                step_model, step_cache = long_model, long_cache
 
             def cached_step() -> None:
-                cache.reset()
-                cache.advance(L)  # L positions cached (their values do not change the cost)
-                model(token, cache)[:, -1].argmax(-1)
+                step_cache.reset()
+                step_cache.advance(L)  # L positions cached (their values do not change the cost)
+                step_model(token, step_cache)[:, -1].argmax(-1)
 
-            row: dict[str, Any] = {"context": L}
+            row: dict[str, Any] = {"context": L, "past_block_size": L >= bs,
+                                   "cached_flops": self._forward_flops(1, L + 1),
+                                   "uncached_flops": self._forward_flops(L + 1, L + 1)}
             timing = self._time(cached_step, self._forward_flops(1, L + 1))
             row["cached_ms"] = timing.to_dict()
             row["cached_tokens_per_sec"] = 1 / timing.median
             row["floor_pct"] = 100 * floor["ms"] / (timing.median * 1e3)
             if self._forward_flops(L + 1, L + 1) <= self.budget:
                 window = self._tokens(1, L + 1)
-                timing_full = self._time(lambda: model(window)[:, -1].argmax(-1), self._forward_flops(L + 1, L + 1))
+                timing_full = self._time(lambda: step_model(window)[:, -1].argmax(-1),
+                                         self._forward_flops(L + 1, L + 1))
                 row["uncached_ms"] = timing_full.to_dict()
                 row["uncached_tokens_per_sec"] = 1 / timing_full.median
                 row["cache_speedup"] = timing_full.median / timing.median
@@ -586,6 +613,16 @@ class Bench:
             decode.append(row)
         out["decode"] = decode
         out["floor_pct"] = decode[0]["floor_pct"]
+        out["cost"] = ("with the KV cache a step computes one new position: its weights cost the same at every "
+                       "context and its attention grows linearly with the context L (one query, L keys); without "
+                       "it a step recomputes all L positions: the weights' cost grows linearly with L and "
+                       "attention's quadratically (L queries x L keys)")
+        if long_model is not None:
+            out["past_block_size"] = (f"contexts past block_size {bs} are timed on a model of the same shape "
+                                      f"with room for {contexts[-1] + 1} positions and fresh weights (a step's "
+                                      f"cost does not depend on their values); sampling past block_size itself "
+                                      f"slides a window of at most {bs} characters")
+            del long_model, long_cache
 
         L = max(1, bs // 2)
         sizes = self.options.batch_sizes or ((1, 4) if self.options.quick else (1, 4, 16, 64))
@@ -613,6 +650,14 @@ class Bench:
                           "tokens_per_sec": B / timing.median})
         out["batch"] = batch
         return out
+
+    def _long_model(self, positions: int) -> tuple[Decoder, KVCache]:
+        """The model's shape with room for `positions` positions, readied as `minigpt sample` readies it."""
+        m = dataclasses.replace(self.m, block_size=positions)
+        with torch.device(self.device):
+            long_model = GPT(m, self.V)
+        return (Decoder(long_model, DTYPES[self.options.dtype]),
+                KVCache(m.n_layer, 1, m.n_head, positions, m.head_dim, device=self.device))
 
     def weight_floor(self, model: Decoder) -> dict[str, Any]:
         """One batch-1 matrix-vector product per weight matrix a decode step reads, back to back.
@@ -692,6 +737,17 @@ class Bench:
                     "method": "CUDA allocator peak (torch.cuda.max_memory_allocated) over the bench"}
         return {"peak_bytes": peak_rss_bytes(),
                 "method": "peak resident set of this process (getrusage ru_maxrss), including Python and torch"}
+
+
+def decode_contexts(block_size: int, max_seq: int) -> list[int]:
+    """Contexts of the cached-against-uncached decode table: an eighth, half and all of the window,
+    then doubling past block_size up to max_seq, where the uncached step's quadratic attention shows."""
+    contexts = {max(1, block_size // 8), max(1, block_size // 2), block_size - 1}
+    length = 2 * block_size
+    while length <= max_seq:
+        contexts.add(length - 1)
+        length *= 2
+    return sorted(contexts)
 
 
 def bench(target: Target, options: BenchOptions | None = None, progress: Progress | None = None) -> dict[str, Any]:

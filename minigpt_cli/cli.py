@@ -476,6 +476,8 @@ def train(
     if not is_main:
         return
     summary = {**result.to_dict(), "config": cfg.name}
+    if result.vocab_size:
+        summary["uniform_loss"] = math.log(result.vocab_size)
     if json_out:
         emit_json(summary)
         return
@@ -499,6 +501,9 @@ def train(
                  if result.val_tokens_scored >= result.val_chars - 1 else
                  f"{result.val_tokens_scored:,} characters sampled of {result.val_chars:,}")
         table.add_row("final val loss", f"{result.final_val_loss:.4f}  ({scope})")
+    if result.vocab_size:
+        table.add_row("uniform baseline", f"{math.log(result.vocab_size):.4f}  ({math.log2(result.vocab_size):.3f} "
+                                          f"bits/char: ln({result.vocab_size}), a model that knows nothing)")
     table.add_row("steps", f"{result.steps:,}  (stopped: {result.stopped.replace('_', ' ')})")
     table.add_row("tokens seen", f"{result.tokens:,}")
     table.add_row("wall time", f"{result.wall_seconds:.1f}s  (evaluation {result.eval_seconds:.1f}s)")
@@ -670,15 +675,25 @@ def eval_(
     max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Score a longer text on a fixed sample of "
                                             "windows holding about this many characters; 0 scores all of it "
                                             "(default: the run's train.eval_max_chars, 2,000,000)."),
+    show: bool = typer.Option(False, "--show", help="Print the text's first 1,000 characters coloured by each "
+                                                    "one's surprisal in bits (--json: the values)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
 ) -> None:
     """Score a text with a trained run: NLL per character, bits per character, perplexity."""
     starting = _Starting(False)
     try:
-        from minigpt_cli.evaluate import EvalRequest, evaluate
+        from minigpt_cli.evaluate import EvalRequest, evaluate, surprisal
     finally:
         starting.done()
 
+    if show:
+        shown = surprisal(EvalRequest(run=run, data=data, stride=stride, batch_size=batch_size, device=device,
+                                      dtype=dtype, which=which, threads=threads))
+        if json_out:
+            emit_json(shown.to_dict())
+        else:
+            _render_surprisal(shown.to_dict())
+        return
     progress = ProgressView(quiet=False)
     try:
         result = evaluate(EvalRequest(run=run, data=data, stride=stride, batch_size=batch_size, device=device,
@@ -696,9 +711,11 @@ def eval_(
                if result.stride < result.block_size else
                f"non-overlapping windows of {result.block_size} characters (context 0 to {result.block_size - 1})")
     rows = [
-        ("NLL", f"{result.nll:.4f} nats per character"),
-        ("bits per character", f"{result.bpc:.4f}"),
-        ("perplexity", f"{result.perplexity:.3f}"),
+        ("NLL", f"{result.nll:.4f} nats per character (mean -ln p of each next character)"),
+        ("bits per character", f"{result.bpc:.4f} (NLL / ln 2)"),
+        ("perplexity", f"{result.perplexity:.3f} (e^NLL)"),
+        ("uniform baseline", f"{result.uniform_nll:.4f} nats = ln({result.vocab_size}), {result.uniform_bpc:.3f} bits: "
+                             f"a model that knows nothing"),
         ("characters scored", f"{result.chars_scored:,} sampled of {result.text_chars:,} (fixed windows; "
                               f"--max-chars 0 scores all)" if result.sampled else
                               f"{result.chars_scored:,} of {result.text_chars:,} (the first is only context)"),
@@ -711,6 +728,51 @@ def eval_(
     rows.append(("speed", f"{result.chars_per_second:,.0f} characters/s on {result.device}, {result.precision} "
                           f"({result.seconds:.2f}s)"))
     out.print(_key_value_table("evaluation", rows))
+
+
+# Surprisal colours, from expected to astonishing: (style, bits below).
+_SURPRISE = (("green", 1.0), ("default", 2.0), ("yellow", 4.0), ("dark_orange", 8.0), ("bold red", math.inf))
+
+
+def _render_surprisal(result: dict) -> None:
+    from rich.text import Text
+
+    from minigpt_cli.inspection import visible_char
+
+    chars = result["chars"]
+    out.print(f"[bold]surprisal[/] -log2 p(character | the ones before it) of the first {result['shown_chars']:,} of "
+              f"{result['text_chars']:,} characters of {result['source']}, scored in windows of "
+              f"{result['block_size']} characters as training sees them:", highlight=False)
+    legend = Text("  ")
+    low = 0.0
+    for style, below in _SURPRISE:
+        legend.append(f"{low:g}-{below:g} bits " if below < math.inf else f"{low:g}+ bits", style=style)
+        legend.append("  ")
+        low = below
+    out.print(legend)
+    text = Text()
+    for item in chars:
+        bits = item["bits"]
+        style = "dim" if bits is None else next(s for s, below in _SURPRISE if bits < below)
+        text.append("↵\n" if item["char"] == "\n" else item["char"], style=style)
+    out.print(text)
+    scored = [c for c in chars if c["bits"] is not None]
+    if not scored:
+        return
+    early = [c["bits"] for c in scored if c["context"] <= 4]
+    later = [c["bits"] for c in scored if c["context"] > 4]
+    out.print()
+    out.print(f"mean {result['mean_bits']:.3f} bits per character; a uniform guess over the {result['vocab_size']} "
+              f"characters costs {result['uniform_bits']:.3f}", markup=False)
+    if early and later:
+        out.print(f"with at most 4 characters of context (each window's start): {sum(early) / len(early):.2f} bits "
+                  f"on average over {len(early)}; with more: {sum(later) / len(later):.2f} over {len(later)}",
+                  markup=False)
+    hardest = sorted(range(len(chars)), key=lambda i: -(chars[i]["bits"] or 0.0))[:8]
+    out.print("hardest: " + ", ".join(
+        f"{visible_char(chars[i]['char'])!r} after {''.join(visible_char(c['char']) for c in chars[max(0, i - 8):i])!r} "
+        f"({chars[i]['bits']:.1f} bits, context {chars[i]['context']})" for i in hardest if chars[i]["bits"] is not None),
+        markup=False, highlight=False)
 
 
 def _comma_ints(text: Optional[str], option: str) -> Optional[List[int]]:
@@ -755,7 +817,8 @@ def _render_bench(result: dict) -> None:
     model = result["model"]
     out.print(f"[bold]bench[/] {result['target']['kind']} {result['target']['name']}: "
               f"{_count(model['n_params'])} parameters, {model['n_layer']} layers x {model['n_embd']}, "
-              f"block_size {model['block_size']}, vocabulary {model['vocab_size']}")
+              f"block_size {model['block_size']}, vocabulary {model['vocab_size']} "
+              f"({_vocab_source(result['target'])})")
     choice = result.get("thread_choice") or {}
     threads = (", ".join(f"{section} {c['threads']}" for section, c in choice.items()) + " threads"
                if choice else f"{result['threads']} threads")
@@ -795,16 +858,20 @@ def _render_bench(result: dict) -> None:
                                   f"{_mib(floor['bytes'])} ({floor['gb_per_s']:.1f} GB/s, "
                                   f"{'oneDNN packed' if floor['kernel'] == 'model' else 'F.linear'})"),
         ]))
-        table = Table(title="decode step at a context length", title_justify="left", title_style="bold")
-        for column in ("context", "KV cache", "tokens/s", "no cache", "tokens/s", "cache speed-up", "floor reached"):
+        table = Table(title="decode step at a context length, with the KV cache and without it (recomputing "
+                            "the whole prefix)", title_justify="left", title_style="bold")
+        for column in ("context", "KV cache", "FLOP", "no cache", "FLOP", "cache speed-up", "floor reached"):
             table.add_column(column, justify="right")
         for row in sample["decode"]:
-            uncached = row.get("uncached_tokens_per_sec")
-            table.add_row(str(row["context"]), _ms(row["cached_ms"]), f"{row['cached_tokens_per_sec']:,.0f}",
-                          _ms(row.get("uncached_ms")), f"{uncached:,.0f}" if uncached else "-",
+            context = f"{row['context']}*" if row.get("past_block_size") else str(row["context"])
+            table.add_row(context, _ms(row["cached_ms"]), _count(row["cached_flops"]),
+                          _ms(row.get("uncached_ms")), _count(row["uncached_flops"]),
                           f"{row['cache_speedup']:.1f}x" if row.get("cache_speedup") else "-",
                           f"{row['floor_pct']:.0f}%")
         out.print(table)
+        out.print(f"cost: {sample['cost']}", markup=False)
+        if sample.get("past_block_size"):
+            out.print(f"* {sample['past_block_size']}", markup=False)
         if sample["batch"]:
             table = Table(title=f"batched decode (KV cache, context {sample['batch'][0]['context']})",
                           title_justify="left", title_style="bold")
@@ -843,7 +910,8 @@ def bench(
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed repeats per measurement "
                                                                   "(default: 10, or 3 with --quick)."),
     max_seq: int = typer.Option(1024, "--max-seq", help="Longest sequence of the attention sweep "
-                                                        "(64, 128, ... doubling)."),
+                                                        "(64, 128, ... doubling) and longest context of the "
+                                                        "decode table."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch (default: the config's, "
                                                                         "reduced on CPU to bound the time)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Training sequence length (default: block_size, "
@@ -858,6 +926,9 @@ def bench(
                                                      "(repeatable)."),
     threads: int = typer.Option(0, "--threads", help="CPU threads per operation (default: chosen per section as "
                                                     "train and sample choose them)."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Size a CONFIG's model for this many "
+                                             "tokens instead of its text's characters, e.g. 50257 for GPT-2's own "
+                                             "vocabulary."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every measurement."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
 ) -> None:
@@ -871,7 +942,7 @@ def bench(
         options = BenchOptions(device=device, quick=quick, repeats=repeats, max_seq=max_seq, batch_size=batch_size,
                                seq_len=seq_len, batch_sizes=_comma_ints(batch_sizes, "--batch-sizes"),
                                sections=sections, dtype=dtype, threads=threads)
-        chosen = resolve_target(target, set_)
+        chosen = resolve_target(target, set_, vocab_size=vocab_size)
         result = run_bench(chosen, options, progress)
     finally:
         progress.close()
@@ -891,7 +962,8 @@ def _tree(node: dict) -> Any:
         detail = f"  {n['detail']}" if n["detail"] else ""
         tied = f"  [tied: {', '.join(n['tied_to'])}]" if n.get("tied_to") else ""
         params = f"{n['params']:,} params" + (" each" if n["repeat"] > 1 else "")
-        return escape(f"{name}{detail}  [{params}]{tied}")
+        order = f"\n{n['order']}" if n.get("order") else ""  # a block's order of operations, on its own line
+        return escape(f"{name}{detail}  [{params}]{tied}{order}")
 
     def grow(branch: Any, n: dict) -> None:
         for child in n["children"]:
@@ -902,6 +974,25 @@ def _tree(node: dict) -> Any:
     return root
 
 
+def _vocab_source(target: dict) -> str:
+    source = target.get("vocab_source", "")
+    return "set by --vocab-size, not the text's characters" if source == "--vocab-size" else source
+
+
+def _vocab_comparison(params: dict, target: dict) -> str:
+    """Which parameter count is which: this vocabulary's, and GPT-2's 50,257-token one."""
+    from minigpt_cli.inspection import GPT2_VOCAB_SIZE
+
+    total, V, gpt2 = params["total"], params["vocab_size"], params["at_gpt2_vocab"]
+    if V == GPT2_VOCAB_SIZE:
+        return (f"{_count(total)} parameters with GPT-2's own vocabulary of {V:,} BPE tokens "
+                f"(what GPT-2's own sizes count: 124M, 355M, 774M, 1.5B)")
+    option = f"--vocab-size {GPT2_VOCAB_SIZE}"
+    how = f"minigpt inspect {target['name']} {option}" if target["kind"] == "config" else option + " on its config"
+    return (f"{_count(total)} parameters with this vocabulary of {V:,} characters; the same blocks with GPT-2's "
+            f"own vocabulary of {GPT2_VOCAB_SIZE:,} BPE tokens would have {_count(gpt2)} ({how})")
+
+
 def _render_inspect(result: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -909,7 +1000,8 @@ def _render_inspect(result: dict) -> None:
     params, flops, kv = result["params"], result["flops_per_token"], result["kv_cache"]
     target = result["target"]
     config = f"config {escape(target['config'])}, " if target["kind"] == "run" else ""
-    out.print(f"[bold]{target['kind']}[/] {escape(target['name'])} ({config}vocabulary {target['vocab_size']})")
+    out.print(f"[bold]{target['kind']}[/] {escape(target['name'])} ({config}vocabulary {target['vocab_size']}: "
+              f"{escape(_vocab_source(target))})")
     out.print(_tree(params["tree"]))
     table = Table(title="parameters", title_justify="left", title_style="bold")
     table.add_column("module")
@@ -921,6 +1013,7 @@ def _render_inspect(result: dict) -> None:
     out.print(f"embeddings {params['embedding']:,}, everything else {params['non_embedding']:,}; "
               f"{params['per_layer']:,} per layer; float32 weights {_mib(result['weights_bytes'])}"
               + ("; lm_head shares wte's weight" if params["tied_weights"] else ""), markup=False)
+    out.print(_vocab_comparison(params, target), markup=False)
     counted = flops.get("counted")
     rows = [
         ("N (matmul weights)", f"{flops['matmul_params']:,} (attention, MLP and lm_head; not the embeddings)"),
@@ -992,10 +1085,17 @@ def _parent_rows(parent: Optional[dict]) -> List[tuple]:
 def inspect(
     target: Optional[str] = typer.Argument(None, help="Run directory, config path or shipped config name "
                                                       "(default: newest run under ./runs, else config default)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the loss curves of a run as an image "
-                                                             "(.png, .svg or .pdf; needs matplotlib)."),
+    attention_text: Optional[str] = typer.Option(None, "--attention", help="Show each layer's and head's attention "
+                                                 "weights over this text (at most block_size characters) as a "
+                                                 "heat map; needs a run."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the loss curves of a run (with --attention: its "
+                                                             "attention maps) as an image (.png, .svg or .pdf; "
+                                                             "needs matplotlib)."),
     set_: List[str] = typer.Option([], "--set", help="Override a key of a CONFIG, e.g. --set model.n_layer=8 "
                                                      "(repeatable)."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Size a CONFIG's model for this many "
+                                             "tokens instead of its text's characters, e.g. 50257 for GPT-2's own "
+                                             "vocabulary."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with everything shown."),
 ) -> None:
     """Show what a run or config is made of: modules, parameters, FLOPs, cache, shapes, training record."""
@@ -1004,9 +1104,13 @@ def inspect(
         from minigpt_cli.inspection import inspect as run_inspect
         from minigpt_cli.inspection import plot_curves
 
-        result = run_inspect(target, set_)
+        if attention_text is None:
+            result = run_inspect(target, set_, vocab_size)
     finally:
         starting.done()
+    if attention_text is not None:
+        _inspect_attention(target, attention_text, plot, set_, vocab_size, json_out)
+        return
     if plot is not None:
         if "run" not in result:
             raise UserError("--plot draws a run's loss curves; a config has none (pass a run directory)")
@@ -1017,6 +1121,82 @@ def inspect(
         emit_json(result)
         return
     _render_inspect(result)
+
+
+def _inspect_attention(target: Optional[str], text: str, plot: Optional[Path], overrides: List[str],
+                       vocab_size: Optional[int], json_out: bool) -> None:
+    from minigpt_cli.inspection import attention, plot_attention
+
+    if overrides or vocab_size is not None:
+        raise UserError("--attention reads a trained run's weights; --set and --vocab-size change a CONFIG")
+    result = attention(target, text)
+    if plot is not None:
+        written = plot_attention(result, plot)
+        result["plot"] = str(written)
+        err.print(f"wrote {written}", markup=False)
+    if json_out:
+        emit_json(result)
+        return
+    _render_attention(result)
+
+
+# Heat-map cells: a shade for the weight (readable without colour) and a colour from dark blue to yellow.
+_SHADES = (("·", 0.05), ("░", 0.25), ("▒", 0.5), ("▓", 0.75), ("█", math.inf))  # glyph, weights below
+
+
+def _heat_cell(weight: float) -> Any:
+    from rich.color import Color
+    from rich.style import Style
+
+    w = min(max(weight, 0.0), 1.0)
+    glyph = next(g for g, below in _SHADES if w < below)
+    colour = Color.from_rgb(int(40 + 215 * w), int(40 + 190 * w ** 0.5), int(120 * (1 - w)))
+    return glyph, Style(color=colour)
+
+
+def _attention_map(head: dict, chars: List[str]) -> Any:
+    """One head as characters: a row per position attending, a column per position read."""
+    from rich.text import Text
+
+    text = Text()
+    text.append(f"head {head['head']}\n", style="bold")
+    text.append("  " + "".join(chars) + "\n", style="dim")
+    for i, row in enumerate(head["weights"]):
+        text.append(f"{chars[i]} ", style="dim")
+        for weight in row:
+            glyph, style = _heat_cell(weight)
+            text.append(glyph, style=style)
+        text.append(" " * (len(chars) - len(row)) + "\n")
+    return text
+
+
+def _render_attention(result: dict) -> None:
+    from rich.columns import Columns
+    from rich.markup import escape
+    from rich.table import Table
+
+    from minigpt_cli.inspection import visible_char
+
+    chars = [visible_char(c) for c in result["chars"]]
+    out.print(f"[bold]attention[/] of {escape(result['target']['name'])} (step {result['step']:,}) over "
+              f"{len(chars)} characters: {escape(''.join(chars))}")
+    out.print(f"softmax(QK^T/sqrt(head_dim)) of every layer and head: row = the character attending, columns = the "
+              f"characters up to it (the causal mask hides the rest); weight · under 0.05, ░ under 0.25, ▒ under 0.5, "
+              f"▓ under 0.75, █ 0.75 to 1", markup=False)
+    for layer in result["layers"]:
+        out.print(f"\n[bold]layer {layer['layer']}[/]")
+        out.print(Columns([_attention_map(head, chars) for head in layer["heads"]], padding=(0, 3)))
+    table = Table(title="where each head looks: its mean weight on the character itself, the previous one and the "
+                        "first one, and its mean largest weight (over positions 1..T-1)", title_justify="left",
+                  title_style="bold")
+    for column in ("layer", "head", "itself", "previous", "first", "largest"):
+        table.add_column(column, justify="right")
+    for layer in result["layers"]:
+        for head in layer["heads"]:
+            cells = [head[k] for k in ("to_self", "to_previous", "to_first", "max")]
+            table.add_row(str(layer["layer"]), str(head["head"]), *("-" if v is None else f"{v:.2f}" for v in cells))
+    out.print()
+    out.print(table)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,11 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from minigpt_cli.checkpoint import LoadedCheckpoint, data_copy, load_checkpoint
 from minigpt_cli.config import UserError
 from minigpt_cli.data import load_corpus, run_copy
-from minigpt_cli.device import DTYPES, Precision, check_inference_dtype, choose_precision, resolve_device, use_threads
+from minigpt_cli.device import DTYPES, Precision, autocast, check_inference_dtype, choose_precision, resolve_device, use_threads
 from minigpt_cli.model import GPT
 from minigpt_cli.progress import ProgressCallback
 from minigpt_cli.scoring import bits_per_char
@@ -65,6 +66,10 @@ class EvalResult:
     chars_per_second: float
     warnings: list[str] = field(default_factory=list)
     threads: dict | None = None  # ThreadChoice.to_dict(): the thread count and why
+    # What a model that knows nothing scores: a uniform guess over the vocabulary, ln(V) nats, log2(V) bits.
+    vocab_size: int = 0
+    uniform_nll: float = math.nan
+    uniform_bpc: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,4 +148,78 @@ def evaluate(request: EvalRequest) -> EvalResult:
         checkpoint_val_loss=float(val_loss) if val_loss is not None else None,
         device=str(device), precision=precision.name, seconds=seconds,
         chars_per_second=count / seconds if seconds > 0 else math.nan, warnings=warnings,
-        threads=threads.to_dict())
+        threads=threads.to_dict(),
+        vocab_size=model.vocab_size, uniform_nll=math.log(model.vocab_size), uniform_bpc=math.log2(model.vocab_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Surprisal per character: what the model finds hard (eval --show)
+# ---------------------------------------------------------------------------------------------
+
+# --show scores at most this many characters: enough to read on a screen.
+SHOW_CHARS = 1000
+
+
+@dataclass
+class SurprisalResult:
+    text: str
+    # -log2 p(character | the characters before it in its window), in bits; None for the first
+    # character, which nothing predicts.
+    bits: list[float | None]
+    context: list[int]  # characters of context each one had
+    source: str
+    text_chars: int  # of the whole text, of which the first len(text) are shown
+    block_size: int
+    vocab_size: int
+    uniform_bits: float
+    checkpoint: str
+    step: int
+
+    def to_dict(self) -> dict[str, Any]:
+        scored = [b for b in self.bits if b is not None]
+        return {
+            "source": self.source, "text_chars": self.text_chars, "shown_chars": len(self.text),
+            "block_size": self.block_size, "vocab_size": self.vocab_size, "uniform_bits": self.uniform_bits,
+            "mean_bits": sum(scored) / len(scored) if scored else None,
+            "checkpoint": self.checkpoint, "step": self.step,
+            "chars": [{"char": c, "bits": b, "context": n} for c, b, n in zip(self.text, self.bits, self.context)],
+        }
+
+
+def surprisal(request: EvalRequest, limit: int = SHOW_CHARS) -> SurprisalResult:
+    """Each character's surprisal -log2 p in the first `limit` characters of the text, scored as
+    training sees text: non-overlapping windows of block_size, so the first characters of each
+    window have almost no context (and stand out), as do characters the model rarely saw."""
+    if request.which not in ("best", "latest"):
+        raise UserError(f"--checkpoint must be best or latest, got {request.which!r}")
+    if request.stride is not None:
+        raise UserError("--stride does not apply to --show, which scores non-overlapping windows of block_size "
+                        "as training does")
+    device = resolve_device(request.device).device
+    check_inference_dtype(request.dtype, device, ("auto", *DTYPES))
+    loaded = load_checkpoint(request.run, which=request.which)
+    precision = choose_precision(device, loaded.config.train.dtype if request.dtype == "auto" else request.dtype)
+    if request.data is None:
+        ids, source = _validation_ids(loaded, [])
+    else:
+        ids, source = _text_ids(loaded, request.data)
+    if len(ids) < 2:
+        raise UserError(f"{source} has {len(ids)} character(s); at least 2 are needed (the first is only context)")
+    shown = np.asarray(ids[:limit]).astype(np.int64)
+    block_size = loaded.config.model.block_size
+    model = loaded.build_model(device).eval()
+    use_threads(model.num_parameters() * block_size, request.threads)
+    bits: list[float | None] = [None]
+    context = [0]
+    data = torch.from_numpy(shown)
+    with torch.no_grad(), autocast(device, precision):
+        for begin in range(0, len(shown) - 1, block_size):
+            window = data[begin:begin + block_size + 1].to(device)[None]  # (1, T + 1)
+            logits = model(window[:, :-1]).float()  # (1, T, vocab_size)
+            nll = F.cross_entropy(logits[0], window[0, 1:], reduction="none")  # (T,) nats
+            bits += [bits_per_char(n) for n in nll.tolist()]
+            context += list(range(1, nll.shape[0] + 1))
+    return SurprisalResult(
+        text=loaded.tokenizer.decode(shown.tolist()), bits=bits, context=context, source=source,
+        text_chars=len(ids), block_size=block_size, vocab_size=loaded.tokenizer.vocab_size,
+        uniform_bits=math.log2(loaded.tokenizer.vocab_size), checkpoint=str(loaded.path), step=loaded.step)

@@ -16,9 +16,12 @@ from torch import nn
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.bench import Target, resolve_target
 from minigpt_cli.config import UserError
-from minigpt_cli.model import GPT, MLP, CausalSelfAttention, Norm, flops_per_token, kv_bytes_per_token
+from minigpt_cli.model import (GPT, MLP, Block, CausalSelfAttention, Norm, attention_probs, count_parameters,
+                               flops_per_token, kv_bytes_per_token, visible_keys)
 from minigpt_cli.scoring import bits_per_char
 
+# GPT-2's byte-pair vocabulary (Radford et al. 2019): the size its published parameter counts include.
+GPT2_VOCAB_SIZE = 50257
 
 
 def escape_vocab(chars: Sequence[str]) -> str:
@@ -51,9 +54,19 @@ def _describe(module: nn.Module) -> str:
         return f"{module.activation}, {module.c_fc.out_features // module.c_fc.in_features}x wide"
     if isinstance(module, nn.Dropout):
         return f"p={module.p}"
+    if isinstance(module, Block):
+        return "pre-norm" if module.pre_norm else "post-norm"
     if isinstance(module, GPT):
         return f"{module.config.n_layer} layers, {module.config.pos_encoding} positions"
     return ""
+
+
+def block_order(pre_norm: bool) -> str:
+    """A block's order of operations: where the normalization sits around each sublayer."""
+    if pre_norm:  # GPT-2: the residual stream itself is never normalized inside a block
+        return "pre-norm: x = x + attn(norm_1(x)); x = x + mlp(norm_2(x))"
+    # The original Transformer: each sublayer's sum is normalized
+    return "post-norm: x = norm_1(x + attn(x)); x = norm_2(x + mlp(x))"
 
 
 def _signature(module: nn.Module) -> tuple:
@@ -99,6 +112,8 @@ def module_tree(module: nn.Module, name: str = "", seen: set[int] | None = None,
                             "children": children}
     if tied:
         node["tied_to"] = tied
+    if isinstance(module, Block):
+        node["order"] = block_order(module.pre_norm)
     return node
 
 
@@ -109,6 +124,7 @@ def meta_model(target: Target) -> GPT:
 
 def parameter_counts(model: GPT) -> dict[str, Any]:
     tree = module_tree(model)
+    c = model.config
     top = {child["name"]: child["params"] * child["repeat"] for child in tree["children"]}
     embedding = model.wte.weight.numel() + (model.wpe.weight.numel() if model.wpe is not None else 0)
     # One layer: the collapsed child of `blocks` (or its only child when n_layer is 1).
@@ -120,8 +136,17 @@ def parameter_counts(model: GPT) -> dict[str, Any]:
         "non_embedding": model.num_parameters() - embedding,
         "per_layer": block["params"],
         "tied_weights": model.config.tie_weights,
+        "block_order": block_order(c.norm_placement == "pre"),
+        "vocab_size": model.vocab_size,
+        # The same blocks with GPT-2's own vocabulary: what its published sizes (124M ... 1.5B) count.
+        "at_gpt2_vocab": parameters_at_vocab(model, GPT2_VOCAB_SIZE),
         "tree": tree,
     }
+
+
+def parameters_at_vocab(model: GPT, vocab_size: int) -> int:
+    """The model's parameter count if its vocabulary had vocab_size entries (only wte and lm_head change)."""
+    return model.num_parameters() if vocab_size == model.vocab_size else count_parameters(model.config, vocab_size)
 
 
 def tree_child(node: dict[str, Any], name: str) -> dict[str, Any]:
@@ -258,8 +283,8 @@ def run_record(target: Target) -> dict[str, Any]:
 # inspect
 # ---------------------------------------------------------------------------------------------
 
-def inspect(arg: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    target = resolve_target(arg, overrides, which="latest")
+def inspect(arg: str | None, overrides: Sequence[str] = (), vocab_size: int | None = None) -> dict[str, Any]:
+    target = resolve_target(arg, overrides, which="latest", vocab_size=vocab_size)
     c = target.config.model
     model = meta_model(target)
     params = parameter_counts(model)
@@ -349,6 +374,123 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str) ->
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention weights of a run for a short text
+# ---------------------------------------------------------------------------------------------
+
+def attention_probabilities(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
+    """softmax(QK^T / sqrt(head_dim)) of every layer for idx (1, T): a list of (n_head, T, T), row i
+    the weights position i gives to positions 0..i. Read from forward hooks on each attention
+    module, which recompute its queries and keys from the module's own input with its qkv and
+    the model's attention_probs, so what is shown is what the model computes."""
+    maps: list[torch.Tensor] = [torch.empty(0)] * len(model.blocks)
+
+    def hook_for(layer: int):
+        def hook(module: CausalSelfAttention, inputs: tuple, output: torch.Tensor) -> None:
+            x, rope = inputs[0], inputs[1]
+            q, k, _ = module.qkv(x, rope)  # (B, n_head, T, head_dim) each
+            maps[layer] = attention_probs(q, k, visible_keys(x.shape[1], 0, x.device))[0].float()  # (n_head, T, T)
+        return hook
+
+    hooks = [block.attn.register_forward_hook(hook_for(i)) for i, block in enumerate(model.blocks)]
+    try:
+        with torch.no_grad():
+            model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return maps
+
+
+def _head_summary(weights: torch.Tensor) -> dict[str, float | None]:
+    """Where a head looks, averaged over the positions that have a choice (1 .. T-1): at itself,
+    at the previous character, at the first one; and how sharp it is (the largest weight)."""
+    T = weights.shape[0]
+    if T < 2:
+        return {"to_self": None, "to_previous": None, "to_first": None, "max": None}
+    rows = torch.arange(1, T)
+    return {"to_self": float(weights[rows, rows].mean()), "to_previous": float(weights[rows, rows - 1].mean()),
+            "to_first": float(weights[rows, 0].mean()), "max": float(weights[rows].max(dim=-1).values.mean())}
+
+
+def attention(arg: str | None, text: str) -> dict[str, Any]:
+    """Every layer's and head's attention weights over `text` for a trained run (its latest checkpoint)."""
+    target = resolve_target(arg, which="latest")
+    if target.kind != "run":
+        raise UserError("--attention needs a trained run (a config has no weights yet): pass a run directory")
+    loaded = target.loaded
+    assert loaded is not None
+    if not text:
+        raise UserError("--attention needs a text of at least one character, e.g. --attention \"ROMEO:\"")
+    block_size = loaded.config.model.block_size
+    if len(text) > block_size:
+        raise UserError(f"--attention text has {len(text)} characters, more than this run's block_size "
+                        f"({block_size}): give at most {block_size}")
+    unknown = loaded.tokenizer.unknown(text)
+    if unknown:
+        from minigpt_cli.tokenizer import describe_chars
+
+        raise UserError(f"--attention text has {len(unknown)} character(s) not in this run's vocabulary: "
+                        f"{describe_chars(unknown)}")
+    model = loaded.build_model("cpu").eval()
+    idx = torch.tensor([loaded.tokenizer.encode(text)], dtype=torch.long)  # (1, T)
+    maps = attention_probabilities(model, idx)
+    layers = []
+    for layer, weights in enumerate(maps):
+        heads = []
+        for head in range(weights.shape[0]):
+            w = weights[head]
+            heads.append({"head": head, **_head_summary(w),
+                          "weights": [[round(float(v), 5) for v in row[:i + 1]] for i, row in enumerate(w)]})
+        layers.append({"layer": layer, "heads": heads})
+    return {"target": target.describe(), "checkpoint": str(loaded.path), "step": loaded.step, "text": text,
+            "chars": list(text), "n_layer": len(maps), "n_head": model.config.n_head,
+            "norm_placement": model.config.norm_placement, "pos_encoding": model.config.pos_encoding,
+            "layers": layers}
+
+
+def visible_char(c: str) -> str:
+    """One column for a character in a heat map's labels: space, newline and tab made visible."""
+    return {" ": "␣", "\n": "↵", "\t": "⇥"}.get(c, c if c.isprintable() else "?")
+
+
+def plot_attention(result: dict[str, Any], path: Path) -> Path:
+    """Every head's weights as an image grid (layers down, heads across); needs matplotlib."""
+    path = Path(path)
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise UserError(f"--plot {path}: use a file ending in {', '.join(PLOT_SUFFIXES)}")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("--plot needs matplotlib, which is not installed: pip install 'minigpt-cli[plot]' "
+                        "(or pip install matplotlib)") from None
+    import numpy as np
+
+    chars = [visible_char(c) for c in result["chars"]]
+    T, L, H = len(chars), result["n_layer"], result["n_head"]
+    side = max(2.0, 0.18 * T + 1.0)
+    figure = Figure(figsize=(side * H, side * L), layout="constrained")
+    axes = figure.subplots(L, H, squeeze=False)
+    for layer in result["layers"]:
+        for head in layer["heads"]:
+            grid = np.full((T, T), np.nan)
+            for i, row in enumerate(head["weights"]):
+                grid[i, :len(row)] = row
+            ax = axes[layer["layer"]][head["head"]]
+            ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
+            ax.set_title(f"layer {layer['layer']}, head {head['head']}", fontsize=9)
+            ax.set_xticks(range(T), chars, fontsize=7)
+            ax.set_yticks(range(T), chars, fontsize=7)
+    figure.suptitle(f"attention of {result['target']['name']} (rows: the position attending; columns: "
+                    f"the positions it reads)", fontsize=10)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path)

@@ -62,6 +62,7 @@ class TrainResult:
     data_kept: str | None = None  # what the run keeps of its text, in words
     data_seconds: float = 0.0  # reading (hashing, encoding on a cache miss) the text before the first step
     data_cache: str = ""  # encoded: read and encoded now | cached: from the encoded cache | run: the run's copy
+    vocab_size: int = 0  # a uniform guess over it scores ln(vocab_size): the loss of a model that knows nothing
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -778,7 +779,8 @@ class Trainer:
             wall_seconds=wall, train_seconds=wall - state["eval_seconds"], eval_seconds=state["eval_seconds"],
             stopped=stopped, device=str(self.device), precision=self.precision.name,
             n_params=model.num_parameters(), val_tokens_scored=scored, val_chars=state["val_chars"],
-            data_kept=state["data_kept"], data_seconds=state["data_seconds"], data_cache=state["data_cache"])
+            data_kept=state["data_kept"], data_seconds=state["data_seconds"], data_cache=state["data_cache"],
+            vocab_size=model.vocab_size)
 
 
 def train(config: Config, run_dir: Path, resume: bool = False,

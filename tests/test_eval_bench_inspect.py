@@ -341,7 +341,14 @@ def test_bench_json_on_a_run(tiny):
     sample = data["sample"]
     assert _positive(sample["time_to_first_token_ms"]["median_ms"], sample["prefill_tokens_per_sec"],
                      sample["weight_floor"]["ms"], sample["floor_pct"])
-    assert [row["context"] for row in sample["decode"]] == [2, 8, 15]
+    # Past block_size (16) up to --max-seq: where the uncached step's quadratic attention shows.
+    assert [row["context"] for row in sample["decode"]] == [2, 8, 15, 31, 63, 127]
+    assert [row["past_block_size"] for row in sample["decode"]] == [False] * 3 + [True] * 3
+    assert "block_size 16" in sample["past_block_size"]
+    assert "linearly" in sample["cost"] and "quadratically" in sample["cost"]
+    for row in sample["decode"]:
+        # Without the cache a step computes every one of the L + 1 positions the cached step computes once.
+        assert row["uncached_flops"] == (row["context"] + 1) * row["cached_flops"]
     for row in sample["decode"]:
         assert _positive(row["cached_tokens_per_sec"], row["uncached_tokens_per_sec"], row["floor_pct"])
     m = data["model"]
@@ -420,3 +427,204 @@ def test_flops_per_token_is_the_standard_estimate():
     assert f["forward"] == 2 * N + 2 * 3 * 128 * 64
     assert f["train"] == 3 * f["forward"]
     assert json.loads(json.dumps(f)) == f
+
+
+def test_the_written_out_attention_is_the_same_function_as_sdpa():
+    import torch
+    import torch.nn.functional as F
+
+    from minigpt_cli.bench import written_out_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 8, generator=generator) for _ in range(3))
+    future = torch.ones(40, 40, dtype=torch.bool).triu(diagonal=1)
+    assert torch.allclose(written_out_attention(q, k, v, future),
+                          F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lessons: where the norm sits, GPT-2's own sizes
+# ---------------------------------------------------------------------------------------------
+
+def _block_node(data: dict) -> dict:
+    blocks = next(c for c in data["params"]["tree"]["children"] if c["name"] == "blocks")
+    return blocks["children"][0]
+
+
+def test_inspect_shows_where_the_norm_sits():
+    orders = {}
+    for placement in ("pre", "post"):
+        got = invoke("inspect", "tiny", "--set", f"model.norm_placement={placement}", "--json")
+        assert got.exit_code == 0, got.stderr
+        node = _block_node(got.json())
+        assert node["detail"] == f"{placement}-norm"
+        orders[placement] = node["order"]
+        people = invoke("inspect", "tiny", "--set", f"model.norm_placement={placement}")
+        assert node["order"] in people.stdout
+    assert "x + attn(norm_1(x))" in orders["pre"] and "x + mlp(norm_2(x))" in orders["pre"]
+    assert "norm_1(x + attn(x))" in orders["post"] and "norm_2(x + mlp(x))" in orders["post"]
+
+
+# GPT-2's published sizes (124M, 355M, 774M, 1.5B) counted exactly: 50,257 tokens, 1,024 learned
+# positions, biases, LayerNorm, tied head.
+GPT2_OWN_COUNTS = {"gpt2_small": 124_439_808, "gpt2_medium": 354_823_168, "gpt2_large": 774_030_080,
+                   "gpt2_xl": 1_557_611_200}
+
+
+def test_vocab_size_option_reproduces_gpt2s_own_parameter_counts():
+    from minigpt_cli.bench import resolve_target
+    from minigpt_cli.inspection import GPT2_VOCAB_SIZE, meta_model, parameter_counts
+
+    for name, count in GPT2_OWN_COUNTS.items():
+        own = resolve_target(name, vocab_size=GPT2_VOCAB_SIZE)
+        assert own.vocab_size == 50257 and own.vocab_source == "--vocab-size"
+        assert meta_model(own).num_parameters() == count, name
+        chars = parameter_counts(meta_model(resolve_target(name)))
+        assert chars["total"] < count and chars["at_gpt2_vocab"] == count
+    people = invoke("inspect", "gpt2_small").stdout
+    assert "85.89M parameters with this vocabulary of 65 characters" in people
+    assert "124.44M" in people and "--vocab-size 50257" in people
+    own = invoke("inspect", "gpt2_small", "--vocab-size", 50257)
+    assert "124.44M parameters with GPT-2's own vocabulary of 50,257" in own.stdout
+    assert "set by --vocab-size" in own.stdout
+
+
+def test_bench_counts_with_the_vocab_size_option():
+    got = invoke("bench", "tiny", "--vocab-size", 50257, "--only", "attention", "--max-seq", 64, "--quick",
+                 "--repeats", 1, "--json")
+    assert got.exit_code == 0, got.stderr
+    model = got.json()["model"]
+    assert model["vocab_size"] == 50257
+    assert model["n_params"] == invoke("inspect", "tiny", "--vocab-size", 50257, "--json").json()["params"]["total"]
+
+
+def test_vocab_size_option_bad_input(tiny):
+    assert_usage_error(invoke("inspect", "tiny", "--vocab-size", 0), "--vocab-size", "at least 1")
+    assert_usage_error(invoke("inspect", tiny["run"], "--vocab-size", 50257), "--vocab-size", "run")
+    assert_usage_error(invoke("bench", tiny["run"], "--vocab-size", 50257), "--vocab-size", "run")
+
+
+def test_eval_and_the_training_summary_show_the_uniform_baseline(tiny, tmp_path: Path):
+    from conftest import FAST, set_flags
+
+    from minigpt_cli.checkpoint import load_checkpoint
+
+    V = load_checkpoint(tiny["run"]).tokenizer.vocab_size
+    data = invoke("eval", tiny["run"], "--json").json()
+    assert data["vocab_size"] == V
+    assert data["uniform_nll"] == pytest.approx(math.log(V))
+    assert data["uniform_bpc"] == pytest.approx(math.log2(V))
+    assert data["bpc"] == pytest.approx(data["nll"] / math.log(2))
+    assert data["nll"] < data["uniform_nll"]  # thirty steps already beat knowing nothing
+    people = invoke("eval", tiny["run"]).stdout
+    assert f"ln({V})" in people and "bits per character" in people and "knows nothing" in people
+
+    flags = [*set_flags(*FAST, "train.max_iters=2", "train.eval_interval=2"), "--data", tiny["corpus"]]
+    summary = invoke("train", "tiny", *flags, "--out", tmp_path / "a", "--json").json()
+    assert summary["vocab_size"] == V and summary["uniform_loss"] == pytest.approx(math.log(V))
+    people = invoke("train", "tiny", *flags, "--out", tmp_path / "b")
+    assert people.exit_code == 0, people.stderr
+    assert "uniform baseline" in people.stdout and f"ln({V})" in people.stdout and "bits/char" in people.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# What attention does: inspect --attention
+# ---------------------------------------------------------------------------------------------
+
+def test_attention_weights_are_the_ones_the_model_multiplies_its_values_by(tiny):
+    import torch
+
+    from minigpt_cli.checkpoint import load_checkpoint
+    from minigpt_cli.inspection import attention_probabilities
+
+    loaded = load_checkpoint(tiny["run"], which="latest")
+    model = loaded.build_model("cpu").eval()
+    idx = torch.tensor([loaded.tokenizer.encode("First Citizen:")])
+    seen = {}
+    block = model.blocks[1]
+    hook = block.attn.register_forward_hook(lambda m, inputs, output: seen.update(x=inputs[0], out=output))
+    try:
+        maps = attention_probabilities(model, idx)
+    finally:
+        hook.remove()
+    assert len(maps) == 2 and maps[1].shape == (2, 14, 14)
+    assert torch.allclose(maps[1].sum(-1), torch.ones(2, 14))
+    assert maps[1].triu(diagonal=1).abs().max() == 0  # causal: nothing from the future
+    # softmax(QK^T/sqrt(d)) V through c_proj is the attention module's own output.
+    attn, (B, T, C) = block.attn, seen["x"].shape
+    v = attn.c_attn(seen["x"]).split(C, dim=2)[2].view(B, T, 2, C // 2).transpose(1, 2)  # (B, n_head, T, head_dim)
+    y = (maps[1][None] @ v).transpose(1, 2).reshape(B, T, C)
+    assert torch.allclose(attn.c_proj(y), seen["out"], atol=1e-5)
+
+
+def test_inspect_attention_json_and_heat_map(tiny):
+    got = invoke("inspect", tiny["run"], "--attention", "To be, or not", "--json")
+    assert got.exit_code == 0, got.stderr
+    data = got.json()
+    assert data["chars"] == list("To be, or not") and data["n_layer"] == 2 and data["n_head"] == 2
+    for layer in data["layers"]:
+        for head in layer["heads"]:
+            assert [len(row) for row in head["weights"]] == list(range(1, 14))  # row i reads positions 0..i
+            assert all(abs(sum(row) - 1) < 1e-3 for row in head["weights"])
+            assert 0 <= head["to_previous"] <= 1 and head["max"] >= 1 / 13
+    people = invoke("inspect", tiny["run"], "--attention", "To be, or not")
+    assert people.exit_code == 0, people.stderr
+    for fragment in ("layer 1", "head 1", "To␣be,␣or␣not", "previous", "█"):
+        assert fragment in people.stdout, fragment
+
+
+def test_inspect_attention_bad_input_exits_2(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    run = tiny["run"]
+    assert_usage_error(invoke("inspect", run, "--attention", ""), "--attention", "at least one character")
+    assert_usage_error(invoke("inspect", run, "--attention", "Zebra ☃"), "vocabulary", "☃")
+    assert_usage_error(invoke("inspect", run, "--attention", "x" * (BLOCK_SIZE + 1)), "17 characters",
+                       f"block_size ({BLOCK_SIZE})")
+    assert_usage_error(invoke("inspect", "tiny", "--attention", "To be"), "trained run")
+    assert_usage_error(invoke("inspect", run, "--attention", "To be", "--plot", tmp_path / "a.txt"), ".png")
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)
+        patch.setitem(sys.modules, "matplotlib.figure", None)
+        assert_usage_error(invoke("inspect", run, "--attention", "To be", "--plot", tmp_path / "a.png"),
+                           "matplotlib", "pip install")
+
+
+def test_inspect_attention_plot_writes_an_image(tiny, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "attention.png"
+    got = invoke("inspect", tiny["run"], "--attention", "To be", "--plot", png, "--json")
+    assert got.exit_code == 0, got.stderr
+    assert got.json()["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model finds hard: eval --show
+# ---------------------------------------------------------------------------------------------
+
+def test_eval_show_gives_each_characters_surprisal(tiny, tmp_path: Path):
+    text = BUNDLED_TEXT.read_text(encoding="utf-8")[:2 * BLOCK_SIZE + 1]  # exactly two windows
+    path = tmp_path / "short.txt"
+    path.write_text(text, encoding="utf-8")
+    got = invoke("eval", tiny["run"], "--data", path, "--show", "--json")
+    assert got.exit_code == 0, got.stderr
+    data = got.json()
+    chars = data["chars"]
+    assert "".join(c["char"] for c in chars) == text and data["shown_chars"] == len(text)
+    assert chars[0]["bits"] is None and chars[0]["context"] == 0
+    # Windows of block_size as training sees them: context restarts at 1 at each window's start.
+    assert [c["context"] for c in chars[1:]] == [*range(1, BLOCK_SIZE + 1)] * 2
+    # The same windows as eval with a stride of block_size: the mean is eval's NLL in bits.
+    nll = invoke("eval", tiny["run"], "--data", path, "--stride", BLOCK_SIZE, "--json").json()["nll"]
+    assert data["mean_bits"] == pytest.approx(nll / math.log(2), rel=1e-4)
+    assert data["uniform_bits"] == pytest.approx(math.log2(data["vocab_size"]))
+    people = invoke("eval", tiny["run"], "--data", path, "--show")
+    assert people.exit_code == 0, people.stderr
+    for fragment in ("surprisal", "bits", "hardest", "a uniform guess", "First"):
+        assert fragment in people.stdout, fragment
+
+
+def test_eval_show_bad_input_exits_2(tiny, tmp_path: Path):
+    assert_usage_error(invoke("eval", tiny["run"], "--show", "--stride", 4), "--stride", "--show")
+    (tmp_path / "one.txt").write_text("F", encoding="utf-8")
+    assert_usage_error(invoke("eval", tiny["run"], "--show", "--data", tmp_path / "one.txt"), "at least 2")
+    (tmp_path / "odd.txt").write_text("Fé☃", encoding="utf-8")
+    assert invoke("eval", tiny["run"], "--show", "--data", tmp_path / "odd.txt").exit_code == 2
