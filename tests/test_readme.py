@@ -93,3 +93,41 @@ def test_every_readme_command_runs(tmp_path: Path):
         assert "Traceback" not in proc.stderr
         ran += 1
     assert ran >= 10
+
+
+def learn_section() -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index("## Learn by running it")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_learn_by_running_it_covers_each_idea_with_a_command():
+    section = learn_section()
+    commands = [line for line in readme_commands() if line in section or line.split("|")[-1].strip() in section]
+    for fragment in ("minigpt eval", "--show", "--attention", "norm_placement=post", "--vocab-size 50257",
+                     "minigpt inspect default", "minigpt bench"):
+        assert any(fragment in line for line in commands), fragment
+    # The attention text fits the block_size of the run test_every_readme_command_runs trains (16).
+    for text in re.findall(r'--attention "([^"]*)"', section):
+        assert 0 < len(text) <= 16
+
+
+def test_learn_by_running_it_quotes_what_the_config_commands_print(tmp_path: Path):
+    """The outputs quoted for commands that need no trained run (so print the same everywhere) are
+    lines the tool prints now."""
+    blocks = re.findall(r"```bash\n(.*?)```\n```\n(.*?)```", learn_section(), flags=re.S)
+    checked = 0
+    for commands, quoted in blocks:
+        if "minigpt inspect gpt2_small" not in commands and "norm_placement=post" not in commands:
+            continue
+        printed = ""
+        for line in commands.strip().splitlines():
+            proc = subprocess.run([sys.executable, "-m", "minigpt_cli", *shlex.split(line)[1:]], cwd=tmp_path,
+                                  env=cli_env(), capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            printed += proc.stdout
+        for line in quoted.splitlines():
+            if line.strip() and line.strip() != "...":
+                assert line.strip() in printed, line
+                checked += 1
+    assert checked >= 8
