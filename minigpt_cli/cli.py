@@ -36,6 +36,8 @@ def _process_started_at() -> float:
         return STARTED_AT
     return time.perf_counter() - max(age, 0.0)
 SAMPLE_SEPARATOR = "-----"
+# Text that cannot be streamed (several samples, --json, --no-stream) is held until the end: bounded.
+HELD_TEXT_MAX_CHARS = 10_000_000
 
 app = typer.Typer(
     name="minigpt",
@@ -47,11 +49,10 @@ app = typer.Typer(
 
 # Logs and progress go to stderr, results to stdout; rich drops colour for NO_COLOR and non-terminals.
 class _Console(Console):
-    """A reader that went away (`| head`) ends the command quietly with code 0, as `sample` does."""
+    """rich's consoles answer a reader that went away as every other output does (reader_went_away)."""
 
     def on_broken_pipe(self) -> None:
-        _silence_stdout()
-        raise typer.Exit(0)
+        raise typer.Exit(reader_went_away())
 
 
 class _LazyConsole:
@@ -98,8 +99,7 @@ def handle_errors(fn: Callable) -> Callable:
         except UserError as exc:
             fail(str(exc), EXIT_USAGE)
         except BrokenPipeError:
-            _silence_stdout()
-            raise typer.Exit(0)
+            raise typer.Exit(reader_went_away())
         except (MemoryError, RuntimeError) as exc:
             if not _out_of_memory(exc):
                 raise
@@ -121,13 +121,16 @@ def _out_of_memory(exc: BaseException) -> bool:
     return any(s in text for s in ("can't allocate memory", "out of memory", "Storage size calculation overflowed"))
 
 
-def _silence_stdout() -> None:
-    """After the reader of a pipe went away (`| head`), send further output nowhere."""
+def reader_went_away() -> int:
+    """The one broken-pipe policy: when the reader of stdout went away (`minigpt sample | head`), the
+    command ends at once, quietly, with exit code 0 (the reader had all it wanted; not a failure).
+    Further output, Python's own final flush included, goes nowhere. Returns the exit code."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     except OSError:
         pass
+    return 0
 
 
 def emit_json(value: Any) -> None:
@@ -262,6 +265,9 @@ class TrainView:
             self.starting.done()
         if kind == "warning":
             self._line(f"warning: {d['message']}", force=True)
+            return
+        if kind == "notice":  # an answer to the user's own action (a Ctrl-C): shown even with --quiet
+            self._line(d["message"], force=True)
             return
         if self.quiet:
             return
@@ -527,7 +533,7 @@ def _read_prompt(prompt: Optional[str]) -> str:
             raise UserError("--prompt - reads the prompt from stdin, but stdin is a terminal (pipe text in)")
         raw = sys.stdin.buffer.read()
         try:
-            return raw.decode("utf-8")
+            return raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark, as files have theirs dropped
         except UnicodeDecodeError as exc:
             raise UserError(f"prompt from stdin is not valid UTF-8: byte at offset {exc.start}") from None
     return prompt or ""
@@ -564,7 +570,8 @@ def sample(
                                                                "wait for the compiler."),
     unknown: str = typer.Option("error", "--unknown", help="Prompt characters outside the vocabulary: error or skip."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Print text as it is made "
-                                                                             "(default: on a terminal)."),
+                                                                             "(default: on, for one sample "
+                                                                             "without --json)."),
     threads: int = typer.Option(0, "--threads", help="CPU threads per operation (default: chosen from the model's "
                                                     "size and the CPUs other programs leave free)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with samples and speed."),
@@ -583,7 +590,13 @@ def sample(
     if unknown not in ("error", "skip"):
         raise UserError(f"--unknown must be error or skip, got {unknown!r}")
     text = _read_prompt(prompt)
-    streaming = (out.is_terminal if stream is None else stream) and not json_out and num_samples == 1
+    # One sample streams wherever stdout goes (a terminal, a pipe, a file), so a reader that has had
+    # enough (`| head`) ends the command; several samples, or JSON, are printed whole at the end.
+    streaming = stream is not False and not json_out and num_samples == 1
+    if not streaming and max_new_tokens * num_samples > HELD_TEXT_MAX_CHARS:
+        raise UserError(f"--max-new-tokens {max_new_tokens:,} x --num-samples {num_samples} is more text than is held "
+                        f"to print at the end (at most {HELD_TEXT_MAX_CHARS:,} characters); a single sample without "
+                        f"--json or --no-stream streams any length")
     settings = sampler.SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
     request = sampler.SampleRequest(
         run=run, prompt=text, settings=settings, max_new_tokens=max_new_tokens, num_samples=num_samples, stop=stop,
@@ -1496,8 +1509,7 @@ def main() -> None:
         err.print("interrupted", markup=False)
         code = 130
     except BrokenPipeError:
-        _silence_stdout()
-        code = 0
+        code = reader_went_away()
     sys.exit(code if isinstance(code, int) else 0)
 
 

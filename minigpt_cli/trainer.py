@@ -31,13 +31,15 @@ from minigpt_cli.optim import build_optimizers, lr_factor, set_lr
 from minigpt_cli.progress import FINAL_EVAL_TASK, Progress, ProgressCallback, progress_task
 from minigpt_cli.scoring import bits_per_char
 
+# Model keys a resumed run may change: they change training, not the model its weights are.
+RESUMABLE_MODEL_KEYS = ("dropout",)
 # Eval batches draw from generators keyed past any training micro-step, so they never overlap.
 EVAL_STREAM = 1 << 30
 
 
 @dataclass
 class TrainEvent:
-    kind: str  # start | step | eval | checkpoint | warning | final_eval
+    kind: str  # start | step | eval | checkpoint | warning | notice | progress | final_eval
     step: int
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -94,6 +96,9 @@ class _SignalCatcher:
     def __init__(self) -> None:
         self.signum = 0
         self._previous: dict[int, Any] = {}
+        # Called with the signal's number on a first signal while set (during the final evaluation),
+        # so the user learns why the command goes on and how to end it.
+        self.on_first: Callable[[int], None] | None = None
 
     def __enter__(self) -> "_SignalCatcher":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -109,7 +114,10 @@ class _SignalCatcher:
         # received into SIGTERM for its workers) does not cut the save short.
         if self.signum == signum:
             os._exit(128 + signum)
+        first = not self.signum
         self.signum = self.signum or signum
+        if first and self.on_first is not None:
+            self.on_first(signum)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -306,10 +314,12 @@ class Trainer:
             return None
         loaded = ckpt.load_checkpoint(self.run_dir, which="latest", with_train_state=True)
         saved = loaded.config.model
+        # Dropout is a training setting (the weights and the function are the same model): it may change.
         differ = [f"model.{f.name}: run has {getattr(saved, f.name)!r}, config has {getattr(self.config.model, f.name)!r}"
-                  for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(self.config.model, f.name)]
+                  for f in dataclasses.fields(saved)
+                  if f.name not in RESUMABLE_MODEL_KEYS and getattr(saved, f.name) != getattr(self.config.model, f.name)]
         if differ:
-            raise UserError("cannot resume with a different model shape; differing keys: " + "; ".join(differ))
+            raise UserError("cannot resume with a different model; differing keys: " + "; ".join(differ))
         saved_world = int(loaded.train_state.get("world_size", 1))
         if saved_world * loaded.config.train.batch_size != self.dist.world_size * self.config.train.batch_size:
             raise UserError(
@@ -445,7 +455,7 @@ class Trainer:
                      train_rate=0.0, val_tokens=self._val_windows(corpus).chars, prior_seconds=prior_seconds,
                      fingerprint=corpus.fingerprint, periodic_eval_seconds=None, parent=lineage,
                      stopped=None, val_chars=len(corpus.val), data_kept=kept,
-                     data_seconds=corpus.seconds, data_cache=corpus.cache)
+                     data_seconds=corpus.seconds, data_cache=corpus.cache, saved_step=step if loaded else None)
         if t.time_budget:
             self._start_budget(model, corpus)
         stopped = "max_iters"
@@ -488,6 +498,11 @@ class Trainer:
                     self._save(model, corpus, optimizers, state, is_best=False)
                     return self._result(model, state, math.nan, 0, "stop_after")
             state["stopped"] = stopped
+            if state["saved_step"] != step:
+                # The trained weights are saved before the final evaluation (a while on a large split),
+                # so a second Ctrl-C during it, which exits at once, loses no training.
+                self._save(model, corpus, optimizers, state, is_best=False)
+            signals.on_first = self._finishing_notice
             final_loss, scored = self._final_eval(model, corpus, optimizers, state)
             # A signal during the final evaluation: it finished and saved, so stop as a signal stops.
             # (Each rank's own signal: no collective is left to agree on, and none should run this
@@ -498,6 +513,11 @@ class Trainer:
             result.stopped = "interrupted" if signum == signal.SIGINT else "terminated"
             raise TrainingStopped(signum, result)
         return result
+
+    def _finishing_notice(self, signum: int) -> None:
+        again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.emit("notice", self.progress_step, message=f"finishing the evaluation, {again} again to skip it "
+                                                        f"(the trained weights are saved)")
 
     def _elapsed(self) -> float:
         return self.clock() - self.started_at
@@ -732,6 +752,7 @@ class Trainer:
             saved = ckpt.save_checkpoint(self.run_dir, model, self.config, corpus.tokenizer, meta,
                                          tensors, plain, is_best)
             self.emit("checkpoint", state["step"], path=str(saved), is_best=is_best)
+        state["saved_step"] = state["step"]
         if self.dist.enabled:
             import torch.distributed as dist
 

@@ -243,3 +243,134 @@ def test_a_yaml_alias_bomb_gives_a_short_error(tmp_path: Path):
     (tmp_path / "bomb.yaml").write_text("model:\n  n_layer: [" + ", ".join(levels) + "]\n")
     line = assert_usage_error(invoke("train", "bomb.yaml"), "n_layer")
     assert len(line) < 400
+
+
+# -- 9. sample streams into a pipe, so a reader that has had enough ends it --------------------------
+
+def test_sample_into_a_pipe_ends_when_the_reader_closes_it(tiny_run: Path):
+    import subprocess
+
+    from conftest import cli_command, cli_env
+
+    proc = subprocess.Popen(cli_command("sample", tiny_run, "-n", "1000000000", "--seed", "1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+    head = proc.stdout.read(10)  # what `| head -c 10` reads before it goes away
+    proc.stdout.close()
+    try:
+        code = proc.wait(timeout=300)  # a bound on a hang, not a timing assertion
+    finally:
+        proc.kill()
+    stderr = proc.stderr.read().decode()
+    assert len(head) == 10
+    assert code == 0 and "Traceback" not in stderr, stderr
+
+
+def test_a_sample_streamed_into_a_pipe_is_the_text_printed_whole(tiny_run: Path):
+    from conftest import run_cli
+
+    streamed = run_cli("sample", tiny_run, "-n", "40", "--seed", "3", "--prompt", "AB")
+    whole = run_cli("sample", tiny_run, "-n", "40", "--seed", "3", "--prompt", "AB", "--json")
+    assert streamed.returncode == 0 and whole.returncode == 0, streamed.stderr + whole.stderr
+    import json
+
+    assert streamed.stdout == "AB" + json.loads(whole.stdout.splitlines()[-1])["samples"][0] + "\n"
+
+
+@pytest.mark.parametrize("flags", [("--json",), ("--num-samples", "2"), ("--no-stream",)])
+def test_lengths_that_cannot_be_streamed_are_bounded(tiny_run: Path, flags: tuple):
+    assert_usage_error(invoke("sample", tiny_run, "-n", "1000000000", *flags), "--max-new-tokens")
+
+
+# -- 11. messages and behaviours that surprised ------------------------------------------------------
+
+def test_a_byte_order_mark_on_a_stdin_prompt_is_dropped(tiny_run: Path):
+    plain = invoke("sample", tiny_run, "--prompt", "-", "-n", "5", "--seed", "2", "--json", input="ROMEO:")
+    marked = invoke("sample", tiny_run, "--prompt", "-", "-n", "5", "--seed", "2", "--json",
+                    input="\ufeffROMEO:".encode("utf-8"))
+    assert marked.exit_code == 0, marked.stderr
+    assert marked.json()["samples"] == plain.json()["samples"] and marked.json()["prompt"] == "ROMEO:"
+
+
+# -- 10. the trained weights are saved before the final evaluation; a signal during it is answered ---
+
+def test_weights_are_saved_before_the_final_evaluation_and_a_ctrl_c_during_it_is_answered(
+        tmp_path: Path, small_corpus: Path, monkeypatch: pytest.MonkeyPatch):
+    import signal
+
+    from conftest import train_in_process
+    from minigpt_cli import trainer
+
+    run = tmp_path / "run"
+    real_score_text = trainer.score_text
+    seen: list[int] = []
+
+    def ctrl_c_during_the_final_evaluation(*args, **kwargs):
+        if not seen:
+            seen.append(ckpt.load_checkpoint(run, "latest").step)  # what a second Ctrl-C would leave
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_score_text(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "score_text", ctrl_c_during_the_final_evaluation)
+    events: list = []
+    with pytest.raises(trainer.TrainingStopped):
+        train_in_process([*FAST, f"data.path={small_corpus}", "train.max_iters=5", "train.eval_interval=100"],
+                         run, events=events)
+    assert seen == [5]
+    notices = [e.data["message"] for e in events if e.kind == "notice"]
+    assert len(notices) == 1 and notices[0].startswith("finishing the evaluation, Ctrl-C again to skip it")
+    assert ckpt.load_checkpoint(run, "latest").meta["final"]  # the evaluation finished and was saved
+
+
+@pytest.mark.parametrize("special", ["/dev/null", "fifo"])
+def test_a_fifo_or_device_as_data_is_named_as_such(tmp_path: Path, special: str):
+    if special == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        special = str(tmp_path / "fifo")
+    line = assert_usage_error(invoke("train", "tiny", "--data", special, *set_flags(*FAST)), special,
+                              "not a regular file")
+    assert "not found" not in line
+
+
+def test_a_failed_first_save_does_not_claim_a_previous_checkpoint(tmp_path: Path, small_corpus: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    from test_checkpoint import full_disk
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    result = invoke("train", "tiny", "--out", "run", "--data", small_corpus, *set_flags(*FAST, "train.max_iters=2"))
+    assert result.exit_code == 1
+    assert "No space left on device" in result.stderr and "no checkpoint had been saved yet" in result.stderr
+    assert "intact" not in result.stderr
+
+
+def test_resume_with_another_dropout_continues(stopped_run_dir: Path):
+    result = invoke("train", "--resume", "--out", stopped_run_dir, "--set", "model.dropout=0.3", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert ckpt.load_checkpoint(stopped_run_dir, "latest").config.model.dropout == 0.3
+
+
+def test_a_plain_resume_does_not_pause_again_at_stop_after(stopped_run_dir: Path):
+    result = invoke("train", "--resume", "--out", stopped_run_dir, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["stopped"] == "max_iters" and result.json()["steps"] == 12
+
+
+def test_resume_on_new_text_makes_it_the_runs_text(stopped_run_dir: Path, small_corpus: Path, tmp_path: Path):
+    new = tmp_path / "new.txt"
+    new.write_text(small_corpus.read_text(encoding="utf-8")[5_000:], encoding="utf-8")
+    moved_on = invoke("train", "--resume", "--out", stopped_run_dir, "--data", new, "--set", "train.stop_after=2")
+    assert moved_on.exit_code == 0 and "data differs" in moved_on.stderr, moved_on.stderr
+    new.unlink()  # the run keeps what it needs of the new text
+    # A later plain --resume goes on with the new text, not silently back to the old one.
+    plain = invoke("train", "--resume", "--out", stopped_run_dir)
+    assert plain.exit_code == 0, plain.stderr
+    assert "warning" not in plain.stderr.lower()
+
+
+@pytest.fixture
+def stopped_run_dir(tmp_path: Path, small_corpus: Path) -> Path:
+    """A run of 12 steps paused by train.stop_after after 4, with its own copy of its text."""
+    result = invoke("train", "tiny", "--out", "stopped", "--data", small_corpus, "--json",
+                    *set_flags(*FAST, "train.max_iters=12", "train.eval_interval=100", "train.stop_after=4",
+                               "model.dropout=0.1"))
+    assert result.exit_code == 0 and result.json()["steps"] == 4, result.stderr
+    return tmp_path / "stopped"
