@@ -1362,7 +1362,7 @@ def _render_compare(result: dict) -> None:
     row("steps", [f"{r['steps']:,}" if r["steps"] is not None else "-" for r in rows])
     row("best val loss", [f"{_loss(r['best_val_loss'])} ({r['best_measure']})" if r["best_val_loss"] is not None
                           else "-" for r in rows])
-    row("final val loss", [f"{_loss(r['final_val_loss'])} (whole split)" if r["final_val_loss"] is not None
+    row("final val loss", [f"{_loss(r['final_val_loss'])} ({r['final_measure']})" if r["final_val_loss"] is not None
                            else "-" for r in rows])
     row("bits per char", [f"{r['final_val_bpc']:.3f}" if r["final_val_bpc"] is not None else "-" for r in rows])
     row("wall time", [f"{r['wall_seconds']:.1f}s" if r["wall_seconds"] is not None else "-" for r in rows])

@@ -360,6 +360,10 @@ def run_summary(path: Path, label: Optional[str] = None) -> dict[str, Any]:
     records = ckpt.read_metrics(Path(path))
     rates = [r.get("tokens_per_sec") for r in records if r.get("kind") == "train"]
     final = info.final_val_loss
+    last = next((r for r in reversed(records) if r.get("kind") == "eval" and r.get("final")), {})
+    scored = last.get("chars_scored")
+    final_measure = (f"{scored:,} chars sampled" if last.get("scope") not in (None, "full") and isinstance(scored, int)
+                     else "whole split")
     return {
         "label": label or info.name,
         **info.to_dict(),
@@ -367,6 +371,7 @@ def run_summary(path: Path, label: Optional[str] = None) -> dict[str, Any]:
         # The first log line's rate includes the warming-up steps: the median of the rest is steadier.
         "tokens_per_sec": _median([r for r in rates[1:] or rates if isinstance(r, (int, float))]),
         "final_val_bpc": bits_per_char(final) if final is not None else None,
+        "final_measure": final_measure,
         "best_val_bpc": bits_per_char(info.best_val_loss) if info.best_val_loss is not None else None,
         "val_curve": loss_curves(Path(path))["val"],
     }
