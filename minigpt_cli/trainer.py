@@ -483,7 +483,7 @@ class Trainer:
                     last_log = (now, step)
                     state["train_rate"] = rate
                     self._log(step, loss, lr, rate, state)
-                if step % t.eval_interval == 0 and step < t.max_iters and self._eval_fits(state):
+                if step % t.eval_interval == 0 and step < t.max_iters and self._eval_fits(corpus, state):
                     self._periodic_eval(model, corpus, optimizers, state)
                 elif t.checkpoint_interval and step % t.checkpoint_interval == 0:
                     self._save(model, corpus, optimizers, state, is_best=False)
@@ -557,15 +557,16 @@ class Trainer:
         save_guess = 0.1 + 12 * model.num_parameters() / 100e6
         self.budget.begin(per_window * windows, save_guess, fixed)
 
-    def _eval_fits(self, state: dict) -> bool:
+    def _eval_fits(self, corpus: Corpus, state: dict) -> bool:
         """Under a time budget, a periodic evaluation only where it leaves time for the final one
         (which measures the same weights more fully a moment later anyway)."""
         if self.budget is None:
             return True
         t, m = self.config.train, self.config.model
         cost = state["periodic_eval_seconds"]
-        if cost is None:  # not yet timed: its batches at the measured rate per window
-            cost = self.seconds_per_window * 2 * t.eval_iters * t.batch_size
+        if cost is None:  # not yet timed: its batches (and the whole split with eval_full) at the measured rate
+            windows = math.ceil(self._val_windows(corpus).chars / m.block_size) if t.eval_full else 0
+            cost = self.seconds_per_window * (2 * t.eval_iters * t.batch_size + windows)
         return self._agree([float(self.budget.allows(cost))])[0] > 0
 
     def _agree(self, values: list[float]) -> list[float]:
