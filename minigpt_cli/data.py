@@ -397,6 +397,7 @@ def _encode_into_cache(path: Path, source: TextSource, tokenizer: CharTokenizer,
     tmp = Path(name)
     try:
         n = _encode_to(tmp, source, tokenizer, chunk_bytes, progress)
+        os.chmod(tmp, 0o644)  # mkstemp made it private; the ids are no more private than the text
         if tmp.parent == path.parent:
             os.replace(tmp, path)
             return path, n
@@ -461,7 +462,7 @@ def keep_in_run(run_dir: Path, corpus: Corpus, copy_max_bytes: int = RUN_COPY_MA
     about = {"fingerprint": corpus.fingerprint, "source": corpus.source, "n_chars": corpus.n_chars,
              "chars": "".join(corpus.tokenizer.chars)}
     if corpus.ids_path is not None and corpus.ids_path.resolve() == target.resolve():
-        return f"the run's encoded copy of {corpus.origin.get('source', corpus.source)} ({target})"
+        return f"its encoded copy of {corpus.origin.get('source', corpus.source)} ({target})"
     tmp = run_dir / f".tmp-{RUN_IDS}.{os.getpid()}"
     size = corpus.ids_path.stat().st_size if corpus.ids_path else 0
     how = None
