@@ -201,6 +201,37 @@ def grow_vocabulary(state: dict[str, torch.Tensor], old_chars: Sequence[str],
     return grown
 
 
+@dataclass
+class RunState:
+    """What a run knows as it trains: the counters saved in every checkpoint (and restored on
+    --resume), the time spent evaluating, and what the result reports about the run's text."""
+
+    step: int = 0
+    tokens: int = 0  # training tokens seen, over every invocation
+    best_val: float = math.inf  # by the periodic evaluations' measure (see _final_eval)
+    prior_seconds: float = 0.0  # training seconds of earlier invocations of a resumed run
+    fingerprint: str = ""  # of the text trained on
+    parent: dict[str, Any] | None = None  # the run --init-from started from
+    eval_seconds: float = 0.0  # spent evaluating in this invocation
+    periodic_eval_seconds: float | None = None  # the latest periodic evaluation's cost (None: none yet)
+    evaluated_at: int | None = None  # the step of the latest periodic evaluation
+    stopped: str | None = None  # why this invocation ended (None while it trains)
+    saved_step: int | None = None  # the step of the newest checkpoint on disk (None: none yet)
+    loop_start: tuple[float, int] = (0.0, 0)  # (time.perf_counter(), step) as the loop began
+    val_chars: int = 0
+    data_kept: str | None = None
+    data_seconds: float = 0.0
+    data_cache: str = ""
+
+    def resume_from(self, step: int, meta: dict[str, Any]) -> None:
+        """The counters of the checkpoint a resumed run continues from."""
+        self.step = self.saved_step = step
+        self.tokens = int(meta.get("tokens", 0))
+        best = meta.get("best_val_loss")  # null until a first evaluation
+        self.best_val = float(best) if isinstance(best, (int, float)) else math.inf
+        self.prior_seconds = float(meta.get("train_seconds", 0.0))
+
+
 class TimeBudget:
     """When to stop so that the whole command (start-up, training, final evaluation, saves) ends
     within train.time_budget seconds of the process's start.
@@ -294,6 +325,7 @@ class Trainer:
         self.clock = clock
         self.started_at = started_at if started_at is not None else clock()
         self.budget: TimeBudget | None = None
+        self.state = RunState()
         self.progress_step = 0
         self.config = config
         self.run_dir = Path(run_dir)
@@ -402,26 +434,20 @@ class Trainer:
                        "step": parent.step, "config": parent.config.name, "added_chars": "".join(added)}
         model.to(self.device)
         optimizers = build_optimizers(model, t, self.device)
-        step = 0
-        tokens_seen = 0
-        best_val = math.inf
-        prior_seconds = 0.0
+        state = self.state = RunState(fingerprint=corpus.fingerprint, parent=lineage, val_chars=len(corpus.val),
+                                      data_seconds=corpus.seconds, data_cache=corpus.cache)
         if loaded:
             self._restore_train_state(loaded, optimizers)
-            step = loaded.step
-            tokens_seen = int(loaded.meta.get("tokens", 0))
-            best = loaded.meta.get("best_val_loss")  # null until a first evaluation
-            best_val = float(best) if isinstance(best, (int, float)) else math.inf
-            prior_seconds = float(loaded.meta.get("train_seconds", 0.0))
-        kept = "nothing: the bundled text ships with minigpt" if not cfg.data.path else None
+            state.resume_from(loaded.step, loaded.meta)
+        state.data_kept = "nothing: the bundled text ships with minigpt" if not cfg.data.path else None
         if self.dist.is_main:
             # Resumed: drop records past the checkpoint. New: drop those of an attempt killed before its first save.
-            ckpt.truncate_metrics(self.run_dir, step)
+            ckpt.truncate_metrics(self.run_dir, state.step)
             # The bundled text ships with minigpt; any other is kept in the run (its encoded ids, linked
             # from the cache where possible), so the run needs nothing outside itself to be evaluated
             # or resumed. A run resumed on other text (--resume --data NEW) keeps the new text.
             if cfg.data.path:
-                kept = keep_in_run(self.run_dir, corpus)
+                state.data_kept = keep_in_run(self.run_dir, corpus)
             written = cfg
             if cfg.data.path == "-" and run_copy(self.run_dir) is not None:
                 # Text from stdin cannot be read again: the config names the run's copy of it instead.
@@ -440,40 +466,34 @@ class Trainer:
 
         scaler = torch.amp.GradScaler("cuda") if self.precision.use_grad_scaler else None
         tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum_steps * self.dist.world_size
-        self.emit("start", step, n_params=model.num_parameters(), device=str(self.device),
+        self.emit("start", state.step, n_params=model.num_parameters(), device=str(self.device),
                   device_reason=self.device_reason, precision=self.precision.name,
                   precision_reason=self.precision.reason, vocab_size=corpus.tokenizer.vocab_size,
                   train_chars=len(corpus.train), val_chars=len(corpus.val), source=corpus.source,
-                  data_cache=corpus.cache, data_seconds=corpus.seconds, data_kept=kept,
+                  data_cache=corpus.cache, data_seconds=corpus.seconds, data_kept=state.data_kept,
                   val_scored=self._val_windows(corpus).chars,
                   max_iters=t.max_iters, tokens_per_step=tokens_per_step, time_budget=t.time_budget,
                   run_dir=str(self.run_dir), resumed_from=str(loaded.path) if loaded else None,
                   world_size=self.dist.world_size, seed=t.seed,
                   init_from=str(parent.run_dir) if parent else None, added_chars="".join(added))
 
-        state = dict(step=step, tokens=tokens_seen, best_val=best_val, eval_seconds=0.0, eval_rate=0.0,
-                     train_rate=0.0, val_tokens=self._val_windows(corpus).chars, prior_seconds=prior_seconds,
-                     fingerprint=corpus.fingerprint, periodic_eval_seconds=None, parent=lineage,
-                     stopped=None, val_chars=len(corpus.val), data_kept=kept,
-                     data_seconds=corpus.seconds, data_cache=corpus.cache, saved_step=step if loaded else None)
         if t.time_budget:
             self._start_budget(model, corpus)
         stopped = "max_iters"
-        state["loop_start"] = last_log = (time.perf_counter(), step)
+        state.loop_start = last_log = (time.perf_counter(), state.step)
         with _SignalCatcher() as signals:
-            while step < t.max_iters:
+            while state.step < t.max_iters:
                 if self.budget is not None and self._out_of_time():
                     stopped = "time_budget"
                     break
-                factor = lr_factor(t, step, self._progress(step, state))
-                lr = set_lr(optimizers, factor)
+                lr = set_lr(optimizers, lr_factor(t, state.step, self._progress(state.step)))
                 step_began = self.clock()
-                loss = self._train_step(train_model, model, optimizers, scaler, corpus, step)
+                loss = self._train_step(train_model, model, optimizers, scaler, corpus, state.step)
                 if self.budget is not None:
                     self.budget.step_done(self.clock() - step_began)
-                step += 1
-                self.progress_step = step
-                state["step"], state["tokens"] = step, state["tokens"] + tokens_per_step
+                state.step += 1
+                state.tokens += tokens_per_step
+                step = self.progress_step = state.step
                 flags = self._agree([0.0 if math.isfinite(loss) else 1.0, float(signals.signum)])
                 if flags[0]:
                     raise NonFiniteLoss(step, self.run_dir)
@@ -481,34 +501,32 @@ class Trainer:
                     now = time.perf_counter()
                     rate = (step - last_log[1]) * tokens_per_step / max(now - last_log[0], 1e-9)
                     last_log = (now, step)
-                    state["train_rate"] = rate
-                    self._log(step, loss, lr, rate, state)
-                if step % t.eval_interval == 0 and step < t.max_iters and self._eval_fits(corpus, state):
-                    self._periodic_eval(model, corpus, optimizers, state)
+                    self._log(step, loss, lr, rate)
+                if step % t.eval_interval == 0 and step < t.max_iters and self._eval_fits(corpus):
+                    self._periodic_eval(model, corpus, optimizers)
                 elif t.checkpoint_interval and step % t.checkpoint_interval == 0:
-                    self._save(model, corpus, optimizers, state, is_best=False)
+                    self._save(model, corpus, optimizers, is_best=False)
                 if flags[1]:
                     signum = int(flags[1])
-                    state["stopped"] = "interrupted" if signum == signal.SIGINT else "terminated"
-                    self._save(model, corpus, optimizers, state, is_best=False)
-                    raise TrainingStopped(signum, self._result(model, state, math.nan, 0,
-                                                               "interrupted" if signum == signal.SIGINT else "terminated"))
-                if t.stop_after and step - state["loop_start"][1] >= t.stop_after and step < t.max_iters:
-                    state["stopped"] = "stop_after"
-                    self._save(model, corpus, optimizers, state, is_best=False)
-                    return self._result(model, state, math.nan, 0, "stop_after")
-            state["stopped"] = stopped
-            if state["saved_step"] != step:
+                    state.stopped = "interrupted" if signum == signal.SIGINT else "terminated"
+                    self._save(model, corpus, optimizers, is_best=False)
+                    raise TrainingStopped(signum, self._result(model, math.nan, 0, state.stopped))
+                if t.stop_after and step - state.loop_start[1] >= t.stop_after and step < t.max_iters:
+                    state.stopped = "stop_after"
+                    self._save(model, corpus, optimizers, is_best=False)
+                    return self._result(model, math.nan, 0, "stop_after")
+            state.stopped = stopped
+            if state.saved_step != state.step:
                 # The trained weights are saved before the final evaluation (a while on a large split),
                 # so a second Ctrl-C during it, which exits at once, loses no training.
-                self._save(model, corpus, optimizers, state, is_best=False)
+                self._save(model, corpus, optimizers, is_best=False)
             signals.on_first = self._finishing_notice
-            final_loss, scored = self._final_eval(model, corpus, optimizers, state)
+            final_loss, scored = self._final_eval(model, corpus, optimizers)
             # A signal during the final evaluation: it finished and saved, so stop as a signal stops.
             # (Each rank's own signal: no collective is left to agree on, and none should run this
             # close to the process group's teardown.)
             signum = signals.signum
-        result = self._result(model, state, final_loss, scored, stopped)
+        result = self._result(model, final_loss, scored, stopped)
         if signum:
             result.stopped = "interrupted" if signum == signal.SIGINT else "terminated"
             raise TrainingStopped(signum, result)
@@ -522,7 +540,7 @@ class Trainer:
     def _elapsed(self) -> float:
         return self.clock() - self.started_at
 
-    def _progress(self, step: int, state: dict) -> float:
+    def _progress(self, step: int) -> float:
         t = self.config.train
         by_steps = (step - t.warmup_iters) / max(1, t.max_iters - t.warmup_iters)
         if self.budget is None:
@@ -557,13 +575,13 @@ class Trainer:
         save_guess = 0.1 + 12 * model.num_parameters() / 100e6
         self.budget.begin(per_window * windows, save_guess, fixed)
 
-    def _eval_fits(self, corpus: Corpus, state: dict) -> bool:
+    def _eval_fits(self, corpus: Corpus) -> bool:
         """Under a time budget, a periodic evaluation only where it leaves time for the final one
         (which measures the same weights more fully a moment later anyway)."""
         if self.budget is None:
             return True
         t, m = self.config.train, self.config.model
-        cost = state["periodic_eval_seconds"]
+        cost = self.state.periodic_eval_seconds
         if cost is None:  # not yet timed: its batches (and the whole split with eval_full) at the measured rate
             windows = math.ceil(self._val_windows(corpus).chars / m.block_size) if t.eval_full else 0
             cost = self.seconds_per_window * (2 * t.eval_iters * t.batch_size + windows)
@@ -607,20 +625,20 @@ class Trainer:
         dist.all_reduce(tensor)
         return tensor.item() / self.dist.world_size
 
-    def _log(self, step: int, loss: float, lr: float, rate: float, state: dict) -> None:
+    def _log(self, step: int, loss: float, lr: float, rate: float) -> None:
         t = self.config.train
         elapsed = self._elapsed()
         if self.budget is not None:
             eta = max(0.0, self.budget.deadline - self.clock())
         else:
-            began, first = state["loop_start"]
+            began, first = self.state.loop_start
             eta = (time.perf_counter() - began) / max(1, step - first) * (t.max_iters - step)
         record = dict(kind="train", step=step, loss=loss, lr=lr, tokens_per_sec=rate, elapsed=elapsed,
-                      tokens=state["tokens"])
+                      tokens=self.state.tokens)
         if self.dist.is_main:
             ckpt.append_metrics(self.run_dir, record)
         self.emit("step", step, loss=loss, lr=lr, tokens_per_sec=rate, eta=eta, elapsed=elapsed,
-                  tokens=state["tokens"], max_iters=t.max_iters)
+                  tokens=self.state.tokens, max_iters=t.max_iters)
 
     def _estimate(self, model: GPT, corpus: Corpus, splits: Sequence[str] = ("train", "val")) -> dict[str, float]:
         """Mean loss over eval_iters fixed batches of each split (the same batches every time)."""
@@ -642,31 +660,30 @@ class Trainer:
             out = {k: self._mean(v) for k, v in out.items()}
         return out
 
-    def _periodic_eval(self, model: GPT, corpus: Corpus, optimizers, state: dict) -> None:
+    def _periodic_eval(self, model: GPT, corpus: Corpus, optimizers) -> None:
         t, m = self.config.train, self.config.model
         began = self.clock()
         losses = self._estimate(model, corpus)
         seconds = self.clock() - began
-        state["eval_rate"] = 2 * t.eval_iters * t.batch_size * m.block_size / max(seconds, 1e-9)
         scope = f"{t.eval_iters} sampled batches"
         if t.eval_full:
             losses["val"], count = self._full_val_loss(model, corpus, with_count=True)
             seconds = self.clock() - began
             scope = self.describe_scope(count, len(corpus.val))
-        state["periodic_eval_seconds"] = seconds
-        state["eval_seconds"] += seconds
-        is_best = losses["val"] < state["best_val"]
-        state["best_val"] = min(state["best_val"], losses["val"])
-        state["evaluated_at"] = state["step"]
-        step = state["step"]
+        self.state.periodic_eval_seconds = seconds
+        self.state.eval_seconds += seconds
+        is_best = losses["val"] < self.state.best_val
+        self.state.best_val = min(self.state.best_val, losses["val"])
+        self.state.evaluated_at = self.state.step
+        step = self.state.step
         if self.dist.is_main:
             ckpt.append_metrics(self.run_dir, dict(kind="eval", step=step, train_loss=losses["train"],
                                                    val_loss=losses["val"], elapsed=self._elapsed(),
                                                    scope="full" if t.eval_full else "sampled",
-                                                   eval_seconds=state["eval_seconds"]))
-        self.emit("eval", step, train_loss=losses["train"], val_loss=losses["val"], best_val_loss=state["best_val"],
-                  scope=scope, seconds=seconds, elapsed=self._elapsed(), eval_seconds=state["eval_seconds"])
-        self._save(model, corpus, optimizers, state, is_best=is_best, val_loss=losses["val"])
+                                                   eval_seconds=self.state.eval_seconds))
+        self.emit("eval", step, train_loss=losses["train"], val_loss=losses["val"], best_val_loss=self.state.best_val,
+                  scope=scope, seconds=seconds, elapsed=self._elapsed(), eval_seconds=self.state.eval_seconds)
+        self._save(model, corpus, optimizers, is_best=is_best, val_loss=losses["val"])
 
     def _val_windows(self, corpus: Corpus):
         m = self.config.model
@@ -695,7 +712,7 @@ class Trainer:
             loss = self._mean(loss)
         return (loss, count) if with_count else loss
 
-    def _final_eval(self, model: GPT, corpus: Corpus, optimizers, state: dict) -> tuple[float, int]:
+    def _final_eval(self, model: GPT, corpus: Corpus, optimizers) -> tuple[float, int]:
         """Validation loss over the validation split (or its fixed sample), in non-overlapping windows."""
         t, m = self.config.train, self.config.model
         began = time.perf_counter()
@@ -710,50 +727,50 @@ class Trainer:
         # fixed sampled batches, or the whole split with eval_full), never this loss against theirs.
         if t.eval_full:
             candidate = loss
-        elif state.get("evaluated_at") == state["step"]:
+        elif self.state.evaluated_at == self.state.step:
             candidate = math.inf  # these weights were measured and saved at this step's evaluation
         elif self.budget is not None and self.budget.deadline - self.clock() < self.budget.fixed_eval_seconds:
             candidate = math.inf  # no time left to measure it as the best checkpoint is measured
         else:
             candidate = self._estimate(model, corpus, splits=("val",))["val"]
-        state["eval_seconds"] += time.perf_counter() - began
-        is_best = candidate < state["best_val"]
-        state["best_val"] = min(state["best_val"], candidate)
+        self.state.eval_seconds += time.perf_counter() - began
+        is_best = candidate < self.state.best_val
+        self.state.best_val = min(self.state.best_val, candidate)
         if self.dist.is_main:
-            record = dict(kind="eval", step=state["step"], val_loss=loss,
+            record = dict(kind="eval", step=self.state.step, val_loss=loss,
                           scope="full" if count >= len(corpus.val) - 1 else "windows", chars_scored=count,
-                          val_chars=len(corpus.val), elapsed=self._elapsed(), eval_seconds=state["eval_seconds"],
+                          val_chars=len(corpus.val), elapsed=self._elapsed(), eval_seconds=self.state.eval_seconds,
                           final=True)
             if not t.eval_full and math.isfinite(candidate):
                 record["sampled_val_loss"] = candidate  # the measure the best checkpoint is chosen by
             ckpt.append_metrics(self.run_dir, record)
-        self.emit("final_eval", state["step"], val_loss=loss, bpc=bits_per_char(loss), tokens=count, seconds=seconds,
-                  best_val_loss=state["best_val"], val_chars=len(corpus.val),
+        self.emit("final_eval", self.state.step, val_loss=loss, bpc=bits_per_char(loss), tokens=count, seconds=seconds,
+                  best_val_loss=self.state.best_val, val_chars=len(corpus.val),
                   scope=self.describe_scope(count, len(corpus.val)))
-        self._save(model, corpus, optimizers, state, is_best=is_best, val_loss=loss, final=True)
+        self._save(model, corpus, optimizers, is_best=is_best, val_loss=loss, final=True)
         return loss, count
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def _save(self, model: GPT, corpus: Corpus, optimizers, state: dict, is_best: bool,
+    def _save(self, model: GPT, corpus: Corpus, optimizers, is_best: bool,
               val_loss: float | None = None, final: bool = False) -> None:
         # An update can break the weights while the step's own loss was still finite: never save those.
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise NonFiniteLoss(state["step"], self.run_dir)
+            raise NonFiniteLoss(self.state.step, self.run_dir)
         began = self.clock()
         if self.dist.is_main:
             tensors, plain = self._train_state(optimizers)
-            meta = dict(step=state["step"], tokens=state["tokens"], best_val_loss=state["best_val"],
-                        val_loss=val_loss, data_fingerprint=state["fingerprint"], device=str(self.device),
-                        precision=self.precision.name, train_seconds=state["prior_seconds"] + self._elapsed(),
+            meta = dict(step=self.state.step, tokens=self.state.tokens, best_val_loss=self.state.best_val,
+                        val_loss=val_loss, data_fingerprint=self.state.fingerprint, device=str(self.device),
+                        precision=self.precision.name, train_seconds=self.state.prior_seconds + self._elapsed(),
                         final=final, world_size=self.dist.world_size,
                         # why this invocation ended, for `minigpt runs` (None: a periodic save)
-                        stopped=state["stopped"])
-            if state["parent"]:
-                meta["parent"] = state["parent"]
+                        stopped=self.state.stopped)
+            if self.state.parent:
+                meta["parent"] = self.state.parent
             saved = ckpt.save_checkpoint(self.run_dir, model, self.config, corpus.tokenizer, meta,
                                          tensors, plain, is_best)
-            self.emit("checkpoint", state["step"], path=str(saved), is_best=is_best)
-        state["saved_step"] = state["step"]
+            self.emit("checkpoint", self.state.step, path=str(saved), is_best=is_best)
+        self.state.saved_step = self.state.step
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -778,11 +795,11 @@ class Trainer:
             raise UserError(f"cannot resume: the checkpoint has {len(plain)} optimizer state(s) but train.optimizer "
                             f"'{self.config.train.optimizer}' needs {len(optimizers)}")
         for i, opt in enumerate(optimizers):
-            state = ckpt.unflatten_optimizer(f"optimizer.{i}", loaded.train_tensors, plain[i])
+            saved = ckpt.unflatten_optimizer(f"optimizer.{i}", loaded.train_tensors, plain[i])
             # load_state_dict also restores the saved hyper-parameters; the config given now wins.
             settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             try:
-                opt.load_state_dict(state)
+                opt.load_state_dict(saved)
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise UserError(f"cannot resume: optimizer state does not fit ({exc})") from None
             for group, values in zip(opt.param_groups, settings):
@@ -792,16 +809,16 @@ class Trainer:
         if "rng.cuda" in loaded.train_tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(loaded.train_tensors["rng.cuda"], self.device)
 
-    def _result(self, model: GPT, state: dict, final_loss: float, scored: int, stopped: str) -> TrainResult:
+    def _result(self, model: GPT, final_loss: float, scored: int, stopped: str) -> TrainResult:
         wall = self._elapsed()
         return TrainResult(
-            run_dir=str(self.run_dir), steps=state["step"], tokens=state["tokens"],
-            best_val_loss=state["best_val"], final_val_loss=final_loss,
+            run_dir=str(self.run_dir), steps=self.state.step, tokens=self.state.tokens,
+            best_val_loss=self.state.best_val, final_val_loss=final_loss,
             final_val_bpc=bits_per_char(final_loss) if math.isfinite(final_loss) else math.nan,
-            wall_seconds=wall, train_seconds=wall - state["eval_seconds"], eval_seconds=state["eval_seconds"],
+            wall_seconds=wall, train_seconds=wall - self.state.eval_seconds, eval_seconds=self.state.eval_seconds,
             stopped=stopped, device=str(self.device), precision=self.precision.name,
-            n_params=model.num_parameters(), val_tokens_scored=scored, val_chars=state["val_chars"],
-            data_kept=state["data_kept"], data_seconds=state["data_seconds"], data_cache=state["data_cache"],
+            n_params=model.num_parameters(), val_tokens_scored=scored, val_chars=self.state.val_chars,
+            data_kept=self.state.data_kept, data_seconds=self.state.data_seconds, data_cache=self.state.data_cache,
             vocab_size=model.vocab_size)
 
 
