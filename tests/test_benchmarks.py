@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from minigpt_cli.config import apply_overrides, load_config
 
 from conftest import cli_env
 
@@ -34,14 +37,58 @@ def test_sample_speed_reports_rates_floors_and_that_the_fast_path_matches(tmp_pa
     assert result["weight_mb"]["float32"] == 2 * result["weight_mb"]["bfloat16"]
 
 
-def test_time_to_loss_reports_the_first_crossing_on_the_whole_split(tmp_path):
-    result = run_script("time_to_loss.py", "tiny", "--target", "3.0", "--budget", "12", "--eval-every", "10",
-                        "--device", "cpu", tmp_path=tmp_path)
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / "benchmarks" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_to_loss_finds_the_first_whole_split_evaluation_at_the_target():
+    ttl = load_script("time_to_loss.py")
+    evals = [{"step": 10, "elapsed": 2.0, "val_loss": 3.5, "scope": "full", "eval_seconds": 0.5},
+             {"step": 20, "elapsed": 4.0, "val_loss": 2.9, "scope": "sampled", "eval_seconds": 0.6},
+             {"step": 30, "elapsed": 6.0, "val_loss": 2.95, "scope": "full", "eval_seconds": 1.5},
+             {"step": 40, "elapsed": 8.0, "val_loss": 2.5, "scope": "full", "eval_seconds": 2.0}]
+    first = ttl.first_crossing(evals, 3.0)
+    # A sampled estimate below the target does not count; the first whole-split one does.
+    assert first == {"step": 30, "val_loss": 2.95, "elapsed": 6.0, "train_seconds": 4.5, "eval_seconds": 1.5}
+    assert ttl.first_crossing(evals, 2.5)["step"] == 40
+    assert ttl.first_crossing(evals, 2.0) is None
+
+
+def test_time_to_loss_runs_a_step_budget_or_a_time_budget():
+    ttl = load_script("time_to_loss.py")
+    by_steps = ttl.train_command("tiny", [], Path("out"), None, 60, 20, "cpu")
+    assert "--time-budget" not in by_steps and "train.max_iters=60" in by_steps
+    assert "train.eval_full=true" in by_steps and "train.eval_interval=20" in by_steps
+    by_time = ttl.train_command("tiny", [], Path("out"), 39.0, None, 0, "")
+    assert by_time[by_time.index("--time-budget") + 1] == "39.0" and "train.eval_full=true" not in by_time
+
+
+def test_the_nanogpt_reference_is_its_cpu_recipe_in_this_tools_config():
+    ttl = load_script("time_to_loss.py")
+    config = apply_overrides(load_config("default"), list(ttl.NANOGPT_CPU))
+    m, t = config.model, config.train
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
+    assert (m.pos_encoding, m.norm, m.activation, m.tie_weights, m.bias, m.qk_norm) == (
+        "learned", "layernorm", "gelu", True, False, False)
+    assert (t.optimizer, t.batch_size, t.learning_rate, t.min_lr, t.schedule, t.warmup_iters) == (
+        "adamw", 12, 1e-3, 1e-4, "cosine", 100)
+    assert (t.beta2, t.weight_decay, t.grad_clip) == (0.99, 0.1, 1.0)
+
+
+def test_time_to_loss_reports_the_run_and_the_reference_on_the_whole_split(tmp_path, small_corpus):
+    # A step budget, not a time budget: the same work on a busy machine as on a quiet one.
+    result = run_script("time_to_loss.py", "tiny", "--target", "100", "--steps", "20", "--eval-every", "10",
+                        "--device", "cpu", "--data", str(small_corpus), "--reference", "nanogpt",
+                        "--reference-steps", "10", tmp_path=tmp_path)
     run = result["runs"][0]
-    assert result["reached_all"] and run["reached"]
-    first = run["first_reached"]
-    losses = [loss for _, _, loss in run["curve"]]
-    assert losses[0] > 3.0 >= first["val_loss"] > losses[-1]  # the whole-split loss really falls through the target
-    crossing = next(step for step, _, loss in run["curve"] if loss <= 3.0)
-    assert first["step"] == crossing and first["eval_seconds"] > 0 and first["train_seconds"] > 0
-    assert run["eval_seconds"] > 0 and run["wall_seconds"] < 12 + 5
+    assert result["steps"] == 20 and run["steps"] == 20 and result["reached_all"]
+    assert [step for step, _, _ in run["curve"]] == [10, 20]
+    first = run["first_reached"]  # every loss is below 100: the first evaluation is the crossing
+    assert first["step"] == 10 and round(first["val_loss"], 4) == run["curve"][0][2]
+    assert first["eval_seconds"] > 0 and first["train_seconds"] > 0 and run["eval_seconds"] > 0
+    reference = result["reference"]
+    assert reference["name"] == "nanogpt" and reference["runs"][0]["steps"] == 10
+    assert reference["runs"][0]["final_val_loss"] < 5
