@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minigpt_cli.config import Config, UserError, config_from_checkpoint_dict
-from minigpt_cli.data import RUN_DATA_JSON, RUN_IDS
+from minigpt_cli.data import RUN_DATA_JSON, RUN_IDS, run_copy
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer
 
@@ -218,6 +218,12 @@ def data_copy(run_dir: Path) -> Path | None:
     """The run's copy of its training text, if it has one."""
     path = Path(run_dir) / DATA_COPY
     return path if path.is_file() else None
+
+
+def run_text(run_dir: Path) -> Path | None:
+    """The text a run was trained on, kept in the run (its encoded copy, or an older run's text
+    copy), which `eval` and `--resume` read instead of data.path; None: the run keeps none."""
+    return run_copy(run_dir) or data_copy(run_dir)
 
 
 CONFIG_FILE = "config.yaml"

@@ -346,80 +346,6 @@ class TrainView:
         self.progress.close()
 
 
-def _resolve_train_config(config_name: Optional[str], resume: bool, out_dir: Optional[Path],
-                          overrides: List[str], data: Optional[str], time_budget: Optional[float],
-                          device: Optional[str], seed: Optional[int], deterministic: bool,
-                          init_from: Optional[Path] = None, extend_vocab: bool = False):
-    import dataclasses
-
-    from minigpt_cli import checkpoint as ckpt
-    from minigpt_cli.config import apply_overrides, load_config
-    from minigpt_cli.device import detect_distributed
-
-    run_dir = out_dir
-    note = None
-    if init_from is not None:
-        if resume:
-            raise UserError("--resume continues a run and --init-from starts a new one: use one of them")
-        # The parent's config unless one is given; fresh optimizer, schedule and records either way.
-        parent = ckpt.load_checkpoint(init_from, which="best")
-        config = load_config(config_name) if config_name else dataclasses.replace(
-            parent.config, train=dataclasses.replace(parent.config.train, stop_after=0))
-        overrides = [*overrides, f"train.init_from={Path(init_from).expanduser().resolve()}",
-                     f"train.extend_vocab={extend_vocab}"]
-    elif extend_vocab:
-        raise UserError("--extend-vocab goes with --init-from RUN (it adds characters to that run's vocabulary)")
-    elif resume:
-        run_dir, _ = ckpt.prepare_run_dir(out_dir, "", resume=True)
-        if config_name is None:
-            config = ckpt.load_checkpoint(run_dir, which="latest").config
-            # stop_after pauses one invocation; it is not part of the recipe a plain --resume continues.
-            config = dataclasses.replace(config, train=dataclasses.replace(config.train, stop_after=0))
-        else:
-            config = load_config(config_name)
-    else:
-        if config_name is None:
-            config_name, note = _default_config_name(device)
-        config = load_config(config_name)
-    flags = list(overrides)
-    from minigpt_cli.data import run_copy
-
-    copy = (run_copy(run_dir) or ckpt.data_copy(run_dir)) if resume else None
-    if copy is not None and data is None and not any(f.strip().startswith("data.path=") for f in flags):
-        data = str(copy)  # the run's own copy of the text it was trained on
-    if data is not None:
-        flags.append(f"data.path={data if data == '-' else Path(data).expanduser().resolve()}")
-    if time_budget is not None:
-        flags.append(f"train.time_budget={time_budget}")
-    if device is not None:
-        flags.append(f"train.device={device}")
-    if seed is not None:
-        flags.append(f"train.seed={seed}")
-    config = apply_overrides(config, flags)
-    if deterministic:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, deterministic=True))
-    if not resume and config.data.path not in ("", "-"):
-        # Stored absolute, so `eval` and `--resume` find the text from any working directory.
-        absolute = str(Path(config.data.path).expanduser().resolve())
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=absolute))
-    created = False
-    if not resume:
-        # Only the process that writes (rank 0 under torchrun) claims a directory.
-        run_dir, created = ckpt.prepare_run_dir(out_dir, config.name, resume=False,
-                                                claim=detect_distributed().is_main)
-    return config, Path(run_dir), note, created
-
-
-def _default_config_name(device: Optional[str]) -> tuple[str, str]:
-    """With no CONFIG: the GPU recipe when the chosen device is a CUDA GPU, the CPU-sized default otherwise."""
-    from minigpt_cli.device import resolve_device
-
-    choice = resolve_device(device or "auto")
-    if choice.device.type == "cuda":
-        return "shakespeare_char", "config shakespeare_char (the GPU recipe, since the device is a CUDA GPU)"
-    return "default", f"config default (sized for {choice.device.type})"
-
-
 @app.command(epilog="Examples:\n\n  minigpt train\n\n  minigpt train shakespeare_char --device cuda\n\n"
                     "  minigpt train --data my.txt --set model.n_layer=2 --time-budget 60")
 @handle_errors
@@ -448,8 +374,11 @@ def train(
     """Train a model on text and save checkpoints in a run directory."""
     starting = _Starting(quiet)
     try:
-        cfg, run_dir, note, created = _resolve_train_config(config, resume, out_dir, set_, data, time_budget, device,
-                                                            seed, deterministic, init_from, extend_vocab)
+        from minigpt_cli.trainer import plan_training
+
+        plan = plan_training(config, resume, out_dir, set_, data, time_budget, device, seed, deterministic, init_from,
+                             extend_vocab)
+        cfg, run_dir, note, created = plan.config, plan.run_dir, plan.note, plan.created
     except BaseException:
         starting.done()
         raise
@@ -1402,6 +1331,7 @@ def compare(
 ) -> None:
     """Compare runs side by side, or train variants of a config (--vary) and compare them."""
     from minigpt_cli import runs as runs_lib
+    from minigpt_cli.config import absolute_data_path
 
     starting = _Starting(quiet, "loading")
     interrupted = False
@@ -1412,7 +1342,7 @@ def compare(
                                 f"{len(targets)} arguments")
             flags = list(set_)
             if data is not None:
-                flags.append(f"data.path={data if data == '-' else Path(data).expanduser().resolve()}")
+                flags.append(f"data.path={absolute_data_path(data)}")
             for key, value in (("time_budget", time_budget), ("device", device), ("seed", seed)):
                 if value is not None:
                     flags.append(f"train.{key}={value}")

@@ -284,6 +284,12 @@ def default_data_path() -> Path:
     return bundled_dir("data") / "tinyshakespeare.txt"
 
 
+def absolute_data_path(path: str) -> str:
+    """data.path as a run stores it: absolute, so `eval` and `--resume` find the text from any working
+    directory; "" (the bundled text) and "-" (stdin) stay as they are."""
+    return path if path in ("", "-") else str(Path(path).expanduser().resolve())
+
+
 def shipped_configs() -> list[str]:
     return sorted(p.stem for p in bundled_dir("configs").glob("*.yaml"))
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minigpt_cli.checkpoint import LoadedCheckpoint, data_copy, load_checkpoint
+from minigpt_cli.checkpoint import LoadedCheckpoint, load_checkpoint, run_text
 from minigpt_cli.config import UserError
-from minigpt_cli.data import load_corpus, run_copy
+from minigpt_cli.data import load_corpus
 from minigpt_cli.device import DTYPES, Precision, autocast, check_inference_dtype, choose_precision, resolve_device, use_threads
 from minigpt_cli.model import GPT
 from minigpt_cli.progress import ProgressCallback
@@ -87,7 +87,7 @@ def score(model: GPT, ids: np.ndarray, stride: int, batch_size: int, device: tor
 def _validation_ids(loaded: LoadedCheckpoint, warnings: list[str]) -> tuple[np.ndarray, str]:
     """The run's validation split, rebuilt from its data path with its own vocabulary."""
     data = loaded.config.data
-    copy = run_copy(loaded.run_dir) or data_copy(loaded.run_dir)
+    copy = run_text(loaded.run_dir)
     if data.path and copy is not None:
         data = dataclasses.replace(data, path=str(copy))  # the text the run was trained on, kept in the run
     if data.path == "-":

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.config import Config, UserError
+from minigpt_cli.config import Config, UserError, absolute_data_path, apply_overrides, load_config
 from minigpt_cli.data import (Corpus, batch_indices, check_split_lengths, get_batch, keep_in_run, load_corpus,
                               read_windows, run_copy, scoring_windows)
-from minigpt_cli.device import Precision, autocast, detect_distributed, runtime
+from minigpt_cli.device import Precision, autocast, detect_distributed, resolve_device, runtime
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
 from minigpt_cli.optim import build_optimizers, lr_factor, set_lr
@@ -826,3 +826,75 @@ def train(config: Config, run_dir: Path, resume: bool = False,
           callback: Callable[[TrainEvent], None] | None = None, started_at: float | None = None,
           clock: Callable[[], float] = time.perf_counter) -> TrainResult:
     return Trainer(config, run_dir, resume, callback, started_at, clock).run()
+
+
+@dataclass
+class TrainPlan:
+    config: Config
+    run_dir: Path
+    note: str | None  # how the config was chosen when none was named
+    created: bool  # the run folder was made now (removed again if the run saves nothing)
+
+
+def plan_training(config_name: str | None, resume: bool, out_dir: Path | None, overrides: Sequence[str] = (),
+                  data: str | None = None, time_budget: float | None = None, device: str | None = None,
+                  seed: int | None = None, deterministic: bool = False, init_from: Path | None = None,
+                  extend_vocab: bool = False) -> TrainPlan:
+    """What `minigpt train` runs: the config (named, the run's own on --resume, the parent's with
+    --init-from, or the default for the device), the options given on top of it, the text it reads
+    (the run's kept copy on --resume unless other text is given; paths stored absolute), and the run
+    folder (claimed new, or proven a run for --resume)."""
+    run_dir = out_dir
+    note = None
+    flags = list(overrides)
+    if init_from is not None:
+        if resume:
+            raise UserError("--resume continues a run and --init-from starts a new one: use one of them")
+        # The parent's config unless one is given; fresh optimizer, schedule and records either way.
+        parent = ckpt.load_checkpoint(init_from, which="best")
+        config = load_config(config_name) if config_name else dataclasses.replace(
+            parent.config, train=dataclasses.replace(parent.config.train, stop_after=0))
+        flags += [f"train.init_from={Path(init_from).expanduser().resolve()}", f"train.extend_vocab={extend_vocab}"]
+    elif extend_vocab:
+        raise UserError("--extend-vocab goes with --init-from RUN (it adds characters to that run's vocabulary)")
+    elif resume:
+        run_dir, _ = ckpt.prepare_run_dir(out_dir, "", resume=True)
+        if config_name is None:
+            config = ckpt.load_checkpoint(run_dir, which="latest").config
+            # stop_after pauses one invocation; it is not part of the recipe a plain --resume continues.
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, stop_after=0))
+        else:
+            config = load_config(config_name)
+    else:
+        if config_name is None:
+            config_name, note = default_config_name(device)
+        config = load_config(config_name)
+    copy = ckpt.run_text(run_dir) if resume else None
+    if copy is not None and data is None and not any(f.strip().startswith("data.path=") for f in flags):
+        data = str(copy)  # the run's own copy of the text it was trained on
+    if data is not None:
+        flags.append(f"data.path={absolute_data_path(data)}")
+    for key, value in (("time_budget", time_budget), ("device", device), ("seed", seed)):
+        if value is not None:
+            flags.append(f"train.{key}={value}")
+    config = apply_overrides(config, flags)
+    if deterministic:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, deterministic=True))
+    if not resume:
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, path=absolute_data_path(config.data.path)))
+    created = False
+    if not resume:
+        # Only the process that writes (rank 0 under torchrun) claims a directory.
+        run_dir, created = ckpt.prepare_run_dir(out_dir, config.name, resume=False,
+                                                claim=detect_distributed().is_main)
+    return TrainPlan(config, Path(run_dir), note, created)
+
+
+def default_config_name(device: str | None) -> tuple[str, str]:
+    """With no CONFIG: the GPU recipe when the chosen device is a CUDA GPU, the CPU-sized default
+    otherwise; and the note that says so."""
+    choice = resolve_device(device or "auto")
+    if choice.device.type == "cuda":
+        return "shakespeare_char", "config shakespeare_char (the GPU recipe, since the device is a CUDA GPU)"
+    return "default", f"config default (sized for {choice.device.type})"
