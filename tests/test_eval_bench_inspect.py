@@ -437,8 +437,8 @@ def test_the_written_out_attention_is_the_same_function_as_sdpa():
 
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 40, 8, generator=generator) for _ in range(3))
-    future = torch.ones(40, 40, dtype=torch.bool).triu(diagonal=1)
-    assert torch.allclose(written_out_attention(q, k, v, future),
+    visible = torch.ones(40, 40, dtype=torch.bool).tril()  # True where a query may look
+    assert torch.allclose(written_out_attention(q, k, v, visible),
                           F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
 
 
