@@ -48,13 +48,14 @@ def mlp_activation(h: torch.Tensor, kind: str, inplace: bool = False) -> torch.T
 
 
 def sinusoidal_table(block_size: int, n_embd: int) -> torch.Tensor:
-    """The fixed encoding of 'Attention Is All You Need': sin on even, cos on odd channels."""
-    position = torch.arange(block_size, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / n_embd))
-    table = torch.zeros(block_size, n_embd)
+    """The fixed encoding of 'Attention Is All You Need': sin on even, cos on odd channels.
+    Computed on the CPU, then moved to the default device (see rope_tables)."""
+    position = torch.arange(block_size, dtype=torch.float32, device="cpu")[:, None]
+    freq = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32, device="cpu") * (-math.log(10000.0) / n_embd))
+    table = torch.zeros(block_size, n_embd, device="cpu")
     table[:, 0::2] = torch.sin(position * freq)
     table[:, 1::2] = torch.cos(position * freq[: n_embd // 2])
-    return table  # (block_size, C)
+    return table.to(torch.get_default_device())  # (block_size, C)
 
 
 def embedding_scale(config: ModelConfig) -> float:
@@ -65,10 +66,14 @@ def embedding_scale(config: ModelConfig) -> float:
 
 
 def rope_tables(block_size: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
+    """Computed on the CPU, then moved to the default device: on the meta device (a model built for
+    its shapes when a checkpoint loads) this arithmetic would run torch's Python reference kernels,
+    whose first use imports torch._refs and torch._dynamo (seconds, before `sample`'s first character)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32, device="cpu"), inv_freq)  # (block_size, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_dim)
-    return angles.cos(), angles.sin()
+    device = torch.get_default_device()
+    return angles.cos().to(device), angles.sin().to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
