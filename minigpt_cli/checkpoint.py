@@ -258,7 +258,10 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 
 def finite_or_none(value: Any) -> Any:
-    """value with every NaN or infinite float replaced by None: strict JSON (jq, JavaScript) has neither."""
+    """value in plain JSON types: a one-element tensor (an optimizer's step) as its number, and every
+    NaN or infinite float as None, since strict JSON (jq, JavaScript) has neither."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -272,20 +275,10 @@ def strict_json(value: Any, indent: int | None = None) -> str:
     return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def flatten_optimizer(prefix: str, state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer state_dict into tensors (for safetensors) and plain values (for JSON)."""
     tensors: dict[str, torch.Tensor] = {}
-    plain: dict[str, Any] = {"param_groups": _json_safe(state["param_groups"]), "state": {}}
+    plain: dict[str, Any] = {"param_groups": finite_or_none(state["param_groups"]), "state": {}}
     for index, values in state["state"].items():
         entry = {}
         for name, value in values.items():
@@ -379,7 +372,7 @@ def save_checkpoint(run_dir: Path, model: GPT, config: Config, tokenizer: CharTo
         tmp.mkdir()
         save_file(model_tensors(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
         save_file(train_tensors or {"_empty": torch.zeros(0)}, str(tmp / STATE_FILE))
-        _write_bytes_synced(tmp / STATE_JSON, json.dumps(_json_safe(train_state)).encode("utf-8"))
+        _write_bytes_synced(tmp / STATE_JSON, strict_json(train_state).encode("utf-8"))
         _write_bytes_synced(tmp / META_FILE, (strict_json(full_meta, indent=2) + "\n").encode("utf-8"))
         for f in (MODEL_FILE, STATE_FILE):
             with open(tmp / f, "rb+") as handle:

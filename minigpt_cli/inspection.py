@@ -52,8 +52,6 @@ def _describe(module: nn.Module) -> str:
         return f"{module.n_head} heads x {module.head_dim}, causal"
     if isinstance(module, MLP):
         return f"{module.activation}, {module.c_fc.out_features // module.c_fc.in_features}x wide"
-    if isinstance(module, nn.Dropout):
-        return f"p={module.p}"
     if isinstance(module, Block):
         return "pre-norm" if module.pre_norm else "post-norm"
     if isinstance(module, GPT):
