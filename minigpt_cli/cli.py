@@ -1122,9 +1122,9 @@ def _render_attention(result: dict) -> None:
     chars = [visible_char(c) for c in result["chars"]]
     out.print(f"[bold]attention[/] of {escape(result['target']['name'])} (step {result['step']:,}) over "
               f"{len(chars)} characters: {escape(''.join(chars))}")
-    out.print(f"softmax(QK^T/sqrt(head_dim)) of every layer and head: row = the character attending, columns = the "
-              f"characters up to it (the causal mask hides the rest); weight · under 0.05, ░ under 0.25, ▒ under 0.5, "
-              f"▓ under 0.75, █ 0.75 to 1", markup=False)
+    out.print("softmax(QK^T/sqrt(head_dim)) of every layer and head: row = the character attending, columns = the "
+              "characters up to it (the causal mask hides the rest); weight · under 0.05, ░ under 0.25, ▒ under 0.5, "
+              "▓ under 0.75, █ 0.75 to 1", markup=False)
     for layer in result["layers"]:
         out.print(f"\n[bold]layer {layer['layer']}[/]")
         out.print(Columns([_attention_map(head, chars) for head in layer["heads"]], padding=(0, 3)))

@@ -19,8 +19,7 @@ from minigpt_cli.data import load_corpus
 from minigpt_cli.device import DTYPES, Precision, autocast, check_inference_dtype, choose_precision, resolve_device, use_threads
 from minigpt_cli.model import GPT
 from minigpt_cli.progress import ProgressCallback
-from minigpt_cli.scoring import bits_per_char
-from minigpt_cli.trainer import score_text
+from minigpt_cli.scoring import bits_per_char, score_text
 
 
 

@@ -16,8 +16,7 @@ import os
 import shutil
 import stat
 import struct
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 

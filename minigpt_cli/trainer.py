@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,13 +22,13 @@ from torch import nn
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, UserError, absolute_data_path, apply_overrides, load_config
 from minigpt_cli.data import (Corpus, batch_indices, check_split_lengths, get_batch, keep_in_run, load_corpus,
-                              read_windows, run_copy, scoring_windows)
+                              run_copy, scoring_windows)
 from minigpt_cli.device import Precision, autocast, detect_distributed, resolve_device, runtime
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
 from minigpt_cli.optim import build_optimizers, lr_factor, set_lr
-from minigpt_cli.progress import FINAL_EVAL_TASK, Progress, ProgressCallback, progress_task
-from minigpt_cli.scoring import bits_per_char
+from minigpt_cli.progress import FINAL_EVAL_TASK, Progress
+from minigpt_cli.scoring import bits_per_char, score_text
 
 # Model keys a resumed run may change: they change training, not the model its weights are.
 RESUMABLE_MODEL_KEYS = ("dropout",)
@@ -122,36 +121,6 @@ class _SignalCatcher:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_size: int,
-               device: torch.device, precision: Precision, progress: ProgressCallback | None = None,
-               task: str = "scoring", max_chars: int = 0) -> tuple[float, int]:
-    """Sum of -log p over every character after the first (or a fixed sample of windows when there
-    are more than max_chars, see data.scoring_windows), and how many were scored.
-
-    Windows of up to block_size characters start every `stride` characters; each window scores
-    only the characters no earlier window scored, so with stride < block_size every character
-    after the first window sees at least block_size - stride characters of context. With
-    stride == block_size the windows do not overlap and each position is scored once. Windows are
-    read from ids (a memory map, usually) a batch at a time; progress is reported in characters.
-    """
-    windows = scoring_windows(len(ids), block_size, stride, max_chars)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    model.eval()
-    with torch.no_grad(), autocast(device, precision), \
-            progress_task(progress, task, total=windows.chars, unit="chars") as report:
-        for begins, skips, length in windows.batches(batch_size):
-            xy = torch.from_numpy(read_windows(ids, begins, length + 1)).to(device)  # (B, T+1)
-            logits = model(xy[:, :-1]).float()  # (B, T, vocab_size)
-            nll = F.cross_entropy(logits.transpose(1, 2), xy[:, 1:], reduction="none")  # (B, T)
-            skip = torch.from_numpy(skips).to(device)
-            keep = torch.arange(length, device=device)[None] >= skip[:, None]  # (B, T)
-            total += nll[keep].double().sum()
-            count += int(keep.sum())
-            report.advance(int(keep.sum()))
-    return total.item(), count
 
 
 def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
@@ -556,7 +525,7 @@ class Trainer:
         """Seconds to score one block_size window of validation text, from timing a few of them
         (after one untimed window: the first forward pass pays for allocation and kernel choice).
         Fewer windows than the evaluation batches score at once: an upper bound, cheaply measured."""
-        t, m = self.config.train, self.config.model
+        m = self.config.model
         batch = self.TIMED_WINDOWS
         sample = corpus.val[:min(len(corpus.val), batch * m.block_size + 1)]
         score_text(model, sample[:m.block_size + 1], m.block_size, m.block_size, batch, self.device, self.precision)
@@ -661,7 +630,7 @@ class Trainer:
         return out
 
     def _periodic_eval(self, model: GPT, corpus: Corpus, optimizers) -> None:
-        t, m = self.config.train, self.config.model
+        t = self.config.train
         began = self.clock()
         losses = self._estimate(model, corpus)
         seconds = self.clock() - began
