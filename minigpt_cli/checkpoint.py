@@ -192,26 +192,8 @@ def _write_bytes_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+# Runs made before the encoded copy (data.npy) kept their training text as this file.
 DATA_COPY = "data.txt"
-# A run keeps a copy of its training text up to this size, so that `eval` and `--resume` need
-# nothing outside the run; past it (a corpus this tool is not sized for) they read data.path.
-DATA_COPY_MAX_BYTES = 100 * 2**20
-
-
-def save_data_copy(run_dir: Path, text: str) -> Path | None:
-    """Write the run's training text to run_dir/data.txt (atomically); None where it is too large."""
-    data = text.encode("utf-8")
-    if len(data) > DATA_COPY_MAX_BYTES:
-        return None
-    path = run_dir / DATA_COPY
-    tmp = path.with_name(f"{TMP_PREFIX}{DATA_COPY}.{os.getpid()}")
-    try:
-        _write_bytes_synced(tmp, data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(f"could not write {path}: {exc.strerror or exc}") from exc
-    return path
 
 
 def data_copy(run_dir: Path) -> Path | None:
