@@ -37,6 +37,15 @@ def test_sample_speed_reports_rates_floors_and_that_the_fast_path_matches(tmp_pa
     assert result["weight_mb"]["float32"] == 2 * result["weight_mb"]["bfloat16"]
 
 
+def test_busy_machine_reports_quiet_and_busy_rates_of_real_sample_processes(tmp_path):
+    result = run_script("busy_machine.py", "--configs", "tiny", "--rounds", "1", "--new-tokens", "4",
+                        "--train-steps", "0", "--competing", "1", tmp_path=tmp_path)
+    (row,) = result["rows"]
+    assert row["case"] == "new sample tiny" and result["competing"] == 1
+    assert row["quiet"] > 0 and row["busy"] > 0 and row["busy_over_quiet"] > 0
+    assert row["threads_quiet"] not in (None, "default")  # the tool reports the thread count it chose
+
+
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / "benchmarks" / name)
     module = importlib.util.module_from_spec(spec)
