@@ -70,7 +70,7 @@ def train_rate(code: Path, steps: int, cwd: Path, out: Path) -> float:
     """Median logged training tokens/s of the default config, leaving out the first log line."""
     minigpt(code, "train", "default", "--device", "cpu", "--quiet", "--out", str(out),
             "--set", f"train.max_iters={steps}", "--set", "train.log_interval=5",
-            "--set", f"train.eval_interval={steps}", "--set", "train.eval_max_chars=2000", cwd=cwd)
+            "--set", f"train.eval_interval={steps}", cwd=cwd)
     rates = [json.loads(line)["tokens_per_sec"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if '"kind": "train"' in line]
     return statistics.median(rates[1:] or rates)
