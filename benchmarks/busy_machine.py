@@ -94,17 +94,18 @@ def main() -> None:
     threads: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="minigpt-busy-") as tmp:
         work = Path(tmp)
-        runs = {}
-        for config in args.configs.split(","):
-            runs[config] = work / f"run-{config}"
-            minigpt(REPO, "train", config, "--device", "cpu", "--quiet", "--out", str(runs[config]),
-                    "--set", "train.max_iters=1", "--set", "train.eval_iters=1", "--set", "train.batch_size=1",
-                    "--set", "train.eval_max_chars=1000", cwd=work)
+        runs: dict[str, dict[str, Path]] = {}
+        for name, code in codes.items():  # each checkout samples a run of its own format
+            for config in args.configs.split(","):
+                run = runs.setdefault(name, {})[config] = work / f"run-{name}-{config}"
+                minigpt(code, "train", config, "--device", "cpu", "--quiet", "--out", str(run),
+                        "--set", "train.max_iters=1", "--set", "train.eval_iters=1", "--set", "train.batch_size=1",
+                        "--set", "data.val_fraction=0.01", cwd=work)
         for round_ in range(args.rounds):
             for busy in (0, args.competing):
                 with competing(busy):
                     for name, code in codes.items():
-                        for config, run in runs.items():
+                        for config, run in runs[name].items():
                             key = f"{name} sample {config} {'busy' if busy else 'quiet'}"
                             rate, used = sample_rate(code, run, args.new_tokens, work)
                             rates.setdefault(key, []).append(rate)
