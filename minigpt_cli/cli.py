@@ -1415,11 +1415,11 @@ def main() -> None:
     line like every other error, and help piped into `head` ends quietly."""
     import rich.console
 
-    # OpenMP threads that wait for work by sleeping, not spinning: on a CPU shared with other
-    # programs, a spinning thread takes the core that the thread it waits for needs (a batch-1
-    # decode ran 2.5 tokens/s spinning against 62 sleeping on a busy 2-core machine). libgomp reads
-    # this once, when torch loads it, so it is set here, before any command imports torch.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's wait policy is left to libgomp (spin briefly, then sleep): device.choose_threads
+    # already keeps to the CPUs other programs leave free, and forcing PASSIVE (sleep at once) made
+    # a quiet machine's 2-thread decode of the 6 x 384 model about 20% slower (98 against 121-127
+    # tokens/s, benchmarks/README.md). OMP_WAIT_POLICY=PASSIVE is the user's choice for a machine
+    # that may get busy after a long command starts.
     click_exception, usage_error = _click_errors()
     # typer prints help through its own rich consoles, whose answer to a reader that went away is
     # exit code 1: give them ours (exit 0, as a pipe into `head` is not a failure).
