@@ -349,9 +349,8 @@ def text_chart(series: dict[str, list[list[float]]], width: int = 64, height: in
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
-def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str) -> Path:
-    """Write the loss curves as an image (PNG, SVG or PDF by the file's suffix); needs matplotlib."""
-    path = Path(path)
+def _figure_for(path: Path) -> Any:
+    """matplotlib's Figure class, once `path` has a suffix it can write; UserError without matplotlib."""
     if path.suffix.lower() not in PLOT_SUFFIXES:
         raise UserError(f"--plot {path}: use a file ending in {', '.join(PLOT_SUFFIXES)}")
     try:
@@ -359,6 +358,13 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str) ->
     except ImportError:
         raise UserError("--plot needs matplotlib, which is not installed: pip install 'minigpt-cli[plot]' "
                         "(or pip install matplotlib)") from None
+    return Figure
+
+
+def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str) -> Path:
+    """Write the loss curves as an image (PNG, SVG or PDF by the file's suffix); needs matplotlib."""
+    path = Path(path)
+    Figure = _figure_for(path)
     if not any(curves.values()):
         raise UserError(f"{title}: no losses recorded yet, nothing to plot")
     figure = Figure(figsize=(8, 4.5), layout="constrained")
@@ -463,13 +469,7 @@ def visible_char(c: str) -> str:
 def plot_attention(result: dict[str, Any], path: Path) -> Path:
     """Every head's weights as an image grid (layers down, heads across); needs matplotlib."""
     path = Path(path)
-    if path.suffix.lower() not in PLOT_SUFFIXES:
-        raise UserError(f"--plot {path}: use a file ending in {', '.join(PLOT_SUFFIXES)}")
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("--plot needs matplotlib, which is not installed: pip install 'minigpt-cli[plot]' "
-                        "(or pip install matplotlib)") from None
+    Figure = _figure_for(path)
     import numpy as np
 
     chars = [visible_char(c) for c in result["chars"]]
