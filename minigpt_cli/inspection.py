@@ -361,6 +361,15 @@ def _figure_for(path: Path) -> Any:
     return Figure
 
 
+def _save_figure(figure: Any, path: Path) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str) -> Path:
     """Write the loss curves as an image (PNG, SVG or PDF by the file's suffix); needs matplotlib."""
     path = Path(path)
@@ -378,12 +387,7 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str) ->
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return path
+    return _save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,9 +493,4 @@ def plot_attention(result: dict[str, Any], path: Path) -> Path:
             ax.set_yticks(range(T), chars, fontsize=7)
     figure.suptitle(f"attention of {result['target']['name']} (rows: the position attending; columns: "
                     f"the positions it reads)", fontsize=10)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return path
+    return _save_figure(figure, path)
