@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,12 +15,32 @@ from minigpt_cli.config import TrainConfig
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16, AMX, Arm BF16) through oneDNN."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 as in the published method where the hardware has it, else float32.
+
+    The iteration tolerates bfloat16's rounding, and it is about 1.5x faster than float32 on a CPU
+    with AVX512-BF16. A CPU without native bfloat16 (AVX2 only: most laptops) emulates it and runs
+    these products 10-30x slower than float32 (benchmarks/README.md), which made Muon's step most
+    of a training step there.
+    """
+    if device.type == "cpu" and not cpu_has_fast_bfloat16():
+        return torch.float32
+    return torch.bfloat16
+
+
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximately replace g (..., m, n) by U V^T from its SVD, using only matrix products."""
     a, b, c = NS_COEFFS
-    # bfloat16 as in the published method: the iteration tolerates its rounding, and it is about
-    # 1.5x faster than float32 on a CPU with AVX512-BF16 (measured on this project's CI machine).
-    x = g.bfloat16()
+    x = g.to(newton_schulz_dtype(g.device))
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT
