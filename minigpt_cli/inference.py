@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_cli.kv_cache import KVCache
-from minigpt_cli.model import (GPT, apply_rope, embedding_scale, mlp_activation, normalize, rms, softcap,
-                               weight_matrices)
+from minigpt_cli.model import GPT, apply_rope, embedding_scale, mlp_activation, normalize, rms, softcap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +100,13 @@ class InferenceLinear(nn.Module):
         if x.dtype == self.weight.dtype:
             return self.project(x)
         return self.project(x.to(self.weight.dtype)).to(x.dtype)
+
+
+def weight_matrices(model: GPT) -> list[nn.Module]:
+    """The matrices a token passes through, in order: four per block (attention in and out, MLP in
+    and out), then the head."""
+    blocks = [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    return blocks + [model.lm_head]
 
 
 def inference_copy(model: GPT, dtype: torch.dtype, pack: bool) -> GPT:

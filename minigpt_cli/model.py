@@ -19,9 +19,7 @@ from minigpt_cli.config import ModelConfig
 from minigpt_cli.kv_cache import KVCache
 
 
-# ---------------------------------------------------------------------------------------------
-# The arithmetic: normalization, activation, positions, attention, logit cap.
-# ---------------------------------------------------------------------------------------------
+# --- The arithmetic: normalization, activation, positions, attention, logit cap ---------------
 
 def normalize(x: torch.Tensor, kind: str, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """RMSNorm or LayerNorm over the last dimension (bias only for LayerNorm)."""
@@ -66,9 +64,9 @@ def embedding_scale(config: ModelConfig) -> float:
 
 
 def rope_tables(block_size: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Computed on the CPU, then moved to the default device: on the meta device (a model built for
-    its shapes when a checkpoint loads) this arithmetic would run torch's Python reference kernels,
-    whose first use imports torch._refs and torch._dynamo (seconds, before `sample`'s first character)."""
+    """cos and sin of each position's rotation angles, (block_size, head_dim) each. Computed on the CPU:
+    on the meta device (a model built for its shapes when a checkpoint loads) this would import
+    torch._refs and torch._dynamo (seconds, before `sample`'s first character)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
     angles = torch.outer(torch.arange(block_size, dtype=torch.float32, device="cpu"), inv_freq)  # (block_size, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_dim)
@@ -113,9 +111,7 @@ def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis
     return probs @ v  # (B, n_head, T, head_dim)
 
 
-# ---------------------------------------------------------------------------------------------
-# The modules.
-# ---------------------------------------------------------------------------------------------
+# --- The modules -------------------------------------------------------------------------------
 
 class Norm(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -145,10 +141,8 @@ class CausalSelfAttention(nn.Module):
         """Queries, keys and values of x (B, T, C), each (B, n_head, T, head_dim), qk-normed and rotated;
         with attention_probs, what a caller needs to see a layer's attention weights."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        # (B, T, 3C) -> three (B, T, C) -> split C into heads: each (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         if self.qk_norm:
             q, k = rms(q), rms(k)
         if rope is not None:
@@ -173,7 +167,9 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_keys(T, past, x.device), dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(y.shape[0], T, C)  # (B, T, C): heads side by side again
+        # (B', T, C): heads side by side again. B' is the cache's batch: a prompt of batch 1 prefilled
+        # into a cache of several rows comes out once per row (the samples share one prefill).
+        y = y.transpose(1, 2).reshape(y.shape[0], T, C)
         y = self.c_proj(y)
         return F.dropout(y, dropout, training=True) if dropout else y
 
@@ -233,20 +229,17 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Matrices N(0, 0.02); residual projections (c_proj) zero, or GPT-2's N(0, 0.02 / sqrt(2 * n_layer)) so
+        the residual stream's variance stays put however deep; biases zero; norm weights one."""
         for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue
-            if name.endswith("c_proj.weight"):
-                if self.config.zero_init_proj:
-                    nn.init.zeros_(p)
-                else:
-                    # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the stream's variance stays put.
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
-            else:
+            if name.endswith("c_proj.weight") and self.config.zero_init_proj:
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            elif p.dim() >= 2:
                 nn.init.normal_(p, mean=0.0, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -285,16 +278,7 @@ class GPT(nn.Module):
                        dtype=self.wte.weight.dtype, device=self.device)
 
 
-def weight_matrices(model: GPT) -> list[nn.Module]:
-    """The matrices a token passes through, in order: four per block (attention in and out, MLP in
-    and out), then the head."""
-    blocks = [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-    return blocks + [model.lm_head]
-
-
-# ---------------------------------------------------------------------------------------------
-# Accounting: parameters, FLOPs and KV-cache bytes, from the config alone.
-# ---------------------------------------------------------------------------------------------
+# --- Accounting: parameters, FLOPs and KV-cache bytes, from the config alone -------------------
 
 def count_parameters(config: ModelConfig, vocab_size: int) -> int:
     """Parameters of the model, counted on the meta device (no memory, no time)."""

@@ -301,6 +301,13 @@ class Trainer:
         self.resume = resume
         self.callback = callback or (lambda event: None)
         self.dist = detect_distributed()
+        # Made by _set_up, inside runtime() (which chooses the device and precision):
+        self.corpus: Corpus
+        self.model: GPT
+        self.train_model: nn.Module  # the model, or its compiled or DDP wrapper: what the steps call
+        self.optimizers: list[torch.optim.Optimizer]
+        self.scaler: torch.amp.GradScaler | None
+        self.tokens_per_step: int
 
     def emit(self, kind: str, step: int, **data: Any) -> None:
         if self.dist.is_main:
@@ -376,6 +383,35 @@ class Trainer:
                 return self._run()
 
     def _run(self) -> TrainResult:
+        """Set up, train, then save and evaluate the last weights: the whole run, top to bottom."""
+        self._set_up()
+        state = self.state
+        if self.config.train.time_budget:
+            self._start_budget()
+        with _SignalCatcher() as signals:
+            stopped = self._loop(signals)
+            if stopped == "stop_after":
+                return self._result(math.nan, 0, stopped)
+            state.stopped = stopped
+            if state.saved_step != state.step:
+                # The trained weights are saved before the final evaluation (a while on a large split),
+                # so a second Ctrl-C during it, which exits at once, loses no training.
+                self._save(is_best=False)
+            signals.on_first = self._finishing_notice
+            final_loss, scored = self._final_eval()
+            # A signal during the final evaluation: it finished and saved, so stop as a signal stops.
+            # (Each rank's own signal: no collective is left to agree on, and none should run this
+            # close to the process group's teardown.)
+            signum = signals.signum
+        result = self._result(final_loss, scored, stopped)
+        if signum:
+            result.stopped = "interrupted" if signum == signal.SIGINT else "terminated"
+            raise TrainingStopped(signum, result)
+        return result
+
+    def _set_up(self) -> None:
+        """The text, the model (new, resumed or grown from --init-from), its optimizers and the run's
+        state, held on the trainer for the loop; the run's config and text written to its folder."""
         cfg, t = self.config, self.config.train
         loaded = self._load_resume()
         parent = self._load_parent()
@@ -391,8 +427,9 @@ class Trainer:
                 f"the data differs from the data this run was trained on (fingerprint "
                 f"{loaded.meta['data_fingerprint'][:12]} vs {corpus.fingerprint[:12]}); continuing on the new "
                 f"data. To keep runs apart, train a new run with a different --out instead of --resume."))
+        self.corpus = corpus
 
-        model = GPT(cfg.model, corpus.tokenizer.vocab_size)
+        model = self.model = GPT(cfg.model, corpus.tokenizer.vocab_size)
         if loaded:
             ckpt.load_weights(model, loaded.model_state, loaded.path / ckpt.MODEL_FILE)
         lineage = loaded.meta.get("parent") if loaded else None
@@ -402,11 +439,11 @@ class Trainer:
             lineage = {"run": str(parent.run_dir.resolve()), "checkpoint": str(parent.path.resolve()),
                        "step": parent.step, "config": parent.config.name, "added_chars": "".join(added)}
         model.to(self.device)
-        optimizers = build_optimizers(model, t, self.device)
+        self.optimizers = build_optimizers(model, t, self.device)
         state = self.state = RunState(fingerprint=corpus.fingerprint, parent=lineage, val_chars=len(corpus.val),
                                       data_seconds=corpus.seconds, data_cache=corpus.cache)
         if loaded:
-            self._restore_train_state(loaded, optimizers)
+            self._restore_train_state(loaded)
             state.resume_from(loaded.step, loaded.meta)
         state.data_kept = "nothing: the bundled text ships with minigpt" if not cfg.data.path else None
         if self.dist.is_main:
@@ -424,82 +461,66 @@ class Trainer:
                     cfg.data, path=str(run_copy(self.run_dir).resolve())))
             ckpt.save_config(self.run_dir, written)
 
-        train_model: torch.nn.Module = model
+        # What the steps run: the model, compiled and wrapped for DDP when asked (the same weights).
+        self.train_model: torch.nn.Module = model
         if t.compile:
-            train_model = torch.compile(model)
+            self.train_model = torch.compile(model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            train_model = DistributedDataParallel(
-                train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
-        scaler = torch.amp.GradScaler("cuda") if self.precision.use_grad_scaler else None
-        tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum_steps * self.dist.world_size
+            self.train_model = DistributedDataParallel(
+                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_grad_scaler else None
+        self.tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum_steps * self.dist.world_size
         self.emit("start", state.step, n_params=model.num_parameters(), device=str(self.device),
                   device_reason=self.device_reason, precision=self.precision.name,
                   precision_reason=self.precision.reason, vocab_size=corpus.tokenizer.vocab_size,
                   train_chars=len(corpus.train), val_chars=len(corpus.val), source=corpus.source,
                   data_cache=corpus.cache, data_seconds=corpus.seconds, data_kept=state.data_kept,
-                  val_scored=self._val_windows(corpus).chars,
-                  max_iters=t.max_iters, tokens_per_step=tokens_per_step, time_budget=t.time_budget,
+                  val_scored=self._val_windows().chars,
+                  max_iters=t.max_iters, tokens_per_step=self.tokens_per_step, time_budget=t.time_budget,
                   run_dir=str(self.run_dir), resumed_from=str(loaded.path) if loaded else None,
                   world_size=self.dist.world_size, seed=t.seed,
                   init_from=str(parent.run_dir) if parent else None, added_chars="".join(added))
 
-        if t.time_budget:
-            self._start_budget(model, corpus)
-        stopped = "max_iters"
+    def _loop(self, signals: "_SignalCatcher") -> str:
+        """Step until max_iters or the time budget; returns why it stopped. A signal saves and raises
+        TrainingStopped; train.stop_after saves and returns "stop_after"."""
+        t, state = self.config.train, self.state
         state.loop_start = last_log = (time.perf_counter(), state.step)
-        with _SignalCatcher() as signals:
-            while state.step < t.max_iters:
-                if self.budget is not None and self._out_of_time():
-                    stopped = "time_budget"
-                    break
-                lr = set_lr(optimizers, lr_factor(t, state.step, self._progress(state.step)))
-                step_began = self.clock()
-                loss = self._train_step(train_model, model, optimizers, scaler, corpus, state.step)
-                if self.budget is not None:
-                    self.budget.step_done(self.clock() - step_began)
-                state.step += 1
-                state.tokens += tokens_per_step
-                step = self.progress_step = state.step
-                flags = self._agree([0.0 if math.isfinite(loss) else 1.0, float(signals.signum)])
-                if flags[0]:
-                    raise NonFiniteLoss(step, self.run_dir)
-                if step % t.log_interval == 0 or step == t.max_iters:
-                    now = time.perf_counter()
-                    rate = (step - last_log[1]) * tokens_per_step / max(now - last_log[0], 1e-9)
-                    last_log = (now, step)
-                    self._log(step, loss, lr, rate)
-                if step % t.eval_interval == 0 and step < t.max_iters and self._eval_fits(corpus):
-                    self._periodic_eval(model, corpus, optimizers)
-                elif t.checkpoint_interval and step % t.checkpoint_interval == 0:
-                    self._save(model, corpus, optimizers, is_best=False)
-                if flags[1]:
-                    signum = int(flags[1])
-                    state.stopped = "interrupted" if signum == signal.SIGINT else "terminated"
-                    self._save(model, corpus, optimizers, is_best=False)
-                    raise TrainingStopped(signum, self._result(model, math.nan, 0, state.stopped))
-                if t.stop_after and step - state.loop_start[1] >= t.stop_after and step < t.max_iters:
-                    state.stopped = "stop_after"
-                    self._save(model, corpus, optimizers, is_best=False)
-                    return self._result(model, math.nan, 0, "stop_after")
-            state.stopped = stopped
-            if state.saved_step != state.step:
-                # The trained weights are saved before the final evaluation (a while on a large split),
-                # so a second Ctrl-C during it, which exits at once, loses no training.
-                self._save(model, corpus, optimizers, is_best=False)
-            signals.on_first = self._finishing_notice
-            final_loss, scored = self._final_eval(model, corpus, optimizers)
-            # A signal during the final evaluation: it finished and saved, so stop as a signal stops.
-            # (Each rank's own signal: no collective is left to agree on, and none should run this
-            # close to the process group's teardown.)
-            signum = signals.signum
-        result = self._result(model, final_loss, scored, stopped)
-        if signum:
-            result.stopped = "interrupted" if signum == signal.SIGINT else "terminated"
-            raise TrainingStopped(signum, result)
-        return result
+        while state.step < t.max_iters:
+            if self.budget is not None and self._out_of_time():
+                return "time_budget"
+            lr = set_lr(self.optimizers, lr_factor(t, state.step, self._progress(state.step)))
+            step_began = self.clock()
+            loss = self._train_step(state.step)
+            if self.budget is not None:
+                self.budget.step_done(self.clock() - step_began)
+            state.step += 1
+            state.tokens += self.tokens_per_step
+            step = self.progress_step = state.step
+            flags = self._agree([0.0 if math.isfinite(loss) else 1.0, float(signals.signum)])
+            if flags[0]:
+                raise NonFiniteLoss(step, self.run_dir)
+            if step % t.log_interval == 0 or step == t.max_iters:
+                now = time.perf_counter()
+                rate = (step - last_log[1]) * self.tokens_per_step / max(now - last_log[0], 1e-9)
+                last_log = (now, step)
+                self._log(step, loss, lr, rate)
+            if step % t.eval_interval == 0 and step < t.max_iters and self._eval_fits():
+                self._periodic_eval()
+            elif t.checkpoint_interval and step % t.checkpoint_interval == 0:
+                self._save(is_best=False)
+            if flags[1]:
+                signum = int(flags[1])
+                state.stopped = "interrupted" if signum == signal.SIGINT else "terminated"
+                self._save(is_best=False)
+                raise TrainingStopped(signum, self._result(math.nan, 0, state.stopped))
+            if t.stop_after and step - state.loop_start[1] >= t.stop_after and step < t.max_iters:
+                state.stopped = "stop_after"
+                self._save(is_best=False)
+                return "stop_after"
+        return "max_iters"
 
     def _finishing_notice(self, signum: int) -> None:
         again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -521,30 +542,31 @@ class Trainer:
         assert self.budget is not None
         return self._agree([float(self.budget.out_of_time())])[0] > 0
 
-    def _seconds_per_window(self, model: GPT, corpus: Corpus) -> float:
+    def _seconds_per_window(self) -> float:
         """Seconds to score one block_size window of validation text, from timing a few of them
         (after one untimed window: the first forward pass pays for allocation and kernel choice).
         Fewer windows than the evaluation batches score at once: an upper bound, cheaply measured."""
-        m = self.config.model
+        m, model = self.config.model, self.model
         batch = self.TIMED_WINDOWS
-        sample = corpus.val[:min(len(corpus.val), batch * m.block_size + 1)]
+        val = self.corpus.val
+        sample = val[:min(len(val), batch * m.block_size + 1)]
         score_text(model, sample[:m.block_size + 1], m.block_size, m.block_size, batch, self.device, self.precision)
         began = self.clock()
         _, scored = score_text(model, sample, m.block_size, m.block_size, batch, self.device, self.precision)
         return (self.clock() - began) / max(1, math.ceil(scored / m.block_size))
 
-    def _start_budget(self, model: GPT, corpus: Corpus) -> None:
+    def _start_budget(self) -> None:
         t, m = self.config.train, self.config.model
         self.budget = TimeBudget(t.time_budget, self.started_at, self.clock)
-        per_window = self.seconds_per_window = self._seconds_per_window(model, corpus)
-        windows = max(1, math.ceil(self._val_windows(corpus).chars / m.block_size))
+        per_window = self.seconds_per_window = self._seconds_per_window()
+        windows = max(1, math.ceil(self._val_windows().chars / m.block_size))
         # The sampled validation batches the best checkpoint is chosen by, scored again at the end.
         fixed = 0.0 if t.eval_full else per_window * t.eval_iters * t.batch_size
         # Until a save is timed: the weights and two Adam moments, written at a modest 100 MB/s.
-        save_guess = 0.1 + 12 * model.num_parameters() / 100e6
+        save_guess = 0.1 + 12 * self.model.num_parameters() / 100e6
         self.budget.begin(per_window * windows, save_guess, fixed)
 
-    def _eval_fits(self, corpus: Corpus) -> bool:
+    def _eval_fits(self) -> bool:
         """Under a time budget, a periodic evaluation only where it leaves time for the final one
         (which measures the same weights more fully a moment later anyway)."""
         if self.budget is None:
@@ -552,7 +574,7 @@ class Trainer:
         t, m = self.config.train, self.config.model
         cost = self.state.periodic_eval_seconds
         if cost is None:  # not yet timed: its batches (and the whole split with eval_full) at the measured rate
-            windows = math.ceil(self._val_windows(corpus).chars / m.block_size) if t.eval_full else 0
+            windows = math.ceil(self._val_windows().chars / m.block_size) if t.eval_full else 0
             cost = self.seconds_per_window * (2 * t.eval_iters * t.batch_size + windows)
         return self._agree([float(self.budget.allows(cost))])[0] > 0
 
@@ -566,14 +588,16 @@ class Trainer:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
 
-    def _train_step(self, train_model, model: GPT, optimizers, scaler, corpus: Corpus, step: int) -> float:
+    def _train_step(self, step: int) -> float:
+        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (over ranks too)."""
         t, m = self.config.train, self.config.model
+        train_model, scaler = self.train_model, self.scaler
         train_model.train()
         total = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum_steps):
-            starts = batch_indices(len(corpus.train), m.block_size, t.batch_size, t.seed, step, micro,
+            starts = batch_indices(len(self.corpus.train), m.block_size, t.batch_size, t.seed, step, micro,
                                    self.dist.rank, self.dist.world_size)
-            x, y = get_batch(corpus.train, starts, m.block_size, self.device)
+            x, y = get_batch(self.corpus.train, starts, m.block_size, self.device)
             last = micro == t.grad_accum_steps - 1
             # Under DDP, gradients are all-reduced only after the last micro-step.
             sync = train_model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
@@ -581,7 +605,7 @@ class Trainer:
                 loss = training_loss(train_model, x, y, self.device, self.precision) / t.grad_accum_steps
                 (scaler.scale(loss) if scaler else loss).backward()
             total += loss.detach()
-        apply_gradients(model, optimizers, scaler, t.grad_clip)
+        apply_gradients(self.model, self.optimizers, scaler, t.grad_clip)
         value = total.item()
         if self.dist.enabled:
             value = self._mean(value)
@@ -609,9 +633,9 @@ class Trainer:
         self.emit("step", step, loss=loss, lr=lr, tokens_per_sec=rate, eta=eta, elapsed=elapsed,
                   tokens=self.state.tokens, max_iters=t.max_iters)
 
-    def _estimate(self, model: GPT, corpus: Corpus, splits: Sequence[str] = ("train", "val")) -> dict[str, float]:
+    def _estimate(self, splits: Sequence[str] = ("train", "val")) -> dict[str, float]:
         """Mean loss over eval_iters fixed batches of each split (the same batches every time)."""
-        t, m = self.config.train, self.config.model
+        t, m, model, corpus = self.config.train, self.config.model, self.model, self.corpus
         out = {}
         model.eval()
         with torch.no_grad():
@@ -629,14 +653,14 @@ class Trainer:
             out = {k: self._mean(v) for k, v in out.items()}
         return out
 
-    def _periodic_eval(self, model: GPT, corpus: Corpus, optimizers) -> None:
-        t = self.config.train
+    def _periodic_eval(self) -> None:
+        t, corpus = self.config.train, self.corpus
         began = self.clock()
-        losses = self._estimate(model, corpus)
+        losses = self._estimate()
         seconds = self.clock() - began
         scope = f"{t.eval_iters} sampled batches"
         if t.eval_full:
-            losses["val"], count = self._full_val_loss(model, corpus, with_count=True)
+            losses["val"], count = self._full_val_loss(with_count=True)
             seconds = self.clock() - began
             scope = self.describe_scope(count, len(corpus.val))
         self.state.periodic_eval_seconds = seconds
@@ -652,11 +676,11 @@ class Trainer:
                                                    eval_seconds=self.state.eval_seconds))
         self.emit("eval", step, train_loss=losses["train"], val_loss=losses["val"], best_val_loss=self.state.best_val,
                   scope=scope, seconds=seconds, elapsed=self._elapsed(), eval_seconds=self.state.eval_seconds)
-        self._save(model, corpus, optimizers, is_best=is_best, val_loss=losses["val"])
+        self._save(is_best=is_best, val_loss=losses["val"])
 
-    def _val_windows(self, corpus: Corpus):
+    def _val_windows(self):
         m = self.config.model
-        return scoring_windows(len(corpus.val), m.block_size, m.block_size, self.config.train.eval_max_chars)
+        return scoring_windows(len(self.corpus.val), m.block_size, m.block_size, self.config.train.eval_max_chars)
 
     def describe_scope(self, scored: int, val_chars: int) -> str:
         if scored >= val_chars - 1:
@@ -667,30 +691,29 @@ class Trainer:
         return (f"{scored:,} characters sampled of {val_chars:,}: fixed windows; train.eval_max_chars=0 "
                 f"scores the whole split")
 
-    def _full_val_loss(self, model: GPT, corpus: Corpus, with_count: bool = False, task: str = "evaluation",
-                       max_chars: int | None = None):
+    def _full_val_loss(self, with_count: bool = False, task: str = "evaluation", max_chars: int | None = None):
         """Mean loss over the validation split in non-overlapping block_size windows: all of them, or a
         fixed sample of them when the split has more than train.eval_max_chars (or max_chars) characters."""
         t, m = self.config.train, self.config.model
         limit = t.eval_max_chars if max_chars is None else (min(max_chars, t.eval_max_chars) if t.eval_max_chars
                                                             else max_chars)
-        total, count = score_text(model, corpus.val, m.block_size, m.block_size, max(t.batch_size, 32),
+        total, count = score_text(self.model, self.corpus.val, m.block_size, m.block_size, max(t.batch_size, 32),
                                   self.device, self.precision, self._report, task, limit)
         loss = total / max(count, 1)
         if self.dist.enabled:
             loss = self._mean(loss)
         return (loss, count) if with_count else loss
 
-    def _final_eval(self, model: GPT, corpus: Corpus, optimizers) -> tuple[float, int]:
+    def _final_eval(self) -> tuple[float, int]:
         """Validation loss over the validation split (or its fixed sample), in non-overlapping windows."""
-        t, m = self.config.train, self.config.model
+        t, m, corpus = self.config.train, self.config.model, self.corpus
         began = time.perf_counter()
         max_chars = None
         if self.budget is not None and self.budget.eval_fraction < 1.0:
             # A fixed sample of windows (as train.eval_max_chars draws) that fits the time budget.
-            chars = round(self.budget.eval_fraction * self._val_windows(corpus).chars)
+            chars = round(self.budget.eval_fraction * self._val_windows().chars)
             max_chars = max(self.TIMED_WINDOWS * m.block_size, chars)
-        loss, count = self._full_val_loss(model, corpus, with_count=True, task=FINAL_EVAL_TASK, max_chars=max_chars)
+        loss, count = self._full_val_loss(with_count=True, task=FINAL_EVAL_TASK, max_chars=max_chars)
         seconds = time.perf_counter() - began
         # The best checkpoint is chosen by one measure throughout, the periodic evaluations' (their
         # fixed sampled batches, or the whole split with eval_full), never this loss against theirs.
@@ -701,7 +724,7 @@ class Trainer:
         elif self.budget is not None and self.budget.deadline - self.clock() < self.budget.fixed_eval_seconds:
             candidate = math.inf  # no time left to measure it as the best checkpoint is measured
         else:
-            candidate = self._estimate(model, corpus, splits=("val",))["val"]
+            candidate = self._estimate(splits=("val",))["val"]
         self.state.eval_seconds += time.perf_counter() - began
         is_best = candidate < self.state.best_val
         self.state.best_val = min(self.state.best_val, candidate)
@@ -716,18 +739,18 @@ class Trainer:
         self.emit("final_eval", self.state.step, val_loss=loss, bpc=bits_per_char(loss), tokens=count, seconds=seconds,
                   best_val_loss=self.state.best_val, val_chars=len(corpus.val),
                   scope=self.describe_scope(count, len(corpus.val)))
-        self._save(model, corpus, optimizers, is_best=is_best, val_loss=loss, final=True)
+        self._save(is_best=is_best, val_loss=loss, final=True)
         return loss, count
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def _save(self, model: GPT, corpus: Corpus, optimizers, is_best: bool,
-              val_loss: float | None = None, final: bool = False) -> None:
+    def _save(self, is_best: bool, val_loss: float | None = None, final: bool = False) -> None:
+        model = self.model
         # An update can break the weights while the step's own loss was still finite: never save those.
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise NonFiniteLoss(self.state.step, self.run_dir)
         began = self.clock()
         if self.dist.is_main:
-            tensors, plain = self._train_state(optimizers)
+            tensors, plain = self._train_state()
             meta = dict(step=self.state.step, tokens=self.state.tokens, best_val_loss=self.state.best_val,
                         val_loss=val_loss, data_fingerprint=self.state.fingerprint, device=str(self.device),
                         precision=self.precision.name, train_seconds=self.state.prior_seconds + self._elapsed(),
@@ -736,7 +759,7 @@ class Trainer:
                         stopped=self.state.stopped)
             if self.state.parent:
                 meta["parent"] = self.state.parent
-            saved = ckpt.save_checkpoint(self.run_dir, model, self.config, corpus.tokenizer, meta,
+            saved = ckpt.save_checkpoint(self.run_dir, model, self.config, self.corpus.tokenizer, meta,
                                          tensors, plain, is_best)
             self.emit("checkpoint", self.state.step, path=str(saved), is_best=is_best)
         self.state.saved_step = self.state.step
@@ -747,18 +770,19 @@ class Trainer:
         if self.budget is not None:
             self.budget.saved(self.clock() - began)
 
-    def _train_state(self, optimizers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _train_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {"rng.torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         plain: dict[str, Any] = {"world_size": self.dist.world_size, "optimizers": []}
-        for i, opt in enumerate(optimizers):
+        for i, opt in enumerate(self.optimizers):
             opt_tensors, opt_plain = ckpt.flatten_optimizer(f"optimizer.{i}", opt.state_dict())
             tensors.update(opt_tensors)
             plain["optimizers"].append(opt_plain)
         return tensors, plain
 
-    def _restore_train_state(self, loaded: ckpt.LoadedCheckpoint, optimizers) -> None:
+    def _restore_train_state(self, loaded: ckpt.LoadedCheckpoint) -> None:
+        optimizers = self.optimizers
         plain = loaded.train_state.get("optimizers", [])
         if len(plain) != len(optimizers):
             raise UserError(f"cannot resume: the checkpoint has {len(plain)} optimizer state(s) but train.optimizer "
@@ -778,8 +802,8 @@ class Trainer:
         if "rng.cuda" in loaded.train_tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(loaded.train_tensors["rng.cuda"], self.device)
 
-    def _result(self, model: GPT, final_loss: float, scored: int, stopped: str) -> TrainResult:
-        wall = self._elapsed()
+    def _result(self, final_loss: float, scored: int, stopped: str) -> TrainResult:
+        wall, model = self._elapsed(), self.model
         return TrainResult(
             run_dir=str(self.run_dir), steps=self.state.step, tokens=self.state.tokens,
             best_val_loss=self.state.best_val, final_val_loss=final_loss,
