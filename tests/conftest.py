@@ -32,6 +32,12 @@ FAST = ("train.eval_iters=2", "train.log_interval=1", "train.batch_size=8", "mod
         "train.device=cpu")
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`pytest -n auto`: one worker per CPU this process may use, at most 4 (each worker and the CLI
+    processes it starts import torch: about half a GiB of memory apiece)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def set_flags(*overrides: str) -> list[str]:
     """['a=1', 'b=2'] -> ['--set', 'a=1', '--set', 'b=2']."""
     flags: list[str] = []
