@@ -37,10 +37,11 @@ def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately replace g (..., m, n) by U V^T from its SVD, using only matrix products."""
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximately replace g (..., m, n) by U V^T from its SVD, using only matrix products, in
+    `dtype` (default: newton_schulz_dtype for g's device)."""
     a, b, c = NS_COEFFS
-    x = g.to(newton_schulz_dtype(g.device))
+    x = g.to(dtype or newton_schulz_dtype(g.device))
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT

@@ -37,6 +37,19 @@ def test_sample_speed_reports_rates_floors_and_that_the_fast_path_matches(tmp_pa
     assert result["weight_mb"]["float32"] == 2 * result["weight_mb"]["bfloat16"]
 
 
+def test_muon_step_times_the_iteration_in_both_precisions_and_names_the_one_chosen(tmp_path):
+    result = run_script("muon_step.py", "--repeats", "1", "--config", "tiny", tmp_path=tmp_path)
+    # tiny: 2 layers of c_attn (3 square blocks), attn c_proj, c_fc and mlp c_proj
+    assert result["matrices"] == 2 * 6
+    assert result["chosen_dtype"] == ("bfloat16" if result["cpu_has_fast_bfloat16"] else "float32")
+    assert all(t > 0 for t in result["seconds"].values()) and result["bfloat16_over_float32"] > 0
+    spec = importlib.util.spec_from_file_location("muon_step", REPO / "benchmarks" / "muon_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # One 128 x 512 matrix: five iterations of 128x128x512, 128x128x128 and 128x128x512 products.
+    assert module.newton_schulz_flops([(512, 128)]) == 5 * 2 * (128 * 128 * 512 * 2 + 128 ** 3)
+
+
 def test_busy_machine_reports_quiet_and_busy_rates_of_real_sample_processes(tmp_path):
     result = run_script("busy_machine.py", "--configs", "tiny", "--rounds", "1", "--new-tokens", "4",
                         "--train-steps", "0", "--competing", "1", tmp_path=tmp_path)
