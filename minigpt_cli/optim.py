@@ -130,16 +130,26 @@ def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device)
     return optimizers
 
 
-def lr_factor(train: TrainConfig, step: int, progress: float) -> float:
+# Under a time budget the warm-up ends by this share of the training time at the latest: a short
+# budget (a hundred steps on a slow CPU) would otherwise spend half its steps below the base rate.
+WARMUP_SHARE = 0.05
+
+
+def lr_factor(train: TrainConfig, step: int, progress: float, time_share: float | None = None) -> float:
     """Where the learning rate stands between min_lr (0) and its base (1).
 
     Linear warm-up over warmup_iters steps, then by training progress (0 to 1, by steps or by the
     time budget, whichever is further along): 'cosine' decays over the whole rest of the run,
     'wsd' (warm-up, stable, decay) holds the base rate and decays linearly over the final
-    decay_fraction.
+    decay_fraction. Under a time budget, `time_share` (the share of its training time gone) ends
+    the warm-up at WARMUP_SHARE of that time if warmup_iters steps have not ended it sooner.
     """
     if train.warmup_iters and step < train.warmup_iters:
-        return (step + 1) / train.warmup_iters
+        warm = (step + 1) / train.warmup_iters
+        if time_share is not None:
+            warm = max(warm, time_share / WARMUP_SHARE)
+        if warm < 1.0:
+            return warm
     progress = min(max(progress, 0.0), 1.0)
     if train.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -285,8 +285,8 @@ class TimeBudget:
 
 
 class Trainer:
-    # Windows timed to price the final evaluation under a time budget (and the fewest it scores).
-    TIMED_WINDOWS = 8
+    # The fewest windows a final evaluation cut to fit a time budget scores.
+    MIN_FINAL_WINDOWS = 8
 
     def __init__(self, config: Config, run_dir: Path, resume: bool = False,
                  callback: Callable[[TrainEvent], None] | None = None, started_at: float | None = None,
@@ -491,7 +491,8 @@ class Trainer:
         while state.step < t.max_iters:
             if self.budget is not None and self._out_of_time():
                 return "time_budget"
-            lr = set_lr(self.optimizers, lr_factor(t, state.step, self._progress(state.step)))
+            time_share = self.budget.progress() if self.budget is not None else None
+            lr = set_lr(self.optimizers, lr_factor(t, state.step, self._progress(state.step), time_share))
             step_began = self.clock()
             loss = self._train_step(state.step)
             if self.budget is not None:
@@ -542,12 +543,17 @@ class Trainer:
         assert self.budget is not None
         return self._agree([float(self.budget.out_of_time())])[0] > 0
 
+    def _eval_batch(self) -> int:
+        """Windows a whole-split evaluation scores at once."""
+        return max(self.config.train.batch_size, 32)
+
     def _seconds_per_window(self) -> float:
-        """Seconds to score one block_size window of validation text, from timing a few of them
-        (after one untimed window: the first forward pass pays for allocation and kernel choice).
-        Fewer windows than the evaluation batches score at once: an upper bound, cheaply measured."""
+        """Seconds to score one block_size window of validation text, from timing one batch of them
+        as the final evaluation scores them (after one untimed window: the first forward pass pays
+        for allocation and kernel choice). A batch of 8 overestimated the final evaluation of the
+        default model by half and more, time that a budget then left unused."""
         m, model = self.config.model, self.model
-        batch = self.TIMED_WINDOWS
+        batch = self._eval_batch()
         val = self.corpus.val
         sample = val[:min(len(val), batch * m.block_size + 1)]
         score_text(model, sample[:m.block_size + 1], m.block_size, m.block_size, batch, self.device, self.precision)
@@ -697,7 +703,7 @@ class Trainer:
         t, m = self.config.train, self.config.model
         limit = t.eval_max_chars if max_chars is None else (min(max_chars, t.eval_max_chars) if t.eval_max_chars
                                                             else max_chars)
-        total, count = score_text(self.model, self.corpus.val, m.block_size, m.block_size, max(t.batch_size, 32),
+        total, count = score_text(self.model, self.corpus.val, m.block_size, m.block_size, self._eval_batch(),
                                   self.device, self.precision, self._report, task, limit)
         loss = total / max(count, 1)
         if self.dist.enabled:
@@ -712,7 +718,7 @@ class Trainer:
         if self.budget is not None and self.budget.eval_fraction < 1.0:
             # A fixed sample of windows (as train.eval_max_chars draws) that fits the time budget.
             chars = round(self.budget.eval_fraction * self._val_windows().chars)
-            max_chars = max(self.TIMED_WINDOWS * m.block_size, chars)
+            max_chars = max(self.MIN_FINAL_WINDOWS * m.block_size, chars)
         loss, count = self._full_val_loss(with_count=True, task=FINAL_EVAL_TASK, max_chars=max_chars)
         seconds = time.perf_counter() - began
         # The best checkpoint is chosen by one measure throughout, the periodic evaluations' (their

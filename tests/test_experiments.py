@@ -119,6 +119,34 @@ def test_training_under_a_budget_on_a_fake_clock(small_corpus: Path, tmp_path: P
     assert clock.now >= 13.0, f"ended at {clock.now:.2f}s, wasting the budget"
 
 
+def test_a_short_budget_warms_up_over_a_share_of_its_time_not_warmup_iters(small_corpus: Path, tmp_path: Path,
+                                                                           monkeypatch):
+    """Steps cost 0.2 s: about 40 of them fit, far fewer than the 1000 warm-up steps asked for."""
+    from minigpt_cli import optim, trainer
+    from minigpt_cli.config import apply_overrides, load_config
+
+    clock = FakeClock(2.0)
+    real_step = trainer.Trainer._train_step
+
+    def timed_step(self, *args, **kwargs):
+        clock.now += 0.2
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.Trainer, "_train_step", timed_step)
+    events = []
+    config = apply_overrides(load_config("tiny"), [*FAST, f"data.path={small_corpus}", "train.max_iters=100000",
+                                                   "train.eval_interval=100000", "train.time_budget=12",
+                                                   "train.warmup_iters=1000", "train.learning_rate=0.001",
+                                                   "train.schedule=wsd", "train.decay_fraction=0.3"])
+    result = trainer.train(config, tmp_path / "run", callback=events.append, started_at=0.0, clock=clock)
+    lrs = [e.data["lr"] for e in events if e.kind == "step"]
+    assert result.stopped == "time_budget" and 20 <= len(lrs) < 1000
+    assert max(lrs) == pytest.approx(0.001)  # warmed up, though 1000 warm-up steps never came
+    warm = next(i for i, lr in enumerate(lrs) if lr == pytest.approx(0.001))
+    assert warm <= optim.WARMUP_SHARE * len(lrs) + 2
+    assert lrs[-1] < 0.5 * 0.001  # and decayed at the end
+
+
 def test_a_final_evaluation_too_slow_for_the_budget_scores_a_sample(small_corpus: Path, tmp_path: Path,
                                                                       monkeypatch):
     """Scoring a window costs 0.2 s, so the whole split (about 125 windows) would take 25 s of a 15 s budget."""

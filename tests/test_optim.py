@@ -59,3 +59,33 @@ def test_muon_steps_in_the_precision_chosen_for_the_device(monkeypatch):
     monkeypatch.undo()
     assert torch.bfloat16 not in seen and torch.float32 in seen
     assert not torch.equal(p.detach(), before)
+
+
+def schedule(**overrides):
+    from minigpt_cli.config import TrainConfig
+    return TrainConfig(**{"warmup_iters": 50, "schedule": "wsd", "decay_fraction": 0.3, **overrides})
+
+
+def test_warm_up_then_hold_then_decay_linearly_to_the_minimum():
+    t = schedule()
+    assert optim.lr_factor(t, 0, -1.0) == pytest.approx(1 / 50)
+    assert optim.lr_factor(t, 24, -0.5) == pytest.approx(25 / 50)
+    assert optim.lr_factor(t, 50, 0.0) == 1.0
+    assert optim.lr_factor(t, 500, 0.69) == 1.0
+    assert optim.lr_factor(t, 900, 0.85) == pytest.approx(0.5)
+    assert optim.lr_factor(t, 1000, 1.0) == 0.0
+    cosine = schedule(schedule="cosine")
+    assert optim.lr_factor(cosine, 100, 0.5) == pytest.approx(0.5)
+    assert optim.lr_factor(cosine, 1000, 1.0) == pytest.approx(0.0)
+
+
+def test_a_time_budget_ends_the_warm_up_by_its_share_of_the_time():
+    t = schedule()
+    # Step 2 of 50, but 5% of the budget's training time is gone: warm-up is over.
+    assert optim.lr_factor(t, 2, 0.05, time_share=optim.WARMUP_SHARE) == 1.0
+    # Halfway through the warm-up's share of the time, the rate is at least halfway up.
+    assert optim.lr_factor(t, 2, 0.025, time_share=optim.WARMUP_SHARE / 2) == pytest.approx(0.5)
+    # Where the steps are further along than the time, the steps lead.
+    assert optim.lr_factor(t, 39, 0.01, time_share=0.001) == pytest.approx(40 / 50)
+    # Without a budget the warm-up is warmup_iters steps, however short the run.
+    assert optim.lr_factor(t, 2, 0.9) == pytest.approx(3 / 50)
