@@ -549,14 +549,14 @@ class Trainer:
 
     def _seconds_per_window(self) -> float:
         """Seconds to score one block_size window of validation text, from timing one batch of them
-        as the final evaluation scores them (after one untimed window: the first forward pass pays
-        for allocation and kernel choice). A batch of 8 overestimated the final evaluation of the
-        default model by half and more, time that a budget then left unused."""
+        as the final evaluation scores them, after the same batch untimed (the first forward pass
+        at a shape pays for allocation and kernel choice). Timing 8 windows after 1 overestimated
+        the default model's final evaluation by half and more: time a budget then left unused."""
         m, model = self.config.model, self.model
         batch = self._eval_batch()
         val = self.corpus.val
         sample = val[:min(len(val), batch * m.block_size + 1)]
-        score_text(model, sample[:m.block_size + 1], m.block_size, m.block_size, batch, self.device, self.precision)
+        score_text(model, sample, m.block_size, m.block_size, batch, self.device, self.precision)
         began = self.clock()
         _, scored = score_text(model, sample, m.block_size, m.block_size, batch, self.device, self.precision)
         return (self.clock() - began) / max(1, math.ceil(scored / m.block_size))

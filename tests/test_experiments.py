@@ -149,7 +149,7 @@ def test_a_short_budget_warms_up_over_a_share_of_its_time_not_warmup_iters(small
 
 def test_a_final_evaluation_too_slow_for_the_budget_scores_a_sample(small_corpus: Path, tmp_path: Path,
                                                                       monkeypatch):
-    """Scoring a window costs 0.2 s, so the whole split (about 125 windows) would take 25 s of a 15 s budget."""
+    """Scoring a window costs 0.1 s, so the whole split (about 125 windows) would take 12.5 s of a 15 s budget."""
     from minigpt_cli import trainer
     from minigpt_cli.config import apply_overrides, load_config
 
@@ -162,7 +162,7 @@ def test_a_final_evaluation_too_slow_for_the_budget_scores_a_sample(small_corpus
 
     def timed_score(model, ids, block_size, stride, *args, **kwargs):
         total, count = real_score(model, ids, block_size, stride, *args, **kwargs)
-        clock.now += 0.2 * max(1, count // stride)
+        clock.now += 0.1 * max(1, count // stride)
         return total, count
 
     monkeypatch.setattr(trainer.Trainer, "_train_step", timed_step)
