@@ -59,6 +59,9 @@ CHECKPOINT_FILES = (META_FILE, MODEL_FILE, STATE_FILE, STATE_JSON)  # meta first
 CHECKPOINT_NAME = re.compile(r"step-\d{7}(-\d+)?")
 TMP_CHECKPOINT_NAME = re.compile(re.escape(TMP_PREFIX) + r"step-\d{7}(-\d+)?\.\d+")
 TMP_FILE_NAME = re.compile(re.escape(TMP_PREFIX) + r"[\w.-]+\.\d+")
+# safetensors' save_file writes each file as ".tmp" and six random letters or digits beside it, then
+# renames it: a save killed meanwhile leaves one inside the checkpoint folder minigpt was writing.
+SAFETENSORS_TMP_NAME = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 class CheckpointError(UserError):
@@ -404,14 +407,15 @@ def _complete_checkpoints(run_dir: Path) -> list[Path]:
 
 def _remove_checkpoint_folder(path: Path) -> bool:
     """Remove a checkpoint folder minigpt wrote: a real folder (not a link) holding nothing but the
-    files of a checkpoint. Anything else in it, and it stays."""
+    files of a checkpoint (and safetensors' temporary file of a save killed while writing one).
+    Anything else in it, and it stays."""
     try:
         if not path.is_dir() or path.is_symlink():
             return False
         names = os.listdir(path)
-        if any(name not in CHECKPOINT_FILES for name in names):
+        if any(name not in CHECKPOINT_FILES and not SAFETENSORS_TMP_NAME.fullmatch(name) for name in names):
             return False
-        for name in CHECKPOINT_FILES:
+        for name in [n for n in names if SAFETENSORS_TMP_NAME.fullmatch(n)] + list(CHECKPOINT_FILES):
             if name in names and not (path / name).is_symlink() and (path / name).is_file():
                 (path / name).unlink()
         path.rmdir()

@@ -86,10 +86,15 @@ def test_prune_removes_only_checkpoints_and_temporary_files_it_wrote(tmp_path: P
     leftover = checkpoints / f"{ckpt.TMP_PREFIX}step-0000003.4242"  # what a killed save leaves
     leftover.mkdir()
     (leftover / ckpt.MODEL_FILE).write_bytes(b"\0" * 8)
+    (leftover / ".tmpA1b2C3").write_bytes(b"\0" * 8)  # safetensors' own temporary file, killed mid-save
+    foreign = checkpoints / f"{ckpt.TMP_PREFIX}step-0000006.4242"  # minigpt's name, but a file of the user's in it
+    foreign.mkdir()
+    (foreign / ".tmp-mine.txt").write_text("mine")
     (run / f"{ckpt.TMP_PREFIX}latest.json.4242").write_text("{")
     keep = {k: v for k, v in snapshot(tmp_path).items()
             if k.startswith(("outside", "run/checkpoints/my_notes", "run/checkpoints/step-0000002",
-                             "run/checkpoints/step-0000005", "run/.tmp-keep"))}
+                             "run/checkpoints/step-0000005", "run/.tmp-keep",
+                             "run/checkpoints/.tmp-step-0000006"))}
     save_random_model(run, step=4)
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k in keep} == keep
