@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from minigpt_cli import optim
 from minigpt_cli.config import load_config
+from minigpt_cli.device import cpu_has_fast_bfloat16
 from minigpt_cli.model import GPT
 
 
@@ -85,7 +86,7 @@ def main() -> None:
     result = {
         "config": args.config, "threads": torch.get_num_threads(), "matrices": len(shapes),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_has_fast_bfloat16": optim.cpu_has_fast_bfloat16(),
+        "cpu_has_fast_bfloat16": cpu_has_fast_bfloat16(),
         "chosen_dtype": str(optim.newton_schulz_dtype(torch.device("cpu"))).removeprefix("torch."),
         "seconds": median,
         "newton_schulz_gflop": flops / 1e9,

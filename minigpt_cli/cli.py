@@ -1053,16 +1053,23 @@ def inspect(
     if attention_text is not None:
         _inspect_attention(target, attention_text, plot, set_, vocab_size, json_out)
         return
+    if plot is not None and "run" not in result:
+        raise UserError("--plot draws a run's loss curves; a config has none (pass a run directory)")
+    _show_inspection(result, plot, lambda path: plot_curves(result["run"]["curves"], path, result["target"]["name"]),
+                     json_out, _render_inspect)
+
+
+def _show_inspection(result: dict, plot: Optional[Path], draw: Callable[[Path], Path], json_out: bool,
+                     render: Callable[[dict], None]) -> None:
+    """With --plot, draw(plot) writes the image; then one JSON object or the rendered view."""
     if plot is not None:
-        if "run" not in result:
-            raise UserError("--plot draws a run's loss curves; a config has none (pass a run directory)")
-        written = plot_curves(result["run"]["curves"], plot, result["target"]["name"])
+        written = draw(plot)
         result["plot"] = str(written)
         err.print(f"wrote {written}", markup=False)
     if json_out:
         emit_json(result)
         return
-    _render_inspect(result)
+    render(result)
 
 
 def _inspect_attention(target: Optional[str], text: str, plot: Optional[Path], overrides: List[str],
@@ -1072,14 +1079,7 @@ def _inspect_attention(target: Optional[str], text: str, plot: Optional[Path], o
     if overrides or vocab_size is not None:
         raise UserError("--attention reads a trained run's weights; --set and --vocab-size change a CONFIG")
     result = attention(target, text)
-    if plot is not None:
-        written = plot_attention(result, plot)
-        result["plot"] = str(written)
-        err.print(f"wrote {written}", markup=False)
-    if json_out:
-        emit_json(result)
-        return
-    _render_attention(result)
+    _show_inspection(result, plot, lambda path: plot_attention(result, path), json_out, _render_attention)
 
 
 # Heat-map cells: a shade for the weight (readable without colour) and a colour from dark blue to yellow.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import statistics
@@ -76,6 +77,16 @@ class Precision:
     @property
     def name(self) -> str:
         return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.autocast_dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16, AMX, Arm BF16) through
+    oneDNN; without it (AVX2 only: most laptops) bfloat16 products are emulated, many times slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def choose_precision(device: torch.device, requested: str = "auto") -> Precision:

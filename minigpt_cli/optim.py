@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import nn
 
 from minigpt_cli.config import TrainConfig
+from minigpt_cli.device import cpu_has_fast_bfloat16
 
 # Coefficients of the quintic Newton-Schulz iteration published with Muon (Keller Jordan, 2024):
 # chosen so that five steps push every singular value of the normalised matrix close to 1.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_fast_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16, AMX, Arm BF16) through oneDNN."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
