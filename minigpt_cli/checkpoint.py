@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from minigpt_cli.config import Config, UserError, config_from_checkpoint_dict
 from minigpt_cli.data import RUN_DATA_JSON, RUN_IDS, run_copy
+from minigpt_cli.device import shapes_only
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer
 
@@ -659,21 +660,9 @@ def _load_folder(folder: Path, with_train_state: bool) -> LoadedCheckpoint:
     return loaded
 
 
-class _NoRandomInit(torch.overrides.TorchFunctionMode):
-    """Skips the random initialisation of a model built on the meta device for its shapes only:
-    there normal_ and uniform_ run torch's Python reference kernels, whose first use imports
-    torch._refs and torch._dynamo (15-24 s on a busy 2-core machine), before sample's first character."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in ("normal_", "uniform_", "trunc_normal_"):
-            return args[0] if args else kwargs["tensor"]  # the tensor, left as it is
-        return func(*args, **kwargs)
-
-
 def expected_shapes(config: Config, vocab_size: int) -> dict[str, tuple[int, ...]]:
     """The shape of every weight the config's model has, from a model on the meta device (no memory)."""
-    with torch.device("meta"), _NoRandomInit():
+    with shapes_only():
         model = GPT(config.model, vocab_size)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.model.tie_weights:

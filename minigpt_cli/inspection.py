@@ -16,6 +16,7 @@ from torch import nn
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.bench import Target, resolve_target
 from minigpt_cli.config import UserError
+from minigpt_cli.device import shapes_only
 from minigpt_cli.model import (GPT, MLP, Block, CausalSelfAttention, Norm, attention_probs, count_parameters,
                                flops_per_token, kv_bytes_per_token, visible_keys)
 from minigpt_cli.scoring import bits_per_char
@@ -116,7 +117,7 @@ def module_tree(module: nn.Module, name: str = "", seen: set[int] | None = None,
 
 
 def meta_model(target: Target) -> GPT:
-    with torch.device("meta"):
+    with shapes_only():
         return GPT(target.config.model, target.vocab_size)
 
 

@@ -1,21 +1,20 @@
 """The decoder-only GPT, to be read top to bottom.
 
-One forward serves training, prefill and decoding: idx (B, T) -> logits (B, T, vocab_size). With a
-KV cache the new positions start after the cached ones, so decoding feeds T = 1 and gets (B, 1,
-vocab_size). The model holds no inference state: the cache is passed in. The fast decode path
-(inference.py) is built from this file's functions, so each piece of arithmetic is written once.
+One forward serves training, prefill and decoding: idx (B, T) -> logits (B, T, vocab_size). With a KV cache
+(passed in: the model holds no inference state) new positions follow the cached ones, so decoding feeds T = 1
+and gets (B, 1, vocab_size). The fast decode path (inference.py) is built from this file's functions.
 """
 
-# Annotations stay real objects (no `from __future__ import annotations`): inference.py compiles
-# the functions below into its decode step, and its compiler reads them.
+# No `from __future__ import annotations`: inference.py compiles these functions and reads their annotations.
 import math
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minigpt_cli.config import ModelConfig
+from minigpt_cli.device import shapes_only
 from minigpt_cli.kv_cache import KVCache
 
 
@@ -23,16 +22,14 @@ from minigpt_cli.kv_cache import KVCache
 
 def normalize(x: torch.Tensor, kind: str, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """RMSNorm or LayerNorm over the last dimension (bias only for LayerNorm)."""
-    shape: List[int] = [x.shape[-1]]
     if kind == "rmsnorm":
-        return F.rms_norm(x, shape, weight, eps)
-    return F.layer_norm(x, shape, weight, bias, eps)
+        return F.rms_norm(x, [x.shape[-1]], weight, eps)
+    return F.layer_norm(x, [x.shape[-1]], weight, bias, eps)
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm without a learned scale: the qk-norm of each head's queries and keys."""
-    shape: List[int] = [x.shape[-1]]
-    return F.rms_norm(x, shape)
+    return F.rms_norm(x, [x.shape[-1]])
 
 
 def mlp_activation(h: torch.Tensor, kind: str, inplace: bool = False) -> torch.Tensor:
@@ -40,14 +37,11 @@ def mlp_activation(h: torch.Tensor, kind: str, inplace: bool = False) -> torch.T
     is overwritten: for inference only (autograd needs h), where it saves allocations."""
     if kind == "relu2":
         return F.relu(h, inplace=True).square_() if inplace else F.relu(h).square()
-    if inplace:
-        return torch.ops.aten.gelu_(h, approximate="tanh")
-    return F.gelu(h, approximate="tanh")
+    return torch.ops.aten.gelu_(h, approximate="tanh") if inplace else F.gelu(h, approximate="tanh")
 
 
 def sinusoidal_table(block_size: int, n_embd: int) -> torch.Tensor:
-    """The fixed encoding of 'Attention Is All You Need': sin on even, cos on odd channels.
-    Computed on the CPU, then moved to the default device (see rope_tables)."""
+    """The fixed encoding of 'Attention Is All You Need': sin on even, cos on odd channels (made as rope_tables)."""
     position = torch.arange(block_size, dtype=torch.float32, device="cpu")[:, None]
     freq = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32, device="cpu") * (-math.log(10000.0) / n_embd))
     table = torch.zeros(block_size, n_embd, device="cpu")
@@ -58,15 +52,14 @@ def sinusoidal_table(block_size: int, n_embd: int) -> torch.Tensor:
 
 def embedding_scale(config: ModelConfig) -> float:
     """Token embeddings are multiplied by this before positions are added. A sinusoidal row has norm
-    sqrt(n_embd / 2) against about 0.02 * sqrt(n_embd) for a new token embedding: unscaled, the fixed
-    table drowns the tokens. The original Transformer scales the embeddings by sqrt(d_model)."""
+    sqrt(n_embd / 2) against 0.02 * sqrt(n_embd) for a new token embedding and would drown it (the
+    original Transformer scales by sqrt(d_model))."""
     return math.sqrt(config.n_embd) if config.pos_encoding == "sinusoidal" else 1.0
 
 
 def rope_tables(block_size: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of each position's rotation angles, (block_size, head_dim) each. Computed on the CPU:
-    on the meta device (a model built for its shapes when a checkpoint loads) this would import
-    torch._refs and torch._dynamo (seconds, before `sample`'s first character)."""
+    on the meta device (device.shapes_only) these ops would import torch._dynamo, which takes seconds."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
     angles = torch.outer(torch.arange(block_size, dtype=torch.float32, device="cpu"), inv_freq)  # (block_size, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_dim)
@@ -132,8 +125,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
-        # True: F.scaled_dot_product_attention; False: the written-out product (same numbers, slower).
-        self.sdpa = sdpa
+        self.sdpa = sdpa  # True: F.scaled_dot_product_attention; False: the written-out product (same numbers)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
@@ -160,15 +152,11 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if not self.sdpa:
             y = written_out_attention(q, k, v, visible_keys(T, past, x.device), dropout)
-        elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        elif T == 1:
-            # One new position attends to every cached one: no mask needed.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        elif past == 0 or T == 1:  # causal from the start, or one new position that sees every cached one
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=past == 0)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_keys(T, past, x.device), dropout_p=dropout)
-        # (B', T, C): heads side by side again. B' is the cache's batch: a prompt of batch 1 prefilled
-        # into a cache of several rows comes out once per row (the samples share one prefill).
+        # (B', T, C), heads side by side; B' is the cache's batch (a prompt prefilled once serves several samples).
         y = y.transpose(1, 2).reshape(y.shape[0], T, C)
         y = self.c_proj(y)
         return F.dropout(y, dropout, training=True) if dropout else y
@@ -282,7 +270,7 @@ class GPT(nn.Module):
 
 def count_parameters(config: ModelConfig, vocab_size: int) -> int:
     """Parameters of the model, counted on the meta device (no memory, no time)."""
-    with torch.device("meta"):
+    with shapes_only():
         return GPT(config, vocab_size).num_parameters()
 
 
@@ -294,13 +282,10 @@ def matmul_params(config: ModelConfig, vocab_size: int) -> int:
 
 
 def flops_per_token(config: ModelConfig, vocab_size: int, seq_len: Optional[int] = None) -> dict:
-    """The usual estimate (Kaplan et al. 2020; PaLM appendix B): a forward pass costs 2N per token
-    for the weight matmuls, plus QK^T and AV; backward costs twice the forward, so training is 3x.
-
-    With a causal mask a position attends to (T + 1) / 2 positions on average, so the attention
-    matmuls cost 2 * 2 * n_layer * C * (T / 2) = 2 * n_layer * T * C per token ("causal"). Kernels
-    that compute the masked half anyway do 4 * n_layer * T * C ("full").
-    """
+    """The usual estimate (Kaplan et al. 2020; PaLM appendix B): a forward pass costs 2N per token for the
+    weight matmuls, plus QK^T and AV; backward costs twice the forward, so training is 3x. With a causal
+    mask a position attends to (T + 1) / 2 positions on average, so QK^T and AV cost 2 * 2 * n_layer * C
+    * (T / 2) = 2 * n_layer * T * C per token ("causal"); kernels that compute the masked half do twice that."""
     T = seq_len or config.block_size
     N = matmul_params(config, vocab_size)
     attention_causal = 2 * config.n_layer * T * config.n_embd

@@ -4,6 +4,8 @@ Commands run as written, in order, in one folder (a run trained by an early comm
 later one), with settings appended that make them quick: a one-layer model for two steps, a few
 sampled characters, the quick benchmark. Lines for torchrun need several GPUs or machines and are
 checked for their shape only; tests/test_distributed.py runs `minigpt train` under torchrun on CPU.
+Each `minigpt` runs through tests/cli_server.py: a process of its own, forked from one that has
+already imported torch, with the line's pipes as its standard streams.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import BUNDLED_TEXT, REPO, cli_env
+
+SERVER = Path(__file__).resolve().parent / "cli_server.py"
 
 README = REPO / "README.md"
 
@@ -50,8 +54,22 @@ def readme_commands() -> list[str]:
     return lines
 
 
-def quick(line: str) -> str:
-    """The README line with quick settings appended to its minigpt command (the last one in a pipeline)."""
+@pytest.fixture(scope="module")
+def minigpt(tmp_path_factory: pytest.TempPathFactory):
+    """The command line that runs `minigpt` through a warm cli_server (one per pytest worker)."""
+    path = str(tmp_path_factory.mktemp("server") / "minigpt.sock")
+    server = subprocess.Popen([sys.executable, str(SERVER), path], env=cli_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        yield [sys.executable, str(SERVER), "--run", path]
+    finally:
+        server.kill()
+        server.wait()
+
+
+def quick(line: str, minigpt: list[str] | None = None) -> str:
+    """The README line with quick settings appended to its minigpt command (the last one in a pipeline),
+    run by `minigpt` (a fresh `python -m minigpt_cli` when None)."""
     if "pip install" in line:
         line = line.split("&&")[-1].strip()  # the set-up commands: run what follows the install
     parts = line.split("|")
@@ -64,7 +82,7 @@ def quick(line: str) -> str:
             extra += SMALL_MODEL
         if command == "compare" and "--vary" in words:
             extra = list(QUICK["train"])  # each variant trains as a quick `train` would
-        words = [sys.executable, "-m", "minigpt_cli", *words[at + 1:], *extra]
+        words = [*(minigpt or [sys.executable, "-m", "minigpt_cli"]), *words[at + 1:], *extra]
         parts[-1] = " " + shlex.join(words)
     return "|".join(parts)
 
@@ -108,7 +126,7 @@ def test_the_readme_commands_are_cut_into_chunks_that_stand_alone():
 
 
 @pytest.mark.parametrize("chunk", range(CHUNKS))
-def test_every_readme_command_runs(tmp_path: Path, chunk: int):
+def test_every_readme_command_runs(tmp_path: Path, chunk: int, minigpt: list[str]):
     (tmp_path / "my_novel.txt").write_text(BUNDLED_TEXT.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text(BUNDLED_TEXT.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
@@ -127,7 +145,7 @@ def test_every_readme_command_runs(tmp_path: Path, chunk: int):
         if line in seen:
             continue  # shown twice in the README (the tour and a later section): once is enough
         seen.add(line)
-        command = quick(line)
+        command = quick(line, minigpt)
         proc = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], cwd=tmp_path, env=cli_env(),
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"README command failed: {line}\n{proc.stderr[-2000:]}"
@@ -153,7 +171,7 @@ def test_learn_by_running_it_covers_each_idea_with_a_command():
         assert 0 < len(text) <= 16
 
 
-def test_learn_by_running_it_quotes_what_the_config_commands_print(tmp_path: Path):
+def test_learn_by_running_it_quotes_what_the_config_commands_print(tmp_path: Path, minigpt: list[str]):
     """The outputs quoted for commands that need no trained run (so print the same everywhere) are
     lines the tool prints now."""
     blocks = re.findall(r"```bash\n(.*?)```\n```\n(.*?)```", learn_section(), flags=re.S)
@@ -163,7 +181,7 @@ def test_learn_by_running_it_quotes_what_the_config_commands_print(tmp_path: Pat
             continue
         printed = ""
         for line in commands.strip().splitlines():
-            proc = subprocess.run([sys.executable, "-m", "minigpt_cli", *shlex.split(line)[1:]], cwd=tmp_path,
+            proc = subprocess.run([*minigpt, *shlex.split(line)[1:]], cwd=tmp_path,
                                   env=cli_env(), capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, proc.stderr
             printed += proc.stdout
