@@ -87,6 +87,22 @@ def quick(line: str, minigpt: list[str] | None = None) -> str:
     return "|".join(parts)
 
 
+def test_the_warm_server_runs_minigpt_as_a_process_would(tmp_path: Path, minigpt: list[str]):
+    """Exit codes, stderr, stdin and the folder reach the shell as from `python -m minigpt_cli`, so a
+    README command that fails fails its test."""
+    def run(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], cwd=tmp_path, env=cli_env(),
+                              capture_output=True, text=True, timeout=60)
+
+    line = shlex.join(minigpt)
+    bad = run(f"{line} train --set train.eval_interval=0")
+    assert (bad.returncode, bad.stderr) == (2, "error: train.eval_interval must be at least 1, got 0\n")
+    short = run(f"printf 'hi' | {line} train --data -")  # stdin reaches the command
+    assert short.returncode == 2 and "the train split of stdin has 2 characters" in short.stderr
+    listed = run(f"{line} runs | head -1")  # the folder and stdout too
+    assert listed.returncode == 0 and listed.stdout.startswith("no runs under runs")
+
+
 def test_readme_opens_with_the_train_and_test_commands():
     text = README.read_text(encoding="utf-8")
     first_blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)[:2]
