@@ -248,6 +248,10 @@ class TimeBudget:
         self.eval_fraction = 1.0 if final_eval_seconds <= share else share / final_eval_seconds
         self.final_eval_seconds = final_eval_seconds * self.eval_fraction
 
+    def keep_for_estimate(self, seconds: float) -> None:
+        """A checkpoint has been measured by the sampled batches: keep time to measure the final one so."""
+        self.fixed_eval_seconds = seconds
+
     def step_done(self, seconds: float) -> None:
         self.step_seconds.append(seconds)
 
@@ -294,6 +298,7 @@ class Trainer:
         self.clock = clock
         self.started_at = started_at if started_at is not None else clock()
         self.budget: TimeBudget | None = None
+        self.estimate_seconds = 0.0  # under a time budget: what the sampled validation batches cost
         self.state = RunState()
         self.progress_step = 0
         self.config = config
@@ -566,8 +571,11 @@ class Trainer:
         self.budget = TimeBudget(t.time_budget, self.started_at, self.clock)
         per_window = self.seconds_per_window = self._seconds_per_window()
         windows = max(1, math.ceil(self._val_windows().chars / m.block_size))
-        # The sampled validation batches the best checkpoint is chosen by, scored again at the end.
-        fixed = 0.0 if t.eval_full else per_window * t.eval_iters * t.batch_size
+        # The sampled validation batches the best checkpoint is chosen by, scored again at the end: time
+        # is kept for them once a checkpoint has been measured so (by a periodic evaluation, or before a
+        # resume). Until then the final checkpoint is the only candidate, the best without a measure.
+        self.estimate_seconds = 0.0 if t.eval_full else per_window * t.eval_iters * t.batch_size
+        fixed = self.estimate_seconds if math.isfinite(self.state.best_val) else 0.0
         # Until a save is timed: the weights and two Adam moments, written at a modest 100 MB/s.
         save_guess = 0.1 + 12 * self.model.num_parameters() / 100e6
         self.budget.begin(per_window * windows, save_guess, fixed)
@@ -671,6 +679,8 @@ class Trainer:
             scope = self.describe_scope(count, len(corpus.val))
         self.state.periodic_eval_seconds = seconds
         self.state.eval_seconds += seconds
+        if self.budget is not None:
+            self.budget.keep_for_estimate(self.estimate_seconds)
         is_best = losses["val"] < self.state.best_val
         self.state.best_val = min(self.state.best_val, losses["val"])
         self.state.evaluated_at = self.state.step
@@ -727,12 +737,14 @@ class Trainer:
             candidate = loss
         elif self.state.evaluated_at == self.state.step:
             candidate = math.inf  # these weights were measured and saved at this step's evaluation
-        elif self.budget is not None and self.budget.deadline - self.clock() < self.budget.fixed_eval_seconds:
+        elif self.budget is not None and self._agree([float(self.budget.deadline - self.clock()
+                                                             < self.estimate_seconds)])[0]:
             candidate = math.inf  # no time left to measure it as the best checkpoint is measured
         else:
             candidate = self._estimate(splits=("val",))["val"]
         self.state.eval_seconds += time.perf_counter() - began
-        is_best = candidate < self.state.best_val
+        # Nothing measured before it (no periodic evaluation ran): the final checkpoint is the best.
+        is_best = candidate < self.state.best_val or not math.isfinite(self.state.best_val)
         self.state.best_val = min(self.state.best_val, candidate)
         if self.dist.is_main:
             record = dict(kind="eval", step=self.state.step, val_loss=loss,

@@ -119,6 +119,52 @@ def test_training_under_a_budget_on_a_fake_clock(small_corpus: Path, tmp_path: P
     assert clock.now >= 13.0, f"ended at {clock.now:.2f}s, wasting the budget"
 
 
+@pytest.mark.parametrize("eval_interval", [100000, 20])
+def test_a_budget_keeps_time_to_measure_the_final_checkpoint_only_when_one_was_measured(
+        small_corpus: Path, tmp_path: Path, monkeypatch, eval_interval: int):
+    """Without a periodic evaluation the final checkpoint is the only candidate: it is the best with no
+    sampled measure, and the time that measure would take trains. With one, the final checkpoint is
+    measured the same way and time is kept for it."""
+    from minigpt_cli import trainer
+    from minigpt_cli.checkpoint import load_checkpoint
+    from minigpt_cli.config import apply_overrides, load_config
+
+    clock = FakeClock(2.0)
+    real_step, real_score, real_estimate = trainer.Trainer._train_step, trainer.score_text, trainer.Trainer._estimate
+
+    def timed_step(self, *args, **kwargs):
+        clock.now += 0.1
+        return real_step(self, *args, **kwargs)
+
+    def timed_score(model, ids, block_size, stride, *args, **kwargs):
+        total, count = real_score(model, ids, block_size, stride, *args, **kwargs)
+        clock.now += 0.002 * max(1, count // stride)
+        return total, count
+
+    def timed_estimate(self, splits=("train", "val")):
+        clock.now += 0.002 * self.config.train.eval_iters * self.config.train.batch_size * len(splits)
+        return real_estimate(self, splits)
+
+    monkeypatch.setattr(trainer.Trainer, "_train_step", timed_step)
+    monkeypatch.setattr(trainer.Trainer, "_estimate", timed_estimate)
+    monkeypatch.setattr(trainer, "score_text", timed_score)
+    config = apply_overrides(load_config("tiny"), [*FAST, f"data.path={small_corpus}", "train.max_iters=100000",
+                                                   f"train.eval_interval={eval_interval}", "train.eval_iters=50",
+                                                   "train.batch_size=8", "train.time_budget=15"])
+    result = trainer.train(config, tmp_path / "run", started_at=0.0, clock=clock)
+    assert result.stopped == "time_budget" and clock.now <= 15.0
+    final = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r.get("final")][0]
+    best = load_checkpoint(tmp_path / "run", which="best")
+    if eval_interval > result.steps:
+        assert "sampled_val_loss" not in final and best.step == result.steps
+        assert best.meta["best_val_loss"] is None
+        assert clock.now >= 15.0 - 0.5 - 0.4  # the measure's 0.8 s was not kept back
+    else:
+        assert final["sampled_val_loss"] == pytest.approx(final["sampled_val_loss"])  # measured, a number
+        assert best.meta["best_val_loss"] == pytest.approx(result.best_val_loss)
+
+
 def test_a_short_budget_warms_up_over_a_share_of_its_time_not_warmup_iters(small_corpus: Path, tmp_path: Path,
                                                                            monkeypatch):
     """Steps cost 0.2 s: about 40 of them fit, far fewer than the 1000 warm-up steps asked for."""

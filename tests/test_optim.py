@@ -32,6 +32,29 @@ def test_orthogonalize_treats_a_stack_as_separate_matrices():
         assert torch.allclose(x[i], optim.orthogonalize(g[i]), atol=1e-5)
 
 
+def test_muon_batches_matrices_of_one_shape_yet_updates_each_as_if_alone(monkeypatch):
+    """Tall, wide and split (q, k, v) matrices, two of each shape: each moves by -lr * scale * the
+    orthogonalised Nesterov direction of its own gradient, as the method defines it."""
+    monkeypatch.setattr(optim, "newton_schulz_dtype", lambda device: torch.float32)  # on any CPU
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 48), (48, 16), (16, 48), (24, 8), (24, 8)]
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+    params[4].muon_split = params[5].muon_split = 3
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    muon = optim.Muon(params, lr=0.1, momentum=0.9)
+    muon.step()
+    for p, old in zip(params, before):
+        split = getattr(p, "muon_split", 1)
+        rows, cols = p.shape[0] // split, p.shape[1]
+        direction = p.grad + 0.9 * p.grad  # first step: the momentum buffer is the gradient
+        expected = torch.cat([optim.orthogonalize(block, dtype=torch.float32)
+                              for block in direction.split(rows)])
+        expected = old - 0.1 * max(1.0, rows / cols) ** 0.5 * expected
+        torch.testing.assert_close(p.detach(), expected, atol=2e-5, rtol=1e-4)
+
+
 def test_newton_schulz_runs_in_float32_on_a_cpu_without_native_bfloat16(monkeypatch):
     # Emulated bfloat16 made Muon's step 10-30x slower than float32 on an AVX2-only CPU.
     monkeypatch.setattr(optim, "cpu_has_fast_bfloat16", lambda: False)
