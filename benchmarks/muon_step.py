@@ -4,7 +4,8 @@
 
 For the config's model (random weights, a random batch of train.batch_size x block_size), each
 round times, in turn: a forward and backward pass; the Newton-Schulz iteration on every Muon
-matrix in bfloat16; the same in float32. Times are the median round, ratios the median over rounds
+matrix in bfloat16; the same in float32; the same in float32 with the matrices of one shape in one
+batch, as Muon.step runs it. Times are the median round, ratios the median over rounds
 of each round's ratio. The iteration's work is about 2.5 GFLOP a step for the default model (five
 iterations of three products per matrix), against about 10 GFLOP for its forward and backward.
 
@@ -66,9 +67,21 @@ def main() -> None:
         for m in mats:
             optim.orthogonalize(m, dtype=dtype)
 
+    # As Muon.step runs it: the matrices of one shape (up to a transpose) stacked into one batch.
+    by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for m in mats:
+        wide = m.mT if m.shape[1] > m.shape[2] else m
+        by_shape.setdefault(tuple(wide.shape[1:]), []).append(wide)
+    stacks = [torch.cat(group) for group in by_shape.values()]
+
+    def iterate_batched(dtype: torch.dtype) -> None:
+        for stack in stacks:
+            optim.orthogonalize(stack, dtype=dtype)
+
     cases = {"forward_backward": forward_backward,
              "newton_schulz_bfloat16": lambda: iterate(torch.bfloat16),
-             "newton_schulz_float32": lambda: iterate(torch.float32)}
+             "newton_schulz_float32": lambda: iterate(torch.float32),
+             "newton_schulz_float32_batched": lambda: iterate_batched(torch.float32)}
     times: dict[str, list[float]] = {name: [] for name in cases}
     for fn in cases.values():
         fn()  # warm-up
@@ -93,6 +106,8 @@ def main() -> None:
         "gflops": {"bfloat16": flops / median["newton_schulz_bfloat16"] / 1e9,
                    "float32": flops / median["newton_schulz_float32"] / 1e9},
         "bfloat16_over_float32": ratio("newton_schulz_bfloat16", "newton_schulz_float32"),
+        "batches": len(stacks),
+        "one_by_one_over_batched": ratio("newton_schulz_float32", "newton_schulz_float32_batched"),
         "float32_over_forward_backward": ratio("newton_schulz_float32", "forward_backward"),
         "bfloat16_over_forward_backward": ratio("newton_schulz_bfloat16", "forward_backward"),
     }
@@ -107,6 +122,9 @@ def main() -> None:
         print(f"  Newton-Schulz {dtype:9}  {median['newton_schulz_' + dtype] * 1e3:8.1f} ms  "
               f"({result['gflops'][dtype]:.1f} GFLOP/s, {result[dtype + '_over_forward_backward']:.2f}x the forward + backward)")
     print(f"  bfloat16 / float32: {result['bfloat16_over_float32']:.2f}x")
+    print(f"  float32 in {len(stacks)} batches, as Muon.step runs it: "
+          f"{median['newton_schulz_float32_batched'] * 1e3:.1f} ms ({result['one_by_one_over_batched']:.2f}x faster "
+          f"than one matrix at a time)")
 
 
 if __name__ == "__main__":

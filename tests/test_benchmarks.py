@@ -43,6 +43,8 @@ def test_muon_step_times_the_iteration_in_both_precisions_and_names_the_one_chos
     assert result["matrices"] == 2 * 6
     assert result["chosen_dtype"] == ("bfloat16" if result["cpu_has_fast_bfloat16"] else "float32")
     assert all(t > 0 for t in result["seconds"].values()) and result["bfloat16_over_float32"] > 0
+    # as Muon.step batches them: the C x C squares (c_attn's blocks, attn c_proj) and the C x 4C MLP pair
+    assert result["batches"] == 2 and result["one_by_one_over_batched"] > 0
     spec = importlib.util.spec_from_file_location("muon_step", REPO / "benchmarks" / "muon_step.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
