@@ -128,7 +128,7 @@ def reader_went_away() -> int:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
+    except (OSError, ValueError):  # ValueError: sys.stdout itself was closed
         pass
     return 0
 
@@ -1421,6 +1421,7 @@ def main() -> None:
     # a quiet machine's 2-thread decode of the 6 x 384 model about 20% slower (98 against 121-127
     # tokens/s, benchmarks/README.md). OMP_WAIT_POLICY=PASSIVE is the user's choice for a machine
     # that may get busy after a long command starts.
+    _reopen_closed_std_streams()
     click_exception, usage_error = _click_errors()
     # typer prints help through its own rich consoles, whose answer to a reader that went away is
     # exit code 1: give them ours (exit 0, as a pipe into `head` is not a failure).
@@ -1444,23 +1445,42 @@ def main() -> None:
     exit_now(code if isinstance(code, int) else 0)
 
 
+def _reopen_closed_std_streams() -> None:
+    """A standard stream the shell closed (`minigpt train >&-`) becomes /dev/null. Python leaves it
+    None (a traceback at the first print), and the next file opened, a checkpoint, would take its
+    descriptor and with it anything written there."""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):  # in descriptor order: 0, 1, 2
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
+
+
 def exit_now(code: int) -> None:
     """End the process without the interpreter's teardown. With torch loaded, freeing its modules and
     libraries takes 0.9-1.5 s after the last line is printed (measured on 2 cores): the shell's prompt
     came back that much later, and a --time-budget run overran its budget by it. Output is flushed and
     exit handlers run first, as sys.exit would; nothing of the run is left to write by now."""
+    if "torch" not in sys.modules:
+        sys.exit(code)  # help, version and usage errors: nothing heavy to skip
+    import atexit
+    import ctypes
+
+    _flush_streams()
+    atexit._run_exitfuncs()
+    _flush_streams()
+    try:
+        ctypes.CDLL(None).fflush(None)  # C's stdio too (oneDNN's or NCCL's verbose logs)
+    except (OSError, AttributeError, TypeError):
+        pass  # no C library to ask (Windows): its buffers are flushed by its own exit
+    os._exit(code)
+
+
+def _flush_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             if stream is sys.stdout:
                 reader_went_away()
-    if "torch" not in sys.modules:
-        sys.exit(code)  # help, version and usage errors: nothing heavy to skip
-    import atexit
-
-    atexit._run_exitfuncs()
-    os._exit(code)
 
 
 if __name__ == "__main__":

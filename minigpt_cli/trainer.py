@@ -590,6 +590,8 @@ class Trainer:
         if cost is None:  # not yet timed: its batches (and the whole split with eval_full) at the measured rate
             windows = math.ceil(self._val_windows().chars / m.block_size) if t.eval_full else 0
             cost = self.seconds_per_window * (2 * t.eval_iters * t.batch_size + windows)
+        if not self.budget.fixed_eval_seconds:
+            cost += self.estimate_seconds  # after it, time is kept to measure the final checkpoint too
         return self._agree([float(self.budget.allows(cost))])[0] > 0
 
     def _agree(self, values: list[float]) -> list[float]:

@@ -18,6 +18,20 @@ def test_a_table_piped_into_head_ends_with_exit_0():
     assert len(proc.stdout.splitlines()) == 2 and "Traceback" not in proc.stderr
 
 
+def test_commands_run_with_their_standard_streams_closed(tmp_path: Path):
+    """`minigpt ... >&- <&-` (a cron job, a daemon): no traceback, and nothing meant for stdout lands in
+    a file the command opened in its place."""
+    train = " ".join(f"'{a}'" for a in cli_command("train", "tiny", "--out", "run", *set_flags(*FAST),
+                                                     "--set", "train.max_iters=2", "--set", "train.eval_interval=1",
+                                                     "--set", "model.n_layer=1"))
+    sample = " ".join(f"'{a}'" for a in cli_command("sample", "run", "--max-new-tokens", "5"))
+    for command in (train, sample):
+        proc = subprocess.run(["bash", "-c", f"{command} >&- <&-"], cwd=tmp_path, capture_output=True, text=True,
+                              env=cli_env(), timeout=180)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert invoke("eval", tmp_path / "run", "--json").exit_code == 0  # the run's files are whole
+
+
 def test_help_piped_into_head_ends_with_exit_0():
     for args in (("--help",), ("sample", "--help"), ()):
         shell = " ".join(f"'{a}'" for a in cli_command(*args))
