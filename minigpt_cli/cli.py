@@ -1416,12 +1416,12 @@ def main() -> None:
     line like every other error, and help piped into `head` ends quietly."""
     import rich.console
 
+    _reopen_closed_std_streams()
     # OpenMP's wait policy is left to libgomp (spin briefly, then sleep): device.choose_threads
     # already keeps to the CPUs other programs leave free, and forcing PASSIVE (sleep at once) made
     # a quiet machine's 2-thread decode of the 6 x 384 model about 20% slower (98 against 121-127
     # tokens/s, benchmarks/README.md). OMP_WAIT_POLICY=PASSIVE is the user's choice for a machine
     # that may get busy after a long command starts.
-    _reopen_closed_std_streams()
     click_exception, usage_error = _click_errors()
     # typer prints help through its own rich consoles, whose answer to a reader that went away is
     # exit code 1: give them ours (exit 0, as a pipe into `head` is not a failure).
@@ -1464,9 +1464,8 @@ def exit_now(code: int) -> None:
     import atexit
     import ctypes
 
-    _flush_streams()
     atexit._run_exitfuncs()
-    _flush_streams()
+    _flush_streams()  # after the handlers: what they printed too
     try:
         ctypes.CDLL(None).fflush(None)  # C's stdio too (oneDNN's or NCCL's verbose logs)
     except (OSError, AttributeError, TypeError):
