@@ -39,7 +39,7 @@ NANOGPT_CPU = ("model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.b
                "model.zero_init_proj=false", "train.batch_size=12", "train.optimizer=adamw",
                "train.learning_rate=1e-3", "train.min_lr=1e-4", "train.schedule=cosine", "train.warmup_iters=100",
                "train.weight_decay=0.1", "train.beta1=0.9", "train.beta2=0.99", "train.grad_clip=1.0",
-               "train.grad_accum_steps=1", "train.dtype=float32")
+               "train.grad_accum_steps=1", "train.dtype=float32", "model.short_conv=0", "train.sampling=random")
 
 
 def train_command(config: str | None, overrides: list[str], out: Path, budget: float | None, steps: int | None,

@@ -958,10 +958,13 @@ def _render_inspect(result: dict) -> None:
               + ("; lm_head shares wte's weight" if params["tied_weights"] else ""), markup=False)
     out.print(_vocab_comparison(params, target), markup=False)
     counted = flops.get("counted")
+    config_has_conv = bool(result["config"]["model"].get("short_conv"))
     rows = [
         ("N (matmul weights)", f"{flops['matmul_params']:,} (attention, MLP and lm_head; not the embeddings)"),
         ("forward", f"{_count(flops['forward'])}FLOP per token = 2N + {_count(flops['attention_forward'])} "
-                    f"attention at T = {flops['seq_len']} (causal: 2 x n_layer x T x n_embd)"),
+                    f"attention at T = {flops['seq_len']} (causal: 2 x n_layer x T x n_embd)"
+                    + (f" + {_count(flops['short_conv_forward'])} short convolutions"
+                       if flops.get("short_conv_forward") else "")),
         ("training", f"{_count(flops['train'])}FLOP per token (3 x forward: backward costs twice the forward)"),
         ("full attention", f"{_count(flops['forward_full_attention'])} forward, {_count(flops['train_full_attention'])} "
                            f"training (the masked half computed too, as kernels often do)"),
@@ -971,7 +974,9 @@ def _render_inspect(result: dict) -> None:
                                              f"training per token (counts full attention)"))
     out.print(_key_value_table("FLOPs per token", rows))
     out.print(_key_value_table("KV cache", [
-        ("per token", f"{kv['bytes_per_token']:,} bytes: keys and values of every layer, in float32 at "
+        ("per token", f"{kv['bytes_per_token']:,} bytes: keys and values of every layer"
+                      + (" and its sublayers' inputs (for the short convolutions)" if config_has_conv else "")
+                      + ", in float32 at "
                       f"every sampling --dtype ({kv['bytes_per_token_bf16']:,} if they were bfloat16)"),
         ("per sequence at block_size", f"{_mib(kv['bytes_at_block_size'])} ({kv['block_size']} positions)"),
     ]))

@@ -47,6 +47,9 @@ class ModelConfig:
     # Output projections of attention and MLP start at zero, so each block starts as the identity.
     zero_init_proj: bool = True
     mlp_ratio: int = 4
+    # Kernel width of a causal depthwise convolution on each attention layer's input (0: none):
+    # each channel also sees its own last short_conv values (model.ShortConv).
+    short_conv: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -79,6 +82,8 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     grad_accum_steps: int = 1
+    # epochs: every window of the text once per pass, shuffled; random: windows drawn independently.
+    sampling: Literal["epochs", "random"] = "epochs"
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10
@@ -218,6 +223,9 @@ def validate(config: Config) -> Config:
         raise UserError(f"rope needs an even head size, but n_embd / n_head = {m.head_dim}")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if m.short_conv < 0 or m.short_conv > m.block_size:
+        raise UserError(f"model.short_conv must be 0 (off) or a width from 1 to block_size ({m.block_size}), "
+                        f"got {m.short_conv}")
     if m.logit_softcap < 0:
         raise UserError(f"model.logit_softcap must be 0 (off) or positive, got {m.logit_softcap}")
     if not 0.0 < d.val_fraction < 1.0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import mmap
@@ -513,6 +514,48 @@ def batch_indices(n_tokens: int, block_size: int, batch_size: int, seed: int, st
     rng = np.random.default_rng([seed, step, micro_step])
     starts = rng.integers(0, n_tokens - block_size, size=batch_size * world_size)
     return starts[rank * batch_size:(rank + 1) * batch_size]
+
+
+# Above this many windows a pass over the text is longer than any run and its order would take memory
+# (4 bytes a window): training then draws windows at random, as batch_indices does.
+MAX_EPOCH_WINDOWS = 1 << 24
+
+
+def epoch_batch_indices(n_tokens: int, block_size: int, batch_size: int, seed: int, step: int,
+                        micro_step: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1) -> np.ndarray:
+    """Window starts for one training micro-batch, in epochs: the text is cut into windows of block_size
+    (shifted by a random offset each epoch, so their edges move), the windows are shuffled, and batches
+    take them in that order; every character is read once an epoch before any is read again. Drawing
+    windows at random instead (batch_indices) reads some text twice and misses some (after two epochs'
+    worth, e^-2 = 14% of it): measured on the default run, epochs ended 0.016 lower (benchmarks/README.md).
+
+    Stateless like batch_indices: micro-batch (step, micro_step) of the global batch takes windows
+    [g, g + batch_size * world_size) of the shuffled sequence, g counting every window before it, and
+    each rank its slice; so a step is reproducible and resuming continues the same order.
+    """
+    n_windows = (n_tokens - 1) // block_size
+    if n_windows > MAX_EPOCH_WINDOWS:
+        return batch_indices(n_tokens, block_size, batch_size, seed, step, micro_step, rank, world_size)
+    position = (step * accum_steps + micro_step) * batch_size * world_size + rank * batch_size
+    end, parts = position + batch_size, []
+    while position < end:  # a batch may run from one epoch into the next
+        epoch, index = divmod(position, n_windows)
+        take = min(end - position, n_windows - index)
+        order, offset = _epoch_order(n_windows, block_size, seed, epoch)
+        parts.append(order[index:index + take].astype(np.int64) * block_size + offset)
+        position += take
+    return np.minimum(np.concatenate(parts), n_tokens - block_size - 1)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n_windows: int, block_size: int, seed: int, epoch: int) -> tuple[np.ndarray, int]:
+    """The shuffled window order of one epoch, and its offset in [0, block_size)."""
+    rng = np.random.default_rng([seed, epoch, EPOCH_STREAM])
+    return rng.permutation(n_windows).astype(np.int32), int(rng.integers(0, block_size))
+
+
+# Keys the epoch generators apart from batch_indices' (seed, step, micro_step) ones.
+EPOCH_STREAM = 1 << 40
 
 
 def release_pages(ids: np.ndarray) -> None:

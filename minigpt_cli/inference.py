@@ -130,8 +130,9 @@ def inference_copy(model: GPT, dtype: torch.dtype, pack: bool) -> GPT:
 class DecodeStep(nn.Module):
     """GPT.forward's arithmetic for one new position per row, reading and writing the KV cache.
 
-    forward(idx (B, 1), position, kv (n_layer, B, 2, n_head, block_size, head_dim), fixed_position)
-    -> logits (B, 1, vocab_size) in float32. With fixed_position None, `position` (an int) is
+    forward(idx (B, 1), position, kv (n_layer, B, 2, n_head, block_size, head_dim), fixed_position,
+    inputs) -> logits (B, 1, vocab_size) in float32. `inputs` (n_layer, B, block_size, C) is the
+    cache's store of attention inputs, for a model with short convolutions (None otherwise). With fixed_position None, `position` (an int) is
     where the new keys and values go, and attention reads the positions up to it. With a (1,)
     tensor fixed_position instead, every shape is the same at every step (for torch.compile):
     the keys and values go in with index_copy_ and attention reads the whole cache, masked.
@@ -148,6 +149,7 @@ class DecodeStep(nn.Module):
     weights: List[torch.Tensor]
     biases: List[Optional[torch.Tensor]]
     packed: List[bool]
+    conv_weights: List[torch.Tensor]
 
     def __init__(self, twin: GPT, dtype: torch.dtype):
         super().__init__()
@@ -166,6 +168,11 @@ class DecodeStep(nn.Module):
         self.weights = [m.weight if m.packed is None else m.packed for m in matrices]
         self.biases = [m.bias for m in matrices]
         self.packed = [m.packed is not None for m in matrices]
+        # The short convolutions, attention's then the MLP's for each layer (slot 2 * layer + i), as (k, C),
+        # oldest position first, in the cache's dtype (float32).
+        self.conv_weights = [conv.weight.detach()[:, 0].t().contiguous() for b in twin.blocks
+                             for conv in (b.conv_attn, b.conv_mlp) if conv is not None]
+        self.conv_kernel = c.short_conv
         self.n_layer = c.n_layer
         self.n_head = c.n_head
         self.head_dim = c.head_dim
@@ -189,6 +196,27 @@ class DecodeStep(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, self.weights[j], self.biases[j], "none", [], "")
         return F.linear(x, self.weights[j], self.biases[j])
 
+    def _conv(self, a: torch.Tensor, slot: int, position: int, inputs_all: Optional[torch.Tensor],
+              fixed_position: Optional[torch.Tensor]) -> torch.Tensor:
+        """ShortConv for one new position: store a (B, C) in the slot's inputs (B, block_size, C) and add
+        the weighted sum of the last k inputs, in the cache's dtype. Without convolutions, a itself."""
+        if inputs_all is None or self.conv_kernel == 0:
+            return a
+        inputs = inputs_all[slot]
+        k = self.conv_kernel
+        weight = self.conv_weights[slot]  # (k, C)
+        a_in = a.to(inputs.dtype)
+        if fixed_position is None:
+            inputs.select(1, position).copy_(a_in)
+            start = max(0, position - k + 1)
+            mixed = (inputs[:, start:position + 1] * weight[k - (position + 1 - start):]).sum(1)
+        else:
+            inputs.index_copy_(1, fixed_position, a_in.unsqueeze(1))
+            offsets = fixed_position + torch.arange(1 - k, 1, device=a.device)  # (k,), before the start if < 0
+            window = inputs.index_select(1, offsets.clamp(min=0)) * (offsets >= 0).view(1, k, 1).to(inputs.dtype)
+            mixed = (window * weight).sum(1)
+        return (a_in + mixed).to(a.dtype)
+
     def _mlp_hidden(self, x: torch.Tensor, j: int) -> torch.Tensor:
         """mlp_activation(x @ W_fc^T), fused into the product where oneDNN can: GELU as its tanh-GELU
         post-op; ReLU squared as its ReLU post-op, then the square."""
@@ -200,7 +228,7 @@ class DecodeStep(nn.Module):
         return mlp_activation(self._linear(x, j), self.activation, True)
 
     def forward(self, idx: torch.Tensor, position: int, kv_all: torch.Tensor,
-                fixed_position: Optional[torch.Tensor] = None) -> torch.Tensor:
+                fixed_position: Optional[torch.Tensor] = None, inputs_all: Optional[torch.Tensor] = None) -> torch.Tensor:
         B = idx.shape[0]
         H, D, C = self.n_head, self.head_dim, self.n_embd
         attention_dtype = kv_all.dtype  # attention and the cache run in the cache's dtype
@@ -214,7 +242,9 @@ class DecodeStep(nn.Module):
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
         for layer in range(self.n_layer):
-            qkv = self._linear(self._norm(x, 2 * layer) if self.pre_norm else x, 4 * layer).view(B, 3, H, D)
+            a = self._conv(self._norm(x, 2 * layer) if self.pre_norm else x, 2 * layer, position, inputs_all,
+                           fixed_position)  # attention's input
+            qkv = self._linear(a, 4 * layer).view(B, 3, H, D)
             rope_cos, rope_sin = self.rope_cos, self.rope_sin
             if self.qk_norm or rope_cos is not None:
                 q, k, v = qkv.unbind(1)  # (B, H, D) each
@@ -249,7 +279,9 @@ class DecodeStep(nn.Module):
             x = self._linear(y, 4 * layer + 1).add_(x)
             if not self.pre_norm:
                 x = self._norm(x, 2 * layer)
-            h = self._mlp_hidden(self._norm(x, 2 * layer + 1) if self.pre_norm else x, 4 * layer + 2)
+            a = self._conv(self._norm(x, 2 * layer + 1) if self.pre_norm else x, 2 * layer + 1, position, inputs_all,
+                           fixed_position)  # the MLP's input
+            h = self._mlp_hidden(a, 4 * layer + 2)
             x = self._linear(h, 4 * layer + 3).add_(x)
             if not self.pre_norm:
                 x = self._norm(x, 2 * layer + 1)
@@ -322,12 +354,14 @@ class Decoder:
         if self.compiled is not None:
             if not kv_cache.static_address:
                 # Written in place by every replay: a CUDA graph must see it at a fixed address.
-                torch._dynamo.mark_static_address(kv_cache.kv, guard=False)
+                for store in (kv_cache.kv, kv_cache.inputs):
+                    if store is not None:
+                        torch._dynamo.mark_static_address(store, guard=False)
                 kv_cache.static_address = True
             position = torch.full((1,), kv_cache.length, dtype=torch.long, device=idx.device)
-            logits = self.compiled(idx, 0, kv_cache.kv, position)
+            logits = self.compiled(idx, 0, kv_cache.kv, position, kv_cache.inputs)
         else:
             step = self.scripted if self.scripted is not None else self.step
-            logits = step(idx, kv_cache.length, kv_cache.kv)
+            logits = step(idx, kv_cache.length, kv_cache.kv, None, kv_cache.inputs)
         kv_cache.advance(1)
         return logits

@@ -17,8 +17,8 @@ from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.bench import Target, resolve_target
 from minigpt_cli.config import UserError
 from minigpt_cli.device import shapes_only
-from minigpt_cli.model import (GPT, MLP, Block, CausalSelfAttention, Norm, attention_probs, count_parameters,
-                               flops_per_token, kv_bytes_per_token, visible_keys)
+from minigpt_cli.model import (GPT, MLP, Block, CausalSelfAttention, Norm, ShortConv, attention_probs,
+                               count_parameters, flops_per_token, kv_bytes_per_token, visible_keys)
 from minigpt_cli.scoring import bits_per_char
 
 # GPT-2's byte-pair vocabulary (Radford et al. 2019): the size its published parameter counts include.
@@ -53,6 +53,8 @@ def _describe(module: nn.Module) -> str:
         return f"{module.n_head} heads x {module.head_dim}, causal"
     if isinstance(module, MLP):
         return f"{module.activation}, {module.c_fc.out_features // module.c_fc.in_features}x wide"
+    if isinstance(module, ShortConv):
+        return f"causal, each channel over its last {module.weight.shape[-1]} positions"
     if isinstance(module, Block):
         return "pre-norm" if module.pre_norm else "post-norm"
     if isinstance(module, GPT):
@@ -60,11 +62,16 @@ def _describe(module: nn.Module) -> str:
     return ""
 
 
-def block_order(pre_norm: bool) -> str:
-    """A block's order of operations: where the normalization sits around each sublayer."""
+def block_order(pre_norm: bool, short_conv: bool = False) -> str:
+    """A block's order of operations: where the normalization sits around each sublayer (and the short
+    convolution before attention, if there is one)."""
     if pre_norm:  # GPT-2: the residual stream itself is never normalized inside a block
+        if short_conv:
+            return "pre-norm: x = x + attn(conv_attn(norm_1(x))); x = x + mlp(conv_mlp(norm_2(x)))"
         return "pre-norm: x = x + attn(norm_1(x)); x = x + mlp(norm_2(x))"
     # The original Transformer: each sublayer's sum is normalized
+    if short_conv:
+        return "post-norm: x = norm_1(x + attn(conv_attn(x))); x = norm_2(x + mlp(conv_mlp(x)))"
     return "post-norm: x = norm_1(x + attn(x)); x = norm_2(x + mlp(x))"
 
 
@@ -112,7 +119,7 @@ def module_tree(module: nn.Module, name: str = "", seen: set[int] | None = None,
     if tied:
         node["tied_to"] = tied
     if isinstance(module, Block):
-        node["order"] = block_order(module.pre_norm)
+        node["order"] = block_order(module.pre_norm, module.conv_attn is not None)
     return node
 
 
@@ -135,7 +142,7 @@ def parameter_counts(model: GPT) -> dict[str, Any]:
         "non_embedding": model.num_parameters() - embedding,
         "per_layer": block["params"],
         "tied_weights": model.config.tie_weights,
-        "block_order": block_order(c.norm_placement == "pre"),
+        "block_order": block_order(c.norm_placement == "pre", c.short_conv > 0),
         "vocab_size": model.vocab_size,
         # The same blocks with GPT-2's own vocabulary: what its published sizes (124M ... 1.5B) count.
         "at_gpt2_vocab": parameters_at_vocab(model, GPT2_VOCAB_SIZE),
@@ -212,6 +219,9 @@ def batch_shapes(model: GPT, batch_size: int) -> list[dict[str, Any]]:
             add("training", "rotary cos/sin tables", (T, D), "(T, head_dim)", "rotate q and k")
         else:
             add("training", "sinusoidal position table", (T, C), "(T, C)", "added to every row")
+        if c.short_conv:
+            add("training", "short convolution weights (2 per layer)", (C, 1, c.short_conv), "(C, 1, k)",
+                "each channel mixes its last k values, before attention and before the MLP")
         add("training", "q, k, v (each, per layer)", (B, H, T, D), "(B, n_head, T, head_dim)",
             f"from c_attn's {tuple(seen['qkv'])}")
         add("training", "attention weights softmax(QK^T/sqrt(d))", (B, H, T, T), "(B, n_head, T, T)",
@@ -228,6 +238,9 @@ def batch_shapes(model: GPT, batch_size: int) -> list[dict[str, Any]]:
         add("decoding", "idx (one new token per sample)", step.shape, "(B, 1)")
         add("decoding", "KV cache keys (values alike)", cache.k.shape, "(n_layer, B, n_head, block_size, head_dim)",
             "allocated once")
+        if cache.inputs is not None:
+            add("decoding", "KV cache's sublayer inputs", cache.inputs.shape, "(2 n_layer, B, block_size, C)",
+                "the short convolutions read the last k")
         add("decoding", "attention weights at the last position", (B, H, 1, T), "(B, n_head, 1, T)")
         add("decoding", "logits", step_logits.shape, "(B, 1, vocab_size)")
     finally:

@@ -12,11 +12,17 @@ class KVCache:
     step can store a position's key and value with a single copy; `k` and `v` are views of it,
     (n_layer, B, n_head, block_size, head_dim) each. A forward pass writes each layer's new
     positions at [length, length + T) through `update`, then calls `advance(T)` once.
+
+    With input_slots (a model with short convolutions: 2, attention's and the MLP's), `inputs`
+    (n_layer * input_slots, B, block_size, n_head * head_dim) keeps those sublayers' inputs as well,
+    written through `update_inputs`.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, block_size: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", input_slots: int = 0):
         self.kv = torch.zeros((n_layer, batch_size, 2, n_head, block_size, head_dim), dtype=dtype, device=device)
+        self.inputs = (torch.zeros((n_layer * input_slots, batch_size, block_size, n_head * head_dim), dtype=dtype,
+                                   device=device) if input_slots else None)
         self.k = self.kv[:, :, 0]
         self.v = self.kv[:, :, 1]
         # Per-layer views, made once, so a step indexes no more than it must.
@@ -45,6 +51,15 @@ class KVCache:
         v[:, :, self.length:end] = v_new
         return k[:, :, :end], v[:, :, :end]  # (B, n_head, end, head_dim)
 
+    def update_inputs(self, slot: int, x_new: torch.Tensor) -> torch.Tensor:
+        """Store a sublayer's (B, T, C) inputs after the cached ones (a batch of 1 broadcast, as in
+        update); return all of them, (B, length + T, C)."""
+        assert self.inputs is not None, "this cache keeps no inputs (the model has no short convolution)"
+        end = self.end_after(x_new.shape[1])
+        inputs = self.inputs[slot]
+        inputs[:, self.length:end] = x_new
+        return inputs[:, :end]
+
     def end_after(self, n: int) -> int:
         """The length after storing n more positions; raises if they do not fit."""
         end = self.length + n
@@ -60,5 +75,5 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.kv.nbytes
+        return self.kv.nbytes + (self.inputs.nbytes if self.inputs is not None else 0)
 

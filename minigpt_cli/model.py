@@ -78,6 +78,13 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
 
+def causal_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A causal depthwise 1-D convolution: y[t, c] = sum_j weight[c, 0, j] * x[t - k + 1 + j, c], with zeros
+    before the first position. Each channel mixes only its own last k values. x: (B, T, C), weight: (C, 1, k)."""
+    k = weight.shape[-1]
+    return F.conv1d(F.pad(x.transpose(1, 2), (k - 1, 0)), weight, groups=x.shape[-1]).transpose(1, 2)
+
+
 def visible_keys(T: int, past: int, device: torch.device) -> torch.Tensor:
     """(T, past + T) bool: new position past + i may look at keys 0 .. past + i (causal)."""
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
@@ -116,6 +123,28 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return normalize(x, self.kind, self.weight, self.bias, self.eps)
+
+
+class ShortConv(nn.Module):
+    """x + causal_conv(x) over the last `short_conv` positions, on the input of attention and of the MLP.
+
+    A character model's first need is the previous few characters, which attention has to learn to find
+    head by head; here each channel gets them directly, for 2k FLOPs a channel. The weights start at zero,
+    so a block starts as it would without them. The "Canon layers" of Allen-Zhu (2025); the short
+    convolutions of H3 and Mamba and RWKV's token shift are the same idea. With a KV cache the earlier
+    inputs are kept beside the keys and values (slot 2 * layer for attention's, + 1 for the MLP's), so a
+    new position sees the k - 1 before it.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.n_embd, 1, config.short_conv))
+
+    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache], slot: int) -> torch.Tensor:
+        T = x.shape[1]
+        if kv_cache is not None:  # (B', past + T, C) -> the last T + k - 1 positions, all the new ones need
+            x = kv_cache.update_inputs(slot, x)[:, -(T + self.weight.shape[-1] - 1):]
+        return x[:, -T:] + causal_conv(x, self.weight)[:, -T:]
 
 
 class CausalSelfAttention(nn.Module):
@@ -178,22 +207,29 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm (GPT-2): x + attn(norm(x)). Post-norm (the original Transformer): norm(x + attn(x))."""
+    """Pre-norm (GPT-2): x + attn(norm(x)). Post-norm (the original Transformer): norm(x + attn(x)).
+    With short_conv each sublayer reads its input after a short convolution: x + attn(conv(norm(x)))."""
 
     def __init__(self, config: ModelConfig, sdpa: bool = True):
         super().__init__()
         self.pre_norm = config.norm_placement == "pre"
         self.norm_1 = Norm(config)
+        self.conv_attn = ShortConv(config) if config.short_conv else None
         self.attn = CausalSelfAttention(config, sdpa)
         self.norm_2 = Norm(config)
+        self.conv_mlp = ShortConv(config) if config.short_conv else None
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope, kv_cache: Optional[KVCache], layer: int) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.norm_1(x), rope, kv_cache, layer)
-            return x + self.mlp(self.norm_2(x))
-        x = self.norm_1(x + self.attn(x, rope, kv_cache, layer))
-        return self.norm_2(x + self.mlp(x))
+            x = x + self.attn(convolve(self.conv_attn, self.norm_1(x), kv_cache, 2 * layer), rope, kv_cache, layer)
+            return x + self.mlp(convolve(self.conv_mlp, self.norm_2(x), kv_cache, 2 * layer + 1))
+        x = self.norm_1(x + self.attn(convolve(self.conv_attn, x, kv_cache, 2 * layer), rope, kv_cache, layer))
+        return self.norm_2(x + self.mlp(convolve(self.conv_mlp, x, kv_cache, 2 * layer + 1)))
+
+
+def convolve(conv: Optional[ShortConv], h: torch.Tensor, kv_cache: Optional[KVCache], slot: int) -> torch.Tensor:
+    return h if conv is None else conv(h, kv_cache, slot)
 
 
 class GPT(nn.Module):
@@ -218,9 +254,11 @@ class GPT(nn.Module):
 
     def reset_parameters(self) -> None:
         """Matrices N(0, 0.02); residual projections (c_proj) zero, or GPT-2's N(0, 0.02 / sqrt(2 * n_layer)) so
-        the residual stream's variance stays put however deep; biases zero; norm weights one."""
+        the residual stream's variance stays put however deep; short convolutions and biases zero; norm weights one."""
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight") and self.config.zero_init_proj:
+            if ".conv_" in name:
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight") and self.config.zero_init_proj:
                 nn.init.zeros_(p)
             elif name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
@@ -263,7 +301,7 @@ class GPT(nn.Module):
         """A cache in the dtype of the residual stream (the embedding's), on the model's device."""
         c = self.config
         return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.head_dim,
-                       dtype=self.wte.weight.dtype, device=self.device)
+                       dtype=self.wte.weight.dtype, device=self.device, input_slots=2 if c.short_conv else 0)
 
 
 # --- Accounting: parameters, FLOPs and KV-cache bytes, from the config alone -------------------
@@ -285,16 +323,19 @@ def flops_per_token(config: ModelConfig, vocab_size: int, seq_len: Optional[int]
     """The usual estimate (Kaplan et al. 2020; PaLM appendix B): a forward pass costs 2N per token for the
     weight matmuls, plus QK^T and AV; backward costs twice the forward, so training is 3x. With a causal
     mask a position attends to (T + 1) / 2 positions on average, so QK^T and AV cost 2 * 2 * n_layer * C
-    * (T / 2) = 2 * n_layer * T * C per token ("causal"); kernels that compute the masked half do twice that."""
+    * (T / 2) = 2 * n_layer * T * C per token ("causal"); kernels that compute the masked half do twice that.
+    Short convolutions add 2 * short_conv * C per sublayer."""
     T = seq_len or config.block_size
     N = matmul_params(config, vocab_size)
     attention_causal = 2 * config.n_layer * T * config.n_embd
-    forward, forward_full = 2 * N + attention_causal, 2 * N + 2 * attention_causal
+    conv = 2 * 2 * config.n_layer * config.short_conv * config.n_embd
+    forward, forward_full = 2 * N + attention_causal + conv, 2 * N + 2 * attention_causal + conv
     return {"matmul_params": N, "seq_len": T, "attention": "causal", "forward": forward,
-            "attention_forward": attention_causal, "train": 3 * forward,
+            "attention_forward": attention_causal, "short_conv_forward": conv, "train": 3 * forward,
             "forward_full_attention": forward_full, "train_full_attention": 3 * forward_full}
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = 4) -> int:
-    """Keys and values for every layer: 2 * n_layer * n_embd numbers per position."""
-    return 2 * config.n_layer * config.n_embd * dtype_bytes
+    """Keys and values for every layer: 2 * n_layer * n_embd numbers per position; with short_conv, the
+    two sublayers' inputs too (4 * n_layer * n_embd)."""
+    return (4 if config.short_conv else 2) * config.n_layer * config.n_embd * dtype_bytes

@@ -21,8 +21,8 @@ from torch import nn
 
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, UserError, absolute_data_path, apply_overrides, load_config
-from minigpt_cli.data import (Corpus, batch_indices, check_split_lengths, get_batch, keep_in_run, load_corpus,
-                              run_copy, scoring_windows)
+from minigpt_cli.data import (Corpus, batch_indices, check_split_lengths, epoch_batch_indices, get_batch, keep_in_run,
+                              load_corpus, run_copy, scoring_windows)
 from minigpt_cli.device import Precision, autocast, detect_distributed, resolve_device, runtime
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
@@ -611,8 +611,12 @@ class Trainer:
         train_model.train()
         total = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum_steps):
-            starts = batch_indices(len(self.corpus.train), m.block_size, t.batch_size, t.seed, step, micro,
-                                   self.dist.rank, self.dist.world_size)
+            if t.sampling == "epochs":
+                starts = epoch_batch_indices(len(self.corpus.train), m.block_size, t.batch_size, t.seed, step, micro,
+                                             self.dist.rank, self.dist.world_size, t.grad_accum_steps)
+            else:
+                starts = batch_indices(len(self.corpus.train), m.block_size, t.batch_size, t.seed, step, micro,
+                                       self.dist.rank, self.dist.world_size)
             x, y = get_batch(self.corpus.train, starts, m.block_size, self.device)
             last = micro == t.grad_accum_steps - 1
             # Under DDP, gradients are all-reduced only after the last micro-step.

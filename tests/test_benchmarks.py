@@ -100,6 +100,8 @@ def test_the_nanogpt_reference_is_its_cpu_recipe_in_this_tools_config():
     assert (t.optimizer, t.batch_size, t.learning_rate, t.min_lr, t.schedule, t.warmup_iters) == (
         "adamw", 12, 1e-3, 1e-4, "cosine", 100)
     assert (t.beta2, t.weight_decay, t.grad_clip) == (0.99, 0.1, 1.0)
+    # nanoGPT has no short convolutions and draws its windows at random.
+    assert (m.short_conv, t.sampling) == (0, "random")
 
 
 def test_time_to_loss_reports_the_run_and_the_reference_on_the_whole_split(tmp_path, small_corpus):

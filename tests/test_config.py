@@ -107,6 +107,9 @@ def test_wrong_type_names_the_key(tmp_path: Path, text: str, key: str):
     ("data.val_fraction=1", "data.val_fraction"),
     ("train.grad_accum_steps=0", "train.grad_accum_steps"),
     ("train.stop_after=-1", "train.stop_after"),
+    ("model.short_conv=-1", "model.short_conv"),
+    ("model.short_conv=1000", "model.short_conv"),  # wider than block_size
+    ("train.sampling=shuffled", "train.sampling"),
 ])
 def test_impossible_values_are_rejected(override: str, key: str):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):

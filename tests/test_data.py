@@ -150,6 +150,37 @@ def test_ranks_split_the_global_batch():
     assert np.array_equal(np.concatenate(ranks), whole)
 
 
+def test_an_epoch_reads_every_window_once_in_a_shuffled_order_that_moves_each_epoch():
+    n_tokens, block, batch = 10_001, 50, 8  # 200 windows of 50: 25 batches an epoch
+    starts = np.concatenate([data.epoch_batch_indices(n_tokens, block, batch, seed=3, step=s) for s in range(50)])
+    first, second = starts[:200], starts[200:]
+    for epoch in (first, second):
+        assert len(np.unique(epoch)) == 200  # no window twice
+        _, counts = np.unique(epoch % block, return_counts=True)
+        assert counts.max() >= 199  # one offset an epoch (the last window may be pulled in to fit)
+        assert epoch.min() >= 0 and epoch.max() <= n_tokens - block - 1
+        assert not np.array_equal(np.sort(epoch), epoch)  # shuffled
+    assert not np.array_equal(first // block, second // block)  # a new order each epoch
+    # Reproducible from (seed, step), a step at a time (so a resumed run continues the same order).
+    assert np.array_equal(data.epoch_batch_indices(n_tokens, block, batch, seed=3, step=31), starts[248:256])
+    assert not np.array_equal(data.epoch_batch_indices(n_tokens, block, batch, seed=4, step=31), starts[248:256])
+
+
+def test_epoch_batches_split_over_ranks_and_micro_steps_as_one_big_batch():
+    whole = data.epoch_batch_indices(10_001, 50, 8, seed=1, step=5)
+    ranks = [data.epoch_batch_indices(10_001, 50, 4, seed=1, step=5, rank=r, world_size=2) for r in range(2)]
+    assert np.array_equal(np.concatenate(ranks), whole)
+    micro = [data.epoch_batch_indices(10_001, 50, 2, seed=1, step=5, micro_step=m, rank=r, world_size=2,
+                                      accum_steps=2) for m in range(2) for r in range(2)]
+    assert np.array_equal(np.concatenate(micro), whole)
+
+
+def test_a_text_too_big_for_an_epoch_order_draws_windows_at_random(monkeypatch):
+    monkeypatch.setattr(data, "MAX_EPOCH_WINDOWS", 100)
+    assert np.array_equal(data.epoch_batch_indices(10_001, 50, 8, seed=2, step=7),
+                          data.batch_indices(10_001, 50, 8, seed=2, step=7))
+
+
 def test_targets_are_inputs_shifted_by_one():
     ids = np.arange(100, dtype=np.uint8)
     starts = data.batch_indices(len(ids), 10, 4, seed=0, step=0)

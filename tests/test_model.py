@@ -7,7 +7,8 @@ import torch
 
 from minigpt_cli.config import ModelConfig
 from minigpt_cli.kv_cache import KVCache
-from minigpt_cli.model import GPT, attention_probs, visible_keys, written_out_attention
+from minigpt_cli.model import (GPT, attention_probs, causal_conv, kv_bytes_per_token, visible_keys,
+                               written_out_attention)
 
 VOCAB = 37
 SMALL = dict(n_layer=2, n_head=2, n_embd=16, block_size=24, dropout=0.0)
@@ -20,16 +21,19 @@ VARIANTS = [
     dict(pos_encoding="rope", norm="layernorm", norm_placement="pre", activation="relu2", qk_norm=False),
     dict(pos_encoding="rope", norm="rmsnorm", norm_placement="post", activation="gelu", tie_weights=True),
     dict(pos_encoding="rope", bias=True, norm="layernorm", zero_init_proj=False, logit_softcap=15.0, mlp_ratio=2),
+    dict(pos_encoding="rope", norm="rmsnorm", norm_placement="pre", activation="relu2", short_conv=4),
+    dict(pos_encoding="learned", norm="layernorm", norm_placement="post", activation="gelu", short_conv=3),
 ]
 
 
 def make_model(seed: int = 0, sdpa: bool = True, **overrides) -> GPT:
     torch.manual_seed(seed)
     model = GPT(ModelConfig(**{**SMALL, **overrides}), VOCAB, sdpa=sdpa)
-    # zero_init_proj starts every block as the identity; random projections exercise attention fully.
+    # zero_init_proj starts every block as the identity, and short convolutions start at zero; random
+    # weights exercise attention and the convolutions fully.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight") or ".conv_" in name:
                 p.normal_(0.0, 0.1)
     return model.eval()
 
@@ -92,9 +96,10 @@ def test_sequence_longer_than_block_size_is_refused():
             model(torch.zeros(1, 1, dtype=torch.long), cache)
 
 
-def test_positions_are_causal():
+@pytest.mark.parametrize("short_conv", [0, 3])
+def test_positions_are_causal(short_conv: int):
     """Changing a later token never changes the logits of earlier positions."""
-    model = make_model()
+    model = make_model(short_conv=short_conv)
     idx = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
     changed = idx.clone()
     changed[0, 10:] = (changed[0, 10:] + 1) % VOCAB
@@ -102,6 +107,33 @@ def test_positions_are_causal():
         a, b = model(idx), model(changed)
     torch.testing.assert_close(a[:, :10], b[:, :10])
     assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_a_short_convolution_mixes_each_channels_last_k_values():
+    """causal_conv is the written-out sum y[t] = sum_j w[j] x[t - k + 1 + j] per channel, zeros before
+    the start; a model's convolutions start at zero, so it starts as the same model without them."""
+    x = torch.randn(2, 7, 3, generator=torch.Generator().manual_seed(4))
+    weight = torch.randn(3, 1, 4, generator=torch.Generator().manual_seed(5))
+    padded = torch.cat([torch.zeros(2, 3, 3), x], dim=1)  # (B, k - 1 + T, C)
+    expected = torch.stack([sum(weight[:, 0, j] * padded[:, t + j] for j in range(4)) for t in range(7)], dim=1)
+    torch.testing.assert_close(causal_conv(x, weight), expected)
+    torch.manual_seed(0)
+    plain = GPT(ModelConfig(**SMALL), VOCAB)
+    torch.manual_seed(0)
+    with_conv = GPT(ModelConfig(**SMALL, short_conv=3), VOCAB)
+    assert all((p == 0).all() for n, p in with_conv.named_parameters() if ".conv_" in n)
+    with_conv.load_state_dict(plain.state_dict(), strict=False)
+    idx = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(with_conv(idx), plain(idx))
+
+
+def test_a_cache_for_short_convolutions_keeps_each_sublayers_inputs():
+    model = make_model(short_conv=3)
+    cache = model.new_kv_cache(2)
+    assert cache.inputs.shape == (2 * SMALL["n_layer"], 2, SMALL["block_size"], SMALL["n_embd"])
+    assert cache.nbytes == kv_bytes_per_token(model.config) * SMALL["block_size"] * 2
+    assert make_model().new_kv_cache(2).inputs is None
 
 
 def test_tied_weights_share_one_tensor():

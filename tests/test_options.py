@@ -26,6 +26,8 @@ OPTIONS = {
     "layernorm": "model.norm=layernorm",
     "gelu": "model.activation=gelu",
     "logit soft-capping": "model.logit_softcap=15",
+    "short convolutions": "model.short_conv=3",
+    "random windows": "train.sampling=random",
     "adamw": "train.optimizer=adamw",
     "cosine schedule": "train.schedule=cosine",
 }

@@ -22,14 +22,21 @@ VOCAB = 11
 def small_model(**options) -> GPT:
     torch.manual_seed(0)
     config = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=12, zero_init_proj=False, **options)
-    return GPT(config, VOCAB).eval()
+    model = GPT(config, VOCAB).eval()
+    with torch.no_grad():  # short convolutions start at zero: random ones exercise them
+        for name, p in model.named_parameters():
+            if ".conv_" in name:
+                p.normal_(0.0, 0.5)
+    return model
 
 
 VARIANTS = [dict(pos_encoding=p, norm=n, norm_placement=pl)
             for p in ("learned", "sinusoidal", "rope") for n in ("layernorm", "rmsnorm") for pl in ("pre", "post")]
+VARIANTS += [dict(pos_encoding="rope", norm="rmsnorm", norm_placement="pre", short_conv=4),
+             dict(pos_encoding="learned", norm="layernorm", norm_placement="post", short_conv=2)]
 
 
-@pytest.mark.parametrize("options", VARIANTS, ids=lambda o: "-".join(o.values()))
+@pytest.mark.parametrize("options", VARIANTS, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_cached_logits_equal_uncached_at_every_step_across_a_window_slide(options):
     model = small_model(**options)
     greedy = SamplingSettings(temperature=0.0)
@@ -48,7 +55,8 @@ INFERENCE_VARIANTS = VARIANTS + [
     dict(qk_norm=False, pos_encoding="sinusoidal", norm="rmsnorm", norm_placement="post", activation="relu2"),
     dict(qk_norm=True, activation="relu2", pos_encoding="rope", norm="rmsnorm"),
                                  dict(bias=True, logit_softcap=15.0, activation="gelu"),
-                                 dict(tie_weights=True, bias=True, norm_placement="post", activation="relu2")]
+                                 dict(tie_weights=True, bias=True, norm_placement="post", activation="relu2"),
+    dict(short_conv=3, activation="relu2", pos_encoding="rope", norm="rmsnorm", qk_norm=True)]
 
 
 @pytest.mark.parametrize("options", INFERENCE_VARIANTS, ids=lambda o: "-".join(str(v) for v in o.values()))
@@ -107,7 +115,8 @@ def test_activation_fused_into_the_packed_product_equals_the_model(activation, m
     if not packing_supported(torch.float32):
         pytest.skip("oneDNN's packed linear does not run here")
     monkeypatch.setattr(inference, "PACK_MIN_ELEMENTS", 0)
-    options = dict(activation=activation, pos_encoding="learned", qk_norm=False)
+    options = dict(activation=activation, pos_encoding="learned", qk_norm=False,
+                   short_conv=3 if activation == "relu2" else 0)
     fast = Decoder(small_model(**options), torch.float32, script=False)
     fast.step.fuse_activation = True
     greedy = SamplingSettings(temperature=0.0)
@@ -200,11 +209,11 @@ def test_bfloat16_decode_step_is_the_same_scripted_as_python_and_with_fixed_shap
     with torch.inference_mode():
         want = reference(tokens)[0]  # (T, vocab_size), float32
         for name, step in runs.items():
-            kv = decoder.new_kv_cache(1).kv
+            cache = decoder.new_kv_cache(1)
             rows = []
             for t in range(tokens.shape[1]):
                 position = torch.tensor([t]) if name == "fixed-shapes" else None
-                rows.append(step(tokens[:, t:t + 1], t, kv, position)[0, 0])
+                rows.append(step(tokens[:, t:t + 1], t, cache.kv, position, cache.inputs)[0, 0])
             got[name] = torch.stack(rows)
     for name, logits in got.items():
         assert logits.dtype == torch.float32
