@@ -34,8 +34,8 @@ from minigpt_cli.data import scan_vocabulary
 from minigpt_cli.device import DTYPES, Runtime, check_inference_dtype, runtime, synchronize, use_threads
 from minigpt_cli.inference import Decoder
 from minigpt_cli.kv_cache import KVCache
-from minigpt_cli.model import (GPT, count_parameters, flops_per_token, kv_bytes_per_token, visible_keys,
-                               written_out_attention)
+from minigpt_cli.model import (GPT, count_parameters, flops_per_token, input_slots, kv_bytes_per_token,
+                               visible_keys, written_out_attention)
 
 Progress = Callable[[str], None]
 
@@ -561,7 +561,7 @@ class Bench:
             P //= 2
         self.progress(f"sampling: prefill of {P} tokens")
         prompt = self._tokens(1, P)
-        cache = KVCache(m.n_layer, 1, m.n_head, bs, m.head_dim, device=self.device)
+        cache = KVCache(m.n_layer, 1, m.n_head, bs, m.head_dim, device=self.device, input_slots=input_slots(m))
 
         def prefill() -> None:
             cache.reset()
@@ -637,7 +637,8 @@ class Bench:
                                   f"GFLOP, over the {self.device.type} time bound")
                 continue
             self.progress(f"sampling: one decode step for a batch of {B} after {L} tokens")
-            batch_cache = KVCache(m.n_layer, B, m.n_head, L + 1, m.head_dim, device=self.device)
+            batch_cache = KVCache(m.n_layer, B, m.n_head, L + 1, m.head_dim, device=self.device,
+                                  input_slots=input_slots(m))
             tokens = self._tokens(B, 1)
 
             def batch_step() -> None:
@@ -657,7 +658,7 @@ class Bench:
         with torch.device(self.device):
             long_model = GPT(m, self.V)
         return (Decoder(long_model, DTYPES[self.options.dtype]),
-                KVCache(m.n_layer, 1, m.n_head, positions, m.head_dim, device=self.device))
+                KVCache(m.n_layer, 1, m.n_head, positions, m.head_dim, device=self.device, input_slots=input_slots(m)))
 
     def weight_floor(self, model: Decoder) -> dict[str, Any]:
         """One batch-1 matrix-vector product per weight matrix a decode step reads, back to back.

@@ -301,7 +301,12 @@ class GPT(nn.Module):
         """A cache in the dtype of the residual stream (the embedding's), on the model's device."""
         c = self.config
         return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.head_dim,
-                       dtype=self.wte.weight.dtype, device=self.device, input_slots=2 if c.short_conv else 0)
+                       dtype=self.wte.weight.dtype, device=self.device, input_slots=input_slots(c))
+
+
+def input_slots(config: ModelConfig) -> int:
+    """Sublayer inputs a KV cache keeps per layer: attention's and the MLP's with short convolutions."""
+    return 2 if config.short_conv else 0
 
 
 # --- Accounting: parameters, FLOPs and KV-cache bytes, from the config alone -------------------

@@ -499,7 +499,7 @@ class Trainer:
             time_share = self.budget.progress() if self.budget is not None else None
             lr = set_lr(self.optimizers, lr_factor(t, state.step, self._progress(state.step), time_share))
             step_began = self.clock()
-            loss = self._train_step(state.step)
+            loss = self._train_step(state.step, self._short_windows(state.step))
             if self.budget is not None:
                 self.budget.step_done(self.clock() - step_began)
             state.step += 1
@@ -535,6 +535,16 @@ class Trainer:
 
     def _elapsed(self) -> float:
         return self.clock() - self.started_at
+
+    def _short_windows(self, step: int) -> bool:
+        """Whether this step still reads the short windows of train.short_windows."""
+        t = self.config.train
+        if not t.short_windows:
+            return False
+        share = step / max(1, t.max_iters)
+        if self.budget is not None:
+            share = max(share, self.budget.progress())
+        return share < t.short_windows
 
     def _progress(self, step: int) -> float:
         t = self.config.train
@@ -604,20 +614,22 @@ class Trainer:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
 
-    def _train_step(self, step: int) -> float:
-        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (over ranks too)."""
+    def _train_step(self, step: int, short: bool = False) -> float:
+        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (over ranks too).
+        With `short`, windows of half the block size, twice as many (train.short_windows)."""
         t, m = self.config.train, self.config.model
         train_model, scaler = self.train_model, self.scaler
         train_model.train()
         total = torch.zeros((), device=self.device)
+        length, batch = (m.block_size // 2, 2 * t.batch_size) if short else (m.block_size, t.batch_size)
         for micro in range(t.grad_accum_steps):
             if t.sampling == "epochs":
-                starts = epoch_batch_indices(len(self.corpus.train), m.block_size, t.batch_size, t.seed, step, micro,
+                starts = epoch_batch_indices(len(self.corpus.train), length, batch, t.seed, step, micro,
                                              self.dist.rank, self.dist.world_size, t.grad_accum_steps)
             else:
-                starts = batch_indices(len(self.corpus.train), m.block_size, t.batch_size, t.seed, step, micro,
+                starts = batch_indices(len(self.corpus.train), length, batch, t.seed, step, micro,
                                        self.dist.rank, self.dist.world_size)
-            x, y = get_batch(self.corpus.train, starts, m.block_size, self.device)
+            x, y = get_batch(self.corpus.train, starts, length, self.device)
             last = micro == t.grad_accum_steps - 1
             # Under DDP, gradients are all-reduced only after the last micro-step.
             sync = train_model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()

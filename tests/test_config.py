@@ -110,6 +110,7 @@ def test_wrong_type_names_the_key(tmp_path: Path, text: str, key: str):
     ("model.short_conv=-1", "model.short_conv"),
     ("model.short_conv=1000", "model.short_conv"),  # wider than block_size
     ("train.sampling=shuffled", "train.sampling"),
+    ("train.short_windows=1.5", "train.short_windows"),
 ])
 def test_impossible_values_are_rejected(override: str, key: str):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):

@@ -32,6 +32,25 @@ def test_tiny_model_learns_the_bundled_text(tmp_path: Path):
     assert loaded.meta["data_fingerprint"] == __import__("hashlib").sha256(BUNDLED_TEXT.read_bytes()).hexdigest()
 
 
+def test_short_windows_read_half_the_block_at_twice_the_batch_for_the_first_share(tmp_path: Path,
+                                                                                small_corpus: Path, monkeypatch):
+    from minigpt_cli import trainer
+
+    shapes = []
+    real_get_batch = trainer.get_batch
+
+    def recording(ids, starts, block_size, device=None):
+        shapes.append((len(starts), block_size))
+        return real_get_batch(ids, starts, block_size, device)
+
+    monkeypatch.setattr(trainer, "get_batch", recording)
+    result = train_in_process([*FAST, f"data.path={small_corpus}", "train.max_iters=10", "train.eval_interval=1000",
+                               "train.short_windows=0.3"], tmp_path / "run")
+    # FAST: batch 8 of block 16. Steps 0-2 (a share under 0.3) read 16 windows of 8; the rest 8 of 16.
+    assert shapes[:10] == [(16, 8)] * 3 + [(8, 16)] * 7
+    assert result.tokens == 10 * 8 * 16 and result.final_val_loss < math.log(65)
+
+
 def test_train_json_from_stdin_in_a_real_process(tmp_path: Path, small_corpus: Path):
     result = run_cli("train", "tiny", "--data", "-", "--json",
                      *set_flags(*FAST, "train.max_iters=4", "train.eval_interval=2"),
