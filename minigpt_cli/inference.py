@@ -169,8 +169,11 @@ class DecodeStep(nn.Module):
         self.biases = [m.bias for m in matrices]
         self.packed = [m.packed is not None for m in matrices]
         # The short convolutions, attention's then the MLP's for each layer (slot 2 * layer + i), as (k, C),
-        # oldest position first, in the cache's dtype (float32).
-        self.conv_weights = [conv.weight.detach()[:, 0].t().contiguous() for b in twin.blocks
+        # oldest position first, in the cache's dtype (float32), with 1 added to the newest position's
+        # weights: x + conv(x) as one weighted sum.
+        identity = torch.zeros(max(1, c.short_conv), 1)
+        identity[-1] = 1.0
+        self.conv_weights = [conv.weight.detach()[:, 0].t() + identity for b in twin.blocks
                              for conv in (b.conv_attn, b.conv_mlp) if conv is not None]
         self.conv_kernel = c.short_conv
         self.n_layer = c.n_layer
@@ -198,24 +201,23 @@ class DecodeStep(nn.Module):
 
     def _conv(self, a: torch.Tensor, slot: int, position: int, inputs_all: Optional[torch.Tensor],
               fixed_position: Optional[torch.Tensor]) -> torch.Tensor:
-        """ShortConv for one new position: store a (B, C) in the slot's inputs (B, block_size, C) and add
-        the weighted sum of the last k inputs, in the cache's dtype. Without convolutions, a itself."""
+        """ShortConv for one new position: store a (B, C) in the slot's inputs (B, block_size, C) and return
+        a + the weighted sum of the last k inputs, computed in the cache's dtype. Without convolutions, a."""
         if inputs_all is None or self.conv_kernel == 0:
             return a
         inputs = inputs_all[slot]
         k = self.conv_kernel
-        weight = self.conv_weights[slot]  # (k, C)
-        a_in = a.to(inputs.dtype)
+        weight = self.conv_weights[slot]  # (k, C), the identity folded into the last row
         if fixed_position is None:
-            inputs.select(1, position).copy_(a_in)
+            inputs.select(1, position).copy_(a)
             start = max(0, position - k + 1)
             mixed = (inputs[:, start:position + 1] * weight[k - (position + 1 - start):]).sum(1)
         else:
-            inputs.index_copy_(1, fixed_position, a_in.unsqueeze(1))
+            inputs.index_copy_(1, fixed_position, a.unsqueeze(1).to(inputs.dtype))
             offsets = fixed_position + torch.arange(1 - k, 1, device=a.device)  # (k,), before the start if < 0
             window = inputs.index_select(1, offsets.clamp(min=0)) * (offsets >= 0).view(1, k, 1).to(inputs.dtype)
             mixed = (window * weight).sum(1)
-        return (a_in + mixed).to(a.dtype)
+        return mixed if mixed.dtype == a.dtype else mixed.to(a.dtype)
 
     def _mlp_hidden(self, x: torch.Tensor, j: int) -> torch.Tensor:
         """mlp_activation(x @ W_fc^T), fused into the product where oneDNN can: GELU as its tanh-GELU
