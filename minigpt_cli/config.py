@@ -47,7 +47,7 @@ class ModelConfig:
     # Output projections of attention and MLP start at zero, so each block starts as the identity.
     zero_init_proj: bool = True
     mlp_ratio: int = 4
-    # Kernel width of a causal depthwise convolution on each attention layer's input (0: none):
+    # Kernel width of a causal depthwise convolution on the input of each attention and MLP (0: none):
     # each channel also sees its own last short_conv values (model.ShortConv).
     short_conv: int = 0
 
@@ -414,6 +414,11 @@ def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
 
 
 def config_from_checkpoint_dict(raw: dict[str, Any], name: str = "checkpoint") -> Config:
-    """Rebuild a Config stored in a checkpoint; keys added later keep their defaults."""
+    """Rebuild a Config stored in a checkpoint; keys added later keep their defaults, except those
+    whose default changed what a run does: a run saved before train.sampling drew random windows,
+    and resuming it keeps doing so."""
+    train = raw.get("train")
+    if isinstance(train, dict) and "sampling" not in train:
+        raw = {**raw, "train": {**train, "sampling": "random"}}
     return from_dict(raw, name=name)
 

@@ -525,7 +525,8 @@ def epoch_batch_indices(n_tokens: int, block_size: int, batch_size: int, seed: i
                         micro_step: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1) -> np.ndarray:
     """Window starts for one training micro-batch, in epochs: the text is cut into windows of block_size
     (shifted by a random offset each epoch, so their edges move), the windows are shuffled, and batches
-    take them in that order; every character is read once an epoch before any is read again. Drawing
+    take them in that order; every window is read once an epoch before any is read again (the offset's
+    first characters wait for another epoch, and the last window is pulled in to fit). Drawing
     windows at random instead (batch_indices) reads some text twice and misses some (after two epochs'
     worth, e^-2 = 14% of it): measured on the default run, epochs ended 0.016 lower (benchmarks/README.md).
 

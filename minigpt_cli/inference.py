@@ -131,8 +131,8 @@ class DecodeStep(nn.Module):
     """GPT.forward's arithmetic for one new position per row, reading and writing the KV cache.
 
     forward(idx (B, 1), position, kv (n_layer, B, 2, n_head, block_size, head_dim), fixed_position,
-    inputs) -> logits (B, 1, vocab_size) in float32. `inputs` (n_layer, B, block_size, C) is the
-    cache's store of attention inputs, for a model with short convolutions (None otherwise). With fixed_position None, `position` (an int) is
+    inputs) -> logits (B, 1, vocab_size) in float32. `inputs` (2 n_layer, B, block_size, C) is the
+    cache's store of the sublayers' inputs, for a model with short convolutions (None otherwise). With fixed_position None, `position` (an int) is
     where the new keys and values go, and attention reads the positions up to it. With a (1,)
     tensor fixed_position instead, every shape is the same at every step (for torch.compile):
     the keys and values go in with index_copy_ and attention reads the whole cache, masked.
@@ -171,10 +171,10 @@ class DecodeStep(nn.Module):
         # The short convolutions, attention's then the MLP's for each layer (slot 2 * layer + i), as (k, C),
         # oldest position first, in the cache's dtype (float32), with 1 added to the newest position's
         # weights: x + conv(x) as one weighted sum.
-        identity = torch.zeros(max(1, c.short_conv), 1)
-        identity[-1] = 1.0
-        self.conv_weights = [conv.weight.detach()[:, 0].t() + identity for b in twin.blocks
+        self.conv_weights = [conv.weight.detach()[:, 0].t().clone() for b in twin.blocks
                              for conv in (b.conv_attn, b.conv_mlp) if conv is not None]
+        for weight in self.conv_weights:
+            weight[-1] += 1.0
         self.conv_kernel = c.short_conv
         self.n_layer = c.n_layer
         self.n_head = c.n_head
@@ -353,6 +353,9 @@ class Decoder:
         if self.step is None or kv_cache is None or T != 1 or kv_cache.batch_size != B:
             return self.model(idx, kv_cache)
         kv_cache.end_after(1)  # raises if the cache is full
+        if self.config.short_conv and kv_cache.inputs is None:
+            raise ValueError("a model with short convolutions needs a KV cache that keeps their inputs "
+                             "(model.new_kv_cache)")
         if self.compiled is not None:
             if not kv_cache.static_address:
                 # Written in place by every replay: a CUDA graph must see it at a fixed address.

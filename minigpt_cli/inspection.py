@@ -64,7 +64,7 @@ def _describe(module: nn.Module) -> str:
 
 def block_order(pre_norm: bool, short_conv: bool = False) -> str:
     """A block's order of operations: where the normalization sits around each sublayer (and the short
-    convolution before attention, if there is one)."""
+    convolutions before attention and the MLP, if there are any)."""
     if pre_norm:  # GPT-2: the residual stream itself is never normalized inside a block
         if short_conv:
             return "pre-norm: x = x + attn(conv_attn(norm_1(x))); x = x + mlp(conv_mlp(norm_2(x)))"

@@ -499,11 +499,14 @@ class Trainer:
             time_share = self.budget.progress() if self.budget is not None else None
             lr = set_lr(self.optimizers, lr_factor(t, state.step, self._progress(state.step), time_share))
             step_began = self.clock()
-            loss = self._train_step(state.step, self._short_windows(state.step))
+            short = self._short_windows(state.step)
+            loss = self._train_step(state.step, short)
             if self.budget is not None:
                 self.budget.step_done(self.clock() - step_began)
             state.step += 1
-            state.tokens += self.tokens_per_step
+            # Short windows read 2 x (block_size // 2) characters where a full one reads block_size.
+            block = self.config.model.block_size
+            state.tokens += self.tokens_per_step // block * 2 * (block // 2) if short else self.tokens_per_step
             step = self.progress_step = state.step
             flags = self._agree([0.0 if math.isfinite(loss) else 1.0, float(signals.signum)])
             if flags[0]:
@@ -544,6 +547,8 @@ class Trainer:
         share = step / max(1, t.max_iters)
         if self.budget is not None:
             share = max(share, self.budget.progress())
+            if self.dist.enabled:  # each rank's clock: agree, so that every rank reads the same length
+                share = self._agree([share])[0]
         return share < t.short_windows
 
     def _progress(self, step: int) -> float:

@@ -58,6 +58,15 @@ def test_scientific_notation_is_a_float(tmp_path: Path):
     assert isinstance(config.train.learning_rate, float)
 
 
+def test_a_checkpoint_saved_before_epochs_resumes_with_random_windows():
+    from minigpt_cli.config import config_from_checkpoint_dict
+
+    saved = load_config("default").to_dict()
+    assert config_from_checkpoint_dict(saved).train.sampling == "epochs"
+    del saved["train"]["sampling"]
+    assert config_from_checkpoint_dict(saved).train.sampling == "random"
+
+
 def test_config_is_frozen():
     config = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -161,6 +161,10 @@ def test_an_epoch_reads_every_window_once_in_a_shuffled_order_that_moves_each_ep
         assert epoch.min() >= 0 and epoch.max() <= n_tokens - block - 1
         assert not np.array_equal(np.sort(epoch), epoch)  # shuffled
     assert not np.array_equal(first // block, second // block)  # a new order each epoch
+    read = np.zeros(n_tokens, dtype=bool)  # an epoch reads all the text but its offset's first characters
+    for start in first:
+        read[start:start + block + 1] = True
+    assert read.mean() > 1 - block / n_tokens - 1e-9
     # Reproducible from (seed, step), a step at a time (so a resumed run continues the same order).
     assert np.array_equal(data.epoch_batch_indices(n_tokens, block, batch, seed=3, step=31), starts[248:256])
     assert not np.array_equal(data.epoch_batch_indices(n_tokens, block, batch, seed=4, step=31), starts[248:256])

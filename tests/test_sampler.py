@@ -84,6 +84,35 @@ def test_inference_decode_step_equals_the_uncached_reference(options, pack_min, 
             assert torch.equal(a.tokens, b.tokens)
 
 
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["eager", "fixed-shapes"])
+@pytest.mark.parametrize("scripted", [True, False], ids=["scripted", "python"])
+def test_short_convolutions_decode_from_the_first_position(fixed_shapes, scripted):
+    """A one-character prompt: the decode step's first positions have fewer than k earlier inputs,
+    so its convolution reads a partial window (the zeros before the text)."""
+    options = dict(short_conv=4, pos_encoding="rope", norm="rmsnorm")
+    reference = small_model(**options)
+    fast = Decoder(small_model(**options), torch.float32, script=scripted)
+    if fixed_shapes:
+        fast.compiled = fast.step  # the step torch.compile would compile, run eagerly
+    greedy = SamplingSettings(temperature=0.0)
+    cached = list(generate(fast, [3], 8, greedy, use_cache=True))
+    uncached = list(generate(reference, [3], 8, greedy, use_cache=False))
+    for a, b in zip(cached, uncached):
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_decode_step_is_built_on_the_models_device_and_refuses_a_cache_without_conv_inputs():
+    with torch.device("meta"):
+        model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=12, short_conv=3), VOCAB)
+    step = inference.DecodeStep(inference.inference_copy(model, torch.float32, pack=False), torch.float32)
+    assert all(w.device.type == "meta" for w in step.conv_weights) and len(step.conv_weights) == 4
+    fast = Decoder(small_model(short_conv=3), torch.float32)
+    bare = KVCache(2, 1, 2, 12, 8)  # keys and values only
+    bare.advance(1)
+    with pytest.raises(ValueError, match="short convolutions"):
+        fast(torch.tensor([[1]]), bare)
+
+
 @pytest.mark.parametrize("options", INFERENCE_VARIANTS[-6:], ids=lambda o: "-".join(str(v) for v in o.values()))
 @pytest.mark.parametrize("pack_min", [0, 10**9], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("fixed_shapes", [False, True], ids=["eager", "fixed-shapes"])
