@@ -65,14 +65,12 @@ def _describe(module: nn.Module) -> str:
 def block_order(pre_norm: bool, short_conv: bool = False) -> str:
     """A block's order of operations: where the normalization sits around each sublayer (and the short
     convolutions before attention and the MLP, if there are any)."""
+    attn_in, mlp_in = ("conv_attn({})", "conv_mlp({})") if short_conv else ("{}", "{}")
     if pre_norm:  # GPT-2: the residual stream itself is never normalized inside a block
-        if short_conv:
-            return "pre-norm: x = x + attn(conv_attn(norm_1(x))); x = x + mlp(conv_mlp(norm_2(x)))"
-        return "pre-norm: x = x + attn(norm_1(x)); x = x + mlp(norm_2(x))"
+        return (f"pre-norm: x = x + attn({attn_in.format('norm_1(x)')}); "
+                f"x = x + mlp({mlp_in.format('norm_2(x)')})")
     # The original Transformer: each sublayer's sum is normalized
-    if short_conv:
-        return "post-norm: x = norm_1(x + attn(conv_attn(x))); x = norm_2(x + mlp(conv_mlp(x)))"
-    return "post-norm: x = norm_1(x + attn(x)); x = norm_2(x + mlp(x))"
+    return f"post-norm: x = norm_1(x + attn({attn_in.format('x')})); x = norm_2(x + mlp({mlp_in.format('x')}))"
 
 
 def _signature(module: nn.Module) -> tuple:

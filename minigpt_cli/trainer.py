@@ -504,9 +504,8 @@ class Trainer:
             if self.budget is not None:
                 self.budget.step_done(self.clock() - step_began)
             state.step += 1
-            # Short windows read 2 x (block_size // 2) characters where a full one reads block_size.
-            block = self.config.model.block_size
-            state.tokens += self.tokens_per_step // block * 2 * (block // 2) if short else self.tokens_per_step
+            length, batch = self._windows(short)
+            state.tokens += length * batch * t.grad_accum_steps * self.dist.world_size
             step = self.progress_step = state.step
             flags = self._agree([0.0 if math.isfinite(loss) else 1.0, float(signals.signum)])
             if flags[0]:
@@ -538,6 +537,12 @@ class Trainer:
 
     def _elapsed(self) -> float:
         return self.clock() - self.started_at
+
+    def _windows(self, short: bool) -> tuple[int, int]:
+        """Window length and windows per micro-batch: block_size and batch_size, or with train.short_windows
+        half the length at twice the batch."""
+        t, m = self.config.train, self.config.model
+        return (m.block_size // 2, 2 * t.batch_size) if short else (m.block_size, t.batch_size)
 
     def _short_windows(self, step: int) -> bool:
         """Whether this step still reads the short windows of train.short_windows."""
@@ -622,11 +627,11 @@ class Trainer:
     def _train_step(self, step: int, short: bool = False) -> float:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (over ranks too).
         With `short`, windows of half the block size, twice as many (train.short_windows)."""
-        t, m = self.config.train, self.config.model
+        t = self.config.train
         train_model, scaler = self.train_model, self.scaler
         train_model.train()
         total = torch.zeros((), device=self.device)
-        length, batch = (m.block_size // 2, 2 * t.batch_size) if short else (m.block_size, t.batch_size)
+        length, batch = self._windows(short)
         for micro in range(t.grad_accum_steps):
             if t.sampling == "epochs":
                 starts = epoch_batch_indices(len(self.corpus.train), length, batch, t.seed, step, micro,
