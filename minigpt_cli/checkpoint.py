@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,87 +32,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minigpt_cli.config import Config, UserError, config_from_checkpoint_dict
-from minigpt_cli.data import RUN_DATA_JSON, RUN_IDS, run_copy
+from minigpt_cli.data import run_copy
 from minigpt_cli.device import shapes_only
 from minigpt_cli.model import GPT
+from minigpt_cli.rundir import (  # noqa: F401 (names re-exported for the modules that save and load)
+                                BEST, CHECKPOINT_FILES, CHECKPOINT_NAME, CHECKPOINTS_DIR, CONFIG_FILE, DATA_COPY,
+                                LATEST, LOCK_FILE, META_FILE, META_MAX_BYTES, METRICS_FILE, MODEL_FILE,
+                                POINTER_MAX_BYTES, RUN_DATA_JSON, RUN_IDS, RUNS_DIR, SAFETENSORS_TMP_NAME, STATE_FILE,
+                                STATE_JSON, TMP_CHECKPOINT_NAME, TMP_FILE_NAME, TMP_PREFIX, CheckpointError, RunLock,
+                                RunLockedError, complete_checkpoints, finite_or_none, is_run, listing, loads_bounded,
+                                pointer_target, read_bounded, strict_json, too_deep)
 from minigpt_cli.tokenizer import CharTokenizer
 
-try:
-    import fcntl
-except ImportError:  # Windows: runs are not locked there
-    fcntl = None  # type: ignore[assignment]
-
 FORMAT_VERSION = 1
-RUNS_DIR = Path("runs")
-MODEL_FILE = "model.safetensors"
-META_FILE = "meta.json"
-STATE_FILE = "state.safetensors"
-STATE_JSON = "state.json"
-TMP_PREFIX = ".tmp-"
-LOCK_FILE = ".minigpt.lock"
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_FILES = (META_FILE, MODEL_FILE, STATE_FILE, STATE_JSON)  # meta first: removed first, so a
-# folder being pruned stops looking whole before its weights go
-# The only names minigpt removes: its checkpoint folders, their temporary names, and the temporary
-# files of its atomic writes (each ends in the writer's PID).
-CHECKPOINT_NAME = re.compile(r"step-\d{7}(-\d+)?")
-TMP_CHECKPOINT_NAME = re.compile(re.escape(TMP_PREFIX) + r"step-\d{7}(-\d+)?\.\d+")
-TMP_FILE_NAME = re.compile(re.escape(TMP_PREFIX) + r"[\w.-]+\.\d+")
-# safetensors' save_file writes each file as ".tmp" and six random letters or digits beside it, then
-# renames it: a save killed meanwhile leaves one inside the checkpoint folder minigpt was writing.
-SAFETENSORS_TMP_NAME = re.compile(r"\.tmp[A-Za-z0-9]{6}")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, truncated, empty or not ours."""
-
-
-# Bounds on what is read from a run's JSON files, far above what minigpt writes: a crafted file is
-# refused in one line instead of filling memory, or Python's recursive parser's stack.
-JSON_MAX_DEPTH = 64
-POINTER_MAX_BYTES = 2**16
-META_MAX_BYTES = 2**26
 METRICS_LINE_MAX_CHARS = 2**16
-_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # strings (skipped) and brackets
-
-
-def _too_deep(text: str) -> bool:
-    if text.count("[") + text.count("{") <= JSON_MAX_DEPTH:
-        return False  # the common case, without a scan
-    depth = 0
-    for match in _JSON_TOKENS.finditer(text):
-        token = match.group()
-        if token in "[{":
-            depth += 1
-            if depth > JSON_MAX_DEPTH:
-                return True
-        elif token in "]}":
-            depth -= 1
-    return False
-
-
-def loads_bounded(text: str, where: str | Path) -> Any:
-    """json.loads, with nesting deeper than JSON_MAX_DEPTH refused (CheckpointError) before parsing."""
-    if _too_deep(text):
-        raise CheckpointError(f"{where}: JSON nested deeper than {JSON_MAX_DEPTH} levels (not a file minigpt wrote)")
-    return json.loads(text)
-
-
-def read_bounded(path: Path, max_bytes: int) -> str:
-    """The UTF-8 text of a regular file of at most max_bytes; CheckpointError for anything else (a FIFO
-    is not waited on). OSError and UnicodeDecodeError pass to the caller."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{path}: not a regular file")
-        if info.st_size > max_bytes:
-            raise CheckpointError(f"{path}: {info.st_size:,} bytes, more than a minigpt run's file holds "
-                                  f"({max_bytes:,}); not a file minigpt wrote")
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise CheckpointError(f"{path}: more than {max_bytes:,} bytes; not a file minigpt wrote")
-    return data.decode("utf-8")
 
 
 class CheckpointWriteError(Exception):
@@ -168,7 +99,7 @@ def newest_run(base: Path = RUNS_DIR) -> Path:
     if base.is_dir():
         for run in base.iterdir():
             try:
-                candidates.append((os.stat(run / "latest.json").st_mtime, run))
+                candidates.append((os.stat(run / LATEST).st_mtime, run))
             except OSError:
                 continue
     if not candidates:
@@ -196,10 +127,6 @@ def _write_bytes_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-# Runs made before the encoded copy (data.npy) kept their training text as this file.
-DATA_COPY = "data.txt"
-
-
 def data_copy(run_dir: Path) -> Path | None:
     """The run's copy of its training text, if it has one."""
     path = Path(run_dir) / DATA_COPY
@@ -210,9 +137,6 @@ def run_text(run_dir: Path) -> Path | None:
     """The text a run was trained on, kept in the run (its encoded copy, or an older run's text
     copy), which `eval` and `--resume` read instead of data.path; None: the run keeps none."""
     return run_copy(run_dir) or data_copy(run_dir)
-
-
-CONFIG_FILE = "config.yaml"
 
 
 def save_config(run_dir: Path, config: Config) -> Path:
@@ -241,24 +165,6 @@ def atomic_write_json(path: Path, value: Any) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-
-
-def finite_or_none(value: Any) -> Any:
-    """value in plain JSON types: a one-element tensor (an optimizer's step) as its number, and every
-    NaN or infinite float as None, since strict JSON (jq, JavaScript) has neither."""
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return value
-
-
-def strict_json(value: Any, indent: int | None = None) -> str:
-    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
 
 
 def flatten_optimizer(prefix: str, state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -333,7 +239,7 @@ def save_checkpoint(run_dir: Path, model: GPT, config: Config, tokenizer: CharTo
     if checkpoints.is_symlink():
         raise CheckpointWriteError(f"could not save the checkpoint for step {step}: {checkpoints} is a symbolic "
                                    f"link, and minigpt writes only inside the run folder")
-    had_one = _pointer_target(run_dir, "latest") is not None
+    had_one = pointer_target(run_dir, "latest") is not None
     name = f"step-{step:07d}"
     # The same step saved again (an interrupt right after a periodic save, say) gets a new folder, so
     # the one the pointers name stays whole until they move; prune removes it afterwards.
@@ -367,9 +273,9 @@ def save_checkpoint(run_dir: Path, model: GPT, config: Config, tokenizer: CharTo
         os.replace(tmp, final)
         _fsync_dir(checkpoints)
         pointer = {"checkpoint": f"{CHECKPOINTS_DIR}/{name}", "step": step}
-        atomic_write_json(run_dir / "latest.json", pointer)
+        atomic_write_json(run_dir / LATEST, pointer)
         if is_best:
-            atomic_write_json(run_dir / "best.json", pointer)
+            atomic_write_json(run_dir / BEST, pointer)
     except (OSError, SafetensorError) as exc:
         # safetensors reports a full disk as SafetensorError ("... No space left on device (os error 28)").
         _remove_checkpoint_folder(tmp)
@@ -380,30 +286,6 @@ def save_checkpoint(run_dir: Path, model: GPT, config: Config, tokenizer: CharTo
         ) from exc
     prune(run_dir)
     return final
-
-
-def _pointer_target(run_dir: Path, which: str) -> Path | None:
-    """The checkpoint folder latest.json or best.json names, if it is one of this run's and whole."""
-    try:
-        raw = json.loads(read_bounded(run_dir / f"{which}.json", POINTER_MAX_BYTES))
-        parts = Path(raw["checkpoint"]).parts
-    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
-        return None
-    # Only checkpoints/<a checkpoint name>: a pointer never leads out of the run folder.
-    if len(parts) != 2 or parts[0] != CHECKPOINTS_DIR or not CHECKPOINT_NAME.fullmatch(parts[1]):
-        return None
-    target = run_dir / CHECKPOINTS_DIR / parts[1]
-    return target if (target / META_FILE).is_file() else None
-
-
-def _complete_checkpoints(run_dir: Path) -> list[Path]:
-    folder = run_dir / CHECKPOINTS_DIR
-    try:
-        entries = list(folder.iterdir()) if folder.is_dir() else []
-    except OSError:
-        return []
-    return sorted(p for p in entries
-                  if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir() and (p / META_FILE).is_file())
 
 
 def _remove_checkpoint_folder(path: Path) -> bool:
@@ -428,7 +310,7 @@ def _remove_checkpoint_folder(path: Path) -> bool:
 def prune(run_dir: Path) -> None:
     """Remove leftovers of interrupted saves and checkpoints that neither pointer names: only folders
     and files with minigpt's own names, never through a symbolic link."""
-    keep = {p for p in (_pointer_target(run_dir, "latest"), _pointer_target(run_dir, "best")) if p}
+    keep = {p for p in (pointer_target(run_dir, "latest"), pointer_target(run_dir, "best")) if p}
     folder = run_dir / CHECKPOINTS_DIR
     if not keep or folder.is_symlink() or not folder.is_dir():
         return
@@ -442,22 +324,6 @@ def prune(run_dir: Path) -> None:
 
 
 # -- the run directory's life: claimed new, proven ours for --resume, locked while written -----------
-
-class RunLockedError(UserError):
-    """Another process is writing to the run."""
-
-
-def _listing(path: Path) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
-
-
-def is_run(path: Path) -> bool:
-    """path holds a minigpt run: a pointer naming one of its whole checkpoints, or one such checkpoint."""
-    return bool(_pointer_target(path, "latest") or _pointer_target(path, "best") or _complete_checkpoints(path))
-
 
 def prepare_run_dir(out: Path | None, config_name: str, resume: bool, claim: bool = True) -> tuple[Path, bool]:
     """The run directory of `minigpt train`, checked and claimed; returns (path, created here).
@@ -487,7 +353,7 @@ def prepare_run_dir(out: Path | None, config_name: str, resume: bool, claim: boo
         return path, False
     if path.exists() and not path.is_dir():
         raise UserError(f"cannot create run directory {path}: a file is in the way")
-    names = set(_listing(path))
+    names = set(listing(path))
     if is_run(path):
         raise UserError(f"{path} already holds a run; continue it with --resume, or pick another --out")
     if names and LOCK_FILE not in names:
@@ -502,53 +368,6 @@ def prepare_run_dir(out: Path | None, config_name: str, resume: bool, claim: boo
     return path, created
 
 
-class RunLock:
-    """An exclusive lock on a run folder for the life of its writer: flock on LOCK_FILE, which the
-    OS drops when the process ends (kill -9 included), so no stale lock is ever left. The file keeps
-    the holder's PID for the message a second writer gets, and marks the folder as minigpt's."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-        self.fd: int | None = None
-        self.made_file = False
-
-    def __enter__(self) -> "RunLock":
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create run directory {self.run_dir}: {exc.strerror or exc}") from None
-        path = self.run_dir / LOCK_FILE
-        self.made_file = not os.path.lexists(path)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
-                         0o644)
-        except OSError as exc:
-            raise UserError(f"cannot lock the run directory {self.run_dir} ({path.name}: "
-                            f"{exc.strerror or exc})") from None
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                os.close(fd)
-                who = f"PID {holder}" if holder.isdigit() else "another process"
-                raise RunLockedError(f"{self.run_dir} is being written by another minigpt train ({who}); wait for "
-                                     f"it to finish or stop it, or pick another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.fd is None:
-            return
-        # A lock file this writer made in a folder it left otherwise empty goes with it.
-        if self.made_file and _listing(self.run_dir) == [LOCK_FILE]:
-            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
-        os.close(self.fd)  # releases the flock
-        self.fd = None
-
-
 def remove_unused_run_dir(path: Path) -> None:
     """Remove a run directory this process created, for a run that failed before its first checkpoint:
     the files such a run writes (lock, config, text copy, records, temporary files) go, then the folder
@@ -557,9 +376,9 @@ def remove_unused_run_dir(path: Path) -> None:
         return
     try:
         with RunLock(path):  # not while another process writes here
-            for name in _listing(path):
+            for name in listing(path):
                 entry = path / name
-                if (name in (LOCK_FILE, CONFIG_FILE, DATA_COPY, RUN_IDS, RUN_DATA_JSON, "metrics.jsonl")
+                if (name in (LOCK_FILE, CONFIG_FILE, DATA_COPY, RUN_IDS, RUN_DATA_JSON, METRICS_FILE)
                         or TMP_FILE_NAME.fullmatch(name)) \
                         and entry.is_file() and not entry.is_symlink():
                     entry.unlink(missing_ok=True)
@@ -585,9 +404,9 @@ def find_checkpoint(path: Path | None, which: str = "best") -> Path:
         raise CheckpointError(f"run not found: {path}")
     if (path / META_FILE).exists() or (path / MODEL_FILE).exists():
         return path
-    target = _pointer_target(path, which) or _pointer_target(path, "latest" if which == "best" else "best")
+    target = pointer_target(path, which) or pointer_target(path, "latest" if which == "best" else "best")
     if target is None:
-        complete = _complete_checkpoints(path)
+        complete = complete_checkpoints(path)
         if not complete:
             raise CheckpointError(f"{path} holds no checkpoint (is it a run directory made by `minigpt train`?)")
         target = complete[-1]
@@ -724,19 +543,19 @@ def _open_nofollow(path: str, flags: int) -> int:
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     try:
         with open(path, "a", encoding="utf-8", opener=_open_nofollow) as f:
             f.write(strict_json(record) + "\n")
     except OSError as exc:
-        kept = "the last checkpoint is intact" if _pointer_target(run_dir, "latest") else "no checkpoint had been saved yet"
+        kept = "the last checkpoint is intact" if pointer_target(run_dir, "latest") else "no checkpoint had been saved yet"
         raise CheckpointWriteError(f"could not write {path}: {exc.strerror or exc}; {kept}") from exc
 
 
 def read_metrics(run_dir: Path, strict: bool = False) -> list[dict[str, Any]]:
     """The records of metrics.jsonl, skipping lines minigpt did not write whole (a crash can cut the
     last one short). An unreadable file reads as no records, or raises OSError with `strict`."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     try:
         text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
     except OSError:
@@ -745,7 +564,7 @@ def read_metrics(run_dir: Path, strict: bool = False) -> list[dict[str, Any]]:
         text = ""
     records = []
     for line in text.splitlines():
-        if len(line) > METRICS_LINE_MAX_CHARS or _too_deep(line):
+        if len(line) > METRICS_LINE_MAX_CHARS or too_deep(line):
             continue  # not a line minigpt wrote
         try:
             record = json.loads(line)
@@ -765,7 +584,7 @@ def _step_of(record: dict[str, Any]) -> int:
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """On resume, drop records past the checkpoint's step so the curve has no repeated steps."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         return
     try:

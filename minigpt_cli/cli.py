@@ -135,7 +135,7 @@ def reader_went_away() -> int:
 
 def emit_json(value: Any) -> None:
     """Exactly one JSON object on stdout, as its last line. NaN and infinity become null."""
-    from minigpt_cli.checkpoint import strict_json
+    from minigpt_cli.rundir import strict_json
 
     sys.stdout.write(strict_json(value) + "\n")
     sys.stdout.flush()
@@ -1215,13 +1215,17 @@ def _render_runs(folder: Path, infos: List[Any]) -> None:
 def _runs_rm(paths: List[str], yes: bool, json_out: bool) -> None:
     from minigpt_cli.runs import plan_removal, remove_run
 
-    infos = plan_removal([Path(p) for p in paths])
-    total = sum(0 if r.link else r.size_bytes for r in infos)
-    for r in infos:
-        what = f"the link {r.path} (its target {r.link} stays)" if r.link else f"{r.path} ({r.state}, {_size(r.size_bytes)})"
+    plans = plan_removal([Path(p) for p in paths])
+    total = sum(p.size_bytes for p in plans)
+    for p in plans:
+        r = p.info
+        what = (f"the link {r.path} (its target {r.link} stays)" if p.contents is None
+                else f"{r.path} ({r.state}, {_size(p.size_bytes)})")
+        if p.contents is not None and p.contents.foreign:
+            what += f"; keeps {len(p.contents.foreign)} entr{'ies' if len(p.contents.foreign) > 1 else 'y'} minigpt did not write"
         err.print(f"  {what}", markup=False)
     if not yes:
-        prompt = f"Delete {len(infos)} run{'s' if len(infos) > 1 else ''} ({_size(total)})?"
+        prompt = f"Delete {len(plans)} run{'s' if len(plans) > 1 else ''} ({_size(total)})?"
         try:
             confirmed = typer.confirm(prompt, default=False, err=True)
         except (typer.Abort, EOFError):
@@ -1229,12 +1233,15 @@ def _runs_rm(paths: List[str], yes: bool, json_out: bool) -> None:
         if not confirmed:
             err.print("nothing deleted (pass --yes to delete without asking)", markup=False)
             raise typer.Exit(EXIT_FAILURE)
-    for r in infos:
-        remove_run(r)
+    kept = {p.info.path: remove_run(p) for p in plans}
     if json_out:
-        emit_json({"removed": [r.path for r in infos], "bytes": total})
+        emit_json({"removed": [p.info.path for p in plans], "bytes": total,
+                   "kept": {path: names for path, names in kept.items() if names}})
         return
-    err.print(f"deleted {len(infos)} run{'s' if len(infos) > 1 else ''} ({_size(total)})", markup=False)
+    err.print(f"deleted {len(plans)} run{'s' if len(plans) > 1 else ''} ({_size(total)})", markup=False)
+    for path, names in kept.items():
+        if names:
+            err.print(f"  kept in {path} (not written by minigpt): {', '.join(names)}", markup=False)
 
 
 @app.command(epilog="Examples:\n\n  minigpt runs\n\n  minigpt runs --json\n\n"

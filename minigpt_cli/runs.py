@@ -13,7 +13,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import stat
 import struct
 from dataclasses import dataclass
@@ -21,21 +20,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from minigpt_cli.config import Config, UserError, apply_overrides, load_config
+from minigpt_cli.rundir import LATEST, META_FILE as META, META_MAX_BYTES as JSON_MAX_BYTES, MODEL_FILE as MODEL
+from minigpt_cli.rundir import (RunContents, bytes_on_disk, complete_checkpoints, delete_contents, is_run,
+                                live_runs_below, live_writer, run_contents)
 from minigpt_cli.scoring import bits_per_char
-
-try:
-    import fcntl
-except ImportError:  # Windows: runs are not locked there
-    fcntl = None  # type: ignore[assignment]
-
-# The names checkpoint.py writes (repeated here so that listing needs no torch).
-LATEST, BEST, CHECKPOINTS, META, MODEL, CONFIG_YAML = (
-    "latest.json", "best.json", "checkpoints", "meta.json", "model.safetensors", "config.yaml")
-METRICS, DATA_COPY = "metrics.jsonl", "data.txt"
-# The file a training process holds an exclusive flock on for as long as it writes the run.
-LOCK_FILE = ".minigpt.lock"
-# Far above anything minigpt writes: a larger or deeper file is not one of its own.
-JSON_MAX_BYTES = 2**26
 
 STATES = ("live", "finished", "paused", "interrupted", "failed", "damaged", "not a run")
 
@@ -119,7 +107,7 @@ def _checkpoint_folder(run: Path) -> Path:
         if not (folder / META).is_file():
             raise _Damaged(f"{LATEST} names {name}, which is missing or incomplete")
         return folder
-    whole = sorted(p for p in _children(run / CHECKPOINTS) if (p / META).is_file() and not p.is_symlink())
+    whole = complete_checkpoints(run)
     if not whole:
         raise FileNotFoundError
     return whole[-1]
@@ -159,31 +147,6 @@ def folder_size(path: Path) -> int:
     return total
 
 
-def live_writer(run: Path) -> Optional[int]:
-    """The PID (0 if unknown) of a process writing the run, found by trying its lock without waiting;
-    None when no process holds it. Nothing is created: a run without a lock file has no writer."""
-    if fcntl is None:
-        return None
-    try:
-        fd = os.open(run / LOCK_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            return int(holder) if holder.isdigit() else 0
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def _looks_like_run(path: Path) -> bool:
-    return any(os.path.lexists(path / name) for name in (LATEST, BEST, CHECKPOINTS, METRICS, CONFIG_YAML, LOCK_FILE))
-
-
 def _float(value: Any) -> Optional[float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
@@ -210,7 +173,8 @@ def describe_run(path: Path) -> RunInfo:
     if not path.is_dir():
         info.detail = "a broken link" if info.link is not None else "not a folder"
         return info
-    if not _looks_like_run(path):
+    contents = run_contents(path)
+    if not contents.minigpt_wrote_any:
         info.detail = "no minigpt files in it"
         return info
     info.size_bytes = folder_size(path)
@@ -218,8 +182,12 @@ def describe_run(path: Path) -> RunInfo:
     try:
         folder = _checkpoint_folder(path)
     except FileNotFoundError:
-        info.state, info.detail = ("live", "no checkpoint yet") if info.pid is not None else (
-            "failed", "stopped before its first checkpoint")
+        if info.pid is not None:
+            info.state, info.detail = "live", "no checkpoint yet"
+        elif contents.foreign:
+            info.detail = f"no checkpoint, and files minigpt did not write ({_some(contents.foreign)})"
+        else:
+            info.state, info.detail = "failed", "stopped before its first checkpoint"
         return info
     except _Damaged as exc:
         info.state, info.detail = ("live", str(exc)) if info.pid is not None else ("damaged", str(exc))
@@ -276,52 +244,72 @@ def list_runs(folder: Path) -> list[RunInfo]:
 # Deleting runs
 # ---------------------------------------------------------------------------------------------
 
-def plan_removal(paths: Sequence[Path]) -> list[RunInfo]:
-    """The runs `runs rm` would delete; UserError for anything that is not a run, or is being written."""
+def _some(names: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+@dataclass
+class Removal:
+    """What `runs rm` does to one RUN: unlink a symbolic link, or delete the files minigpt wrote in a
+    run folder (contents.files, by name) and keep the rest (contents.foreign)."""
+    info: RunInfo
+    contents: Optional[RunContents]  # None for a link
+    size_bytes: int  # what deleting frees
+
+
+def _plan_one(path: Path, cwd: str) -> Removal:
+    if not os.path.lexists(path):
+        raise UserError(f"run not found: {path}")
+    info = describe_run(path)
+    if info.link is not None:
+        if not info.is_run:
+            raise UserError(f"{path} is a link to what is not a minigpt run ({info.detail}); nothing was deleted")
+        return Removal(info, None, 0)
+    if info.state == "live":
+        raise UserError(f"{path} is being written by a live process"
+                        f"{f' (PID {info.pid})' if info.pid else ''}; stop it first, nothing was deleted")
+    if not info.is_run:
+        raise UserError(f"{path} is not a minigpt run ({info.detail}); nothing was deleted")
+    if (cwd + os.sep).startswith(os.path.realpath(path) + os.sep):
+        raise UserError(f"{path} holds the working directory; run this from elsewhere")
+    for folder, pid in live_runs_below(path):
+        raise UserError(f"{path} holds a run being written below it ({folder}"
+                        f"{f', PID {pid}' if pid else ''}); nothing was deleted")
+    contents = run_contents(path)
+    if contents.foreign and not is_run(path):
+        raise UserError(f"{path} has no whole checkpoint and holds files minigpt did not write "
+                        f"({_some(contents.foreign)}); nothing was deleted")
+    return Removal(info, contents, sum(bytes_on_disk(path / rel) for rel in contents.files))
+
+
+def plan_removal(paths: Sequence[Path]) -> list[Removal]:
+    """What `runs rm` would do to each RUN (each named once); UserError, and nothing planned, for
+    anything that is not a run, is being written, or holds a run being written."""
     if not paths:
         raise UserError("runs rm needs at least one RUN (a run directory)")
-    infos = []
     cwd = os.path.realpath(os.getcwd())
+    plans: dict[str, Removal] = {}
     for raw in paths:
         path = Path(raw)
-        if not os.path.lexists(path):
-            raise UserError(f"run not found: {path}")
-        info = describe_run(path)
-        if info.state == "live":
-            raise UserError(f"{path} is being written by a live process"
-                            f"{f' (PID {info.pid})' if info.pid else ''}; stop it first, nothing was deleted")
-        if not info.is_run:
-            raise UserError(f"{path} is not a minigpt run ({info.detail}); nothing was deleted")
-        if info.link is None and (cwd + os.sep).startswith(os.path.realpath(path) + os.sep):
-            raise UserError(f"{path} holds the working directory; run this from elsewhere")
-        infos.append(info)
-    return infos
+        key = os.path.abspath(path) if path.is_symlink() else os.path.realpath(path)
+        if key not in plans:
+            plans[key] = _plan_one(path, cwd)
+    return list(plans.values())
 
 
-def remove_run(info: RunInfo) -> None:
-    """Delete one run planned by plan_removal: a symbolic link loses the link only; a folder is
-    removed with what is in it, links inside removed as links (their targets are left alone). The
-    run's lock is held meanwhile, so no writer starts in a half-deleted run."""
-    path = Path(info.path)
-    if info.link is not None:
+def remove_run(plan: Removal) -> list[str]:
+    """Carry out one Removal: a symbolic link loses the link only (its target stays); in a folder only
+    the files minigpt wrote go, by name, never through a link. Returns the entries kept (relative to
+    the folder): files minigpt did not write are never deleted."""
+    path = Path(plan.info.path)
+    if plan.contents is None:
         path.unlink()
-        return
-    fd = None
-    if fcntl is not None and os.path.lexists(path / LOCK_FILE):
-        try:
-            fd = os.open(path / LOCK_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            if fd is not None:
-                os.close(fd)
-            raise UserError(f"{path} started being written meanwhile; nothing was deleted") from None
+        return []
     try:
-        shutil.rmtree(path)  # does not follow symbolic links, and refuses a link at the top
+        return delete_contents(path, plan.contents)
     except OSError as exc:
         raise UserError(f"could not delete all of {path}: {exc.strerror or exc}") from None
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

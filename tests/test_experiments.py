@@ -296,12 +296,14 @@ def test_runs_rm_removes_links_not_what_they_point_to(run_copy: Path, tmp_path: 
     keep = tmp_path / "keep"
     keep.mkdir()
     (keep / "precious.txt").write_text("mine")
-    (run_copy / "outside").symlink_to(keep)  # a link inside a run: removed as a link
+    (run_copy / "outside").symlink_to(keep)  # a link inside a run: not minigpt's, so kept (issue 25)
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(run_copy, elsewhere, symlinks=True)
     (tmp_path / "runs" / "linked").symlink_to(elsewhere)  # a linked run: the link goes, the run stays
-    assert invoke("runs", "rm", tmp_path / "runs" / "linked", run_copy, "--yes").exit_code == 0
-    assert not os.path.lexists(tmp_path / "runs" / "linked") and not run_copy.exists()
+    result = invoke("runs", "rm", tmp_path / "runs" / "linked", run_copy, "--yes")
+    assert result.exit_code == 0 and "outside" in result.stderr
+    assert not os.path.lexists(tmp_path / "runs" / "linked") and os.listdir(run_copy) == ["outside"]
+    assert (run_copy / "outside").is_symlink()
     assert (elsewhere / "latest.json").exists()
     assert (keep / "precious.txt").read_text() == "mine"
 

@@ -379,3 +379,102 @@ def stopped_run_dir(tmp_path: Path, small_corpus: Path) -> Path:
                                "model.dropout=0.1"))
     assert result.exit_code == 0 and result.json()["steps"] == 4, result.stderr
     return tmp_path / "stopped"
+
+
+# -- 5. runs rm deletes only what minigpt wrote, by name (issue 25) ----------------------------------
+
+def test_runs_rm_refuses_a_project_folder_that_holds_a_config_yaml(tmp_path: Path):
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "src" / "code.py").write_text("important")
+    (proj / "config.yaml").write_text("a: 1\n")
+    before = snapshot(proj)
+    assert_usage_error(invoke("runs", "rm", proj, "--yes"), "not a minigpt run", "nothing was deleted")
+    assert snapshot(proj) == before
+
+
+def test_runs_rm_refuses_a_home_folder_holding_every_familiar_name(tmp_path: Path):
+    home = tmp_path / "home"
+    (home / "Documents").mkdir(parents=True)
+    (home / "Documents" / "thesis.tex").write_text("years of work")
+    for name in ("config.yaml", "metrics.jsonl", "best.json", ".minigpt.lock"):
+        (home / name).write_text("{}")
+    (home / "latest.json").write_text('{"checkpoint": "checkpoints/step-0000001"}')  # names nothing whole
+    (home / "checkpoints" / "my_model").mkdir(parents=True)
+    (home / "checkpoints" / "my_model" / "meta.json").write_text("{}")
+    before = snapshot(home)
+    assert_usage_error(invoke("runs", "rm", home, "--yes"), "nothing was deleted")
+    assert snapshot(home) == before
+
+
+def test_runs_rm_refuses_a_folder_with_a_live_run_at_any_depth(run_copy: Path, tmp_path: Path):
+    import shutil
+
+    runs2 = tmp_path / "runs2"
+    runs2.mkdir()
+    (runs2 / "config.yaml").write_text("a: 1\n")  # a stray file beside a run being trained
+    shutil.copytree(run_copy, runs2 / "live")
+    outer = tmp_path / "outer"  # a whole run, with another run being written inside it
+    shutil.copytree(run_copy, outer)
+    shutil.copytree(run_copy, outer / "nested" / "live")
+    before = snapshot(tmp_path)
+    with ckpt.RunLock(runs2 / "live"), ckpt.RunLock(outer / "nested" / "live"):
+        assert_usage_error(invoke("runs", "rm", runs2, "--yes"), "nothing was deleted")
+        assert_usage_error(invoke("runs", "rm", outer, "--yes"), "being written", "nothing was deleted")
+        assert {k: v for k, v in snapshot(tmp_path).items() if ".minigpt.lock" not in k} == \
+               {k: v for k, v in before.items() if ".minigpt.lock" not in k}
+
+
+def test_runs_rm_deletes_minigpt_files_and_keeps_and_names_the_users(run_copy: Path, tmp_path: Path):
+    step = sorted((run_copy / "checkpoints").iterdir())[-1].name
+    mine = {"notes.txt": "my notes", "analysis/plot.txt": "a plot", "checkpoints/my_resnet/w.pt": "weights",
+            f"checkpoints/{step}/README": "what this checkpoint is"}
+    for rel, text in mine.items():
+        (run_copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run_copy / rel).write_text(text)
+    result = invoke("runs", "rm", run_copy, "--yes")
+    assert result.exit_code == 0, result.stderr
+    for name in ("notes.txt", "analysis", "my_resnet", "README"):
+        assert name in result.stderr
+    left = {k: v for k, v in snapshot(run_copy).items() if v != "<dir>"}
+    assert left == {rel: text.encode() for rel, text in mine.items()}  # the user's, and nothing of minigpt's
+
+
+def test_runs_rm_removes_a_failed_run_only_when_it_holds_nothing_but_minigpt_files(tmp_path: Path):
+    failed = tmp_path / "runs" / "failed"
+    failed.mkdir(parents=True)
+    for name in (".minigpt.lock", "config.yaml", "metrics.jsonl", "data.json", ".tmp-config.yaml.4242"):
+        (failed / name).write_text("{}")
+    listing = invoke("runs", "runs", "--json").json()["runs"]
+    assert [r["state"] for r in listing] == ["failed"]
+    (failed / "notes.txt").write_text("mine")
+    before = snapshot(failed)
+    assert_usage_error(invoke("runs", "rm", failed, "--yes"), "notes.txt", "nothing was deleted")
+    assert snapshot(failed) == before
+    (failed / "notes.txt").unlink()
+    assert invoke("runs", "rm", failed, "--yes").exit_code == 0
+    assert not failed.exists()
+
+
+def test_runs_rm_never_deletes_through_a_link_in_the_run(run_copy: Path, tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.yaml").write_text("the user's own config")
+    (outside / "checkpoints").mkdir()
+    (outside / "checkpoints" / "data.bin").write_text("the user's data")
+    (run_copy / "config.yaml").unlink()
+    (run_copy / "config.yaml").symlink_to(outside / "config.yaml")  # a familiar name, but a link
+    (run_copy / "metrics.jsonl").unlink()
+    (run_copy / "metrics.jsonl").symlink_to(outside / "checkpoints", target_is_directory=True)
+    before = snapshot(outside)
+    result = invoke("runs", "rm", run_copy, "--yes")
+    assert result.exit_code == 0, result.stderr
+    assert snapshot(outside) == before
+    assert sorted(os.listdir(run_copy)) == ["config.yaml", "metrics.jsonl"]  # the links, kept and named
+    assert "config.yaml" in result.stderr
+
+
+def test_runs_rm_of_the_same_run_twice_deletes_it_once(run_copy: Path):
+    result = invoke("runs", "rm", run_copy, run_copy, "--yes")
+    assert result.exit_code == 0, result.stderr
+    assert not run_copy.exists() and "deleted 1 run" in result.stderr

@@ -12,7 +12,7 @@ import minigpt_cli
 PACKAGE = Path(minigpt_cli.__file__).resolve().parent
 
 # DESIGN.md's module table, top to bottom: a module may import only modules before it.
-ORDER = ["config", "progress", "tokenizer", "device", "data", "kv_cache", "model", "optim", "inference", "scoring",
+ORDER = ["config", "rundir", "progress", "tokenizer", "device", "data", "kv_cache", "model", "optim", "inference", "scoring",
          "checkpoint", "sampler", "trainer", "evaluate", "bench", "inspection", "runs", "cli", "__main__"]
 
 
@@ -41,6 +41,17 @@ def test_help_config_and_tokenizer_do_not_import_torch():
     code = ("import sys; from minigpt_cli import config, tokenizer, cli; "
             "from typer.testing import CliRunner; r = CliRunner().invoke(cli.app, ['--help']); "
             "assert r.exit_code == 0, r.output; print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_listing_runs_imports_no_torch(tiny_run: Path):
+    """`minigpt runs` answers at once: reading a run's JSON and safetensors header needs no torch."""
+    code = ("import sys; from minigpt_cli import cli; from typer.testing import CliRunner; "
+            f"r = CliRunner().invoke(cli.app, ['runs', {str(tiny_run.parent)!r}, '--json']); "
+            "assert r.exit_code == 0, r.output; assert '\"finished\"' in r.output, r.output; "
+            "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

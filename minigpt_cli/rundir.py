@@ -1,0 +1,366 @@
+"""A run folder without torch: the names minigpt writes in it, bounded reading of its JSON, the
+pointers to its checkpoints, the lock its writer holds, and what of it minigpt may delete.
+
+    runs/default-20261124-101500/
+        .minigpt.lock      flock-ed by the training process while it writes the run
+        config.yaml        the resolved config
+        data.npy, data.json    the encoded training text and what it is (data.txt in older runs)
+        metrics.jsonl      one JSON object per log line or evaluation
+        latest.json        {"checkpoint": "checkpoints/step-0002000"}, replaced atomically
+        best.json          the checkpoint with the lowest validation loss
+        checkpoints/step-0002000/
+            meta.json, model.safetensors, state.safetensors, state.json
+
+Everything else in such a folder is the user's: `runs`, `runs rm` and pruning never delete it.
+checkpoint.py (save/load, with torch), runs.py (listing, deleting) and data.py share these names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from minigpt_cli.config import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None  # type: ignore[assignment]
+
+RUNS_DIR = Path("runs")
+LATEST, BEST = "latest.json", "best.json"
+CHECKPOINTS_DIR = "checkpoints"
+META_FILE, MODEL_FILE = "meta.json", "model.safetensors"
+STATE_FILE, STATE_JSON = "state.safetensors", "state.json"
+CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
+LOCK_FILE = ".minigpt.lock"
+RUN_IDS, RUN_DATA_JSON = "data.npy", "data.json"  # the encoded text (ids) and what it is
+DATA_COPY = "data.txt"  # runs made before data.npy kept their training text as this file
+TMP_PREFIX = ".tmp-"
+
+CHECKPOINT_FILES = (META_FILE, MODEL_FILE, STATE_FILE, STATE_JSON)  # meta first: removed first, so a
+# folder being pruned stops looking whole before its weights go
+RUN_FILES = (LOCK_FILE, CONFIG_FILE, RUN_IDS, RUN_DATA_JSON, DATA_COPY, METRICS_FILE, LATEST, BEST)
+# The only other names minigpt writes: its checkpoint folders, their temporary names, and the
+# temporary files of its atomic writes (each ends in the writer's PID).
+CHECKPOINT_NAME = re.compile(r"step-\d{7}(-\d+)?")
+TMP_CHECKPOINT_NAME = re.compile(re.escape(TMP_PREFIX) + r"step-\d{7}(-\d+)?\.\d+")
+TMP_FILE_NAME = re.compile(re.escape(TMP_PREFIX) + r"[\w.-]+\.\d+")
+# safetensors' save_file writes each file as ".tmp" and six random letters or digits beside it, then
+# renames it: a save killed meanwhile leaves one inside the checkpoint folder minigpt was writing.
+SAFETENSORS_TMP_NAME = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, truncated, empty or not ours."""
+
+
+# -- bounded JSON: a crafted file is refused in one line instead of filling memory or the stack -----
+
+JSON_MAX_DEPTH = 64
+POINTER_MAX_BYTES = 2**16
+META_MAX_BYTES = 2**26
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # strings (skipped) and brackets
+
+
+def too_deep(text: str) -> bool:
+    if text.count("[") + text.count("{") <= JSON_MAX_DEPTH:
+        return False  # the common case, without a scan
+    depth = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > JSON_MAX_DEPTH:
+                return True
+        elif token in "]}":
+            depth -= 1
+    return False
+
+
+def loads_bounded(text: str, where: str | Path) -> Any:
+    """json.loads, with nesting deeper than JSON_MAX_DEPTH refused (CheckpointError) before parsing."""
+    if too_deep(text):
+        raise CheckpointError(f"{where}: JSON nested deeper than {JSON_MAX_DEPTH} levels (not a file minigpt wrote)")
+    return json.loads(text)
+
+
+def read_bounded(path: Path, max_bytes: int) -> str:
+    """The UTF-8 text of a regular file of at most max_bytes; CheckpointError for anything else (a FIFO
+    is not waited on). OSError and UnicodeDecodeError pass to the caller."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path}: not a regular file")
+        if info.st_size > max_bytes:
+            raise CheckpointError(f"{path}: {info.st_size:,} bytes, more than a minigpt run's file holds "
+                                  f"({max_bytes:,}); not a file minigpt wrote")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{path}: more than {max_bytes:,} bytes; not a file minigpt wrote")
+    return data.decode("utf-8")
+
+
+def finite_or_none(value: Any) -> Any:
+    """value in plain JSON types: a one-element tensor or numpy scalar (an optimizer's step) as its
+    number, and every NaN or infinite float as None, since strict JSON (jq, JavaScript) has neither."""
+    if not isinstance(value, (str, int, float, dict, list, tuple)) and callable(getattr(value, "item", None)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
+
+
+# -- pointers and whole checkpoints ---------------------------------------------------------------
+
+def listing(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def pointer_target(run_dir: Path, which: str) -> Path | None:
+    """The checkpoint folder latest.json or best.json names, if it is one of this run's and whole."""
+    try:
+        raw = json.loads(read_bounded(Path(run_dir) / f"{which}.json", POINTER_MAX_BYTES))
+        parts = Path(raw["checkpoint"]).parts
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+        return None
+    # Only checkpoints/<a checkpoint name>: a pointer never leads out of the run folder.
+    if len(parts) != 2 or parts[0] != CHECKPOINTS_DIR or not CHECKPOINT_NAME.fullmatch(parts[1]):
+        return None
+    target = Path(run_dir) / CHECKPOINTS_DIR / parts[1]
+    return target if (target / META_FILE).is_file() and not target.is_symlink() else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    return sorted(folder / name for name in listing(folder)
+                  if CHECKPOINT_NAME.fullmatch(name) and not (folder / name).is_symlink()
+                  and (folder / name / META_FILE).is_file())
+
+
+def is_run(path: Path) -> bool:
+    """path holds a minigpt run: a pointer naming one of its whole checkpoints, or one such checkpoint."""
+    return bool(pointer_target(path, "latest") or pointer_target(path, "best") or complete_checkpoints(path))
+
+
+# -- the writer's lock ------------------------------------------------------------------------------
+
+def live_writer(run: Path) -> Optional[int]:
+    """The PID (0 if unknown) of a process writing the run, found by trying its lock without waiting;
+    None when no process holds it. Nothing is created: a run without a lock file has no writer."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(Path(run) / LOCK_FILE, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # a FIFO or device named like the lock: no minigpt process holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(holder) if holder.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class RunLockedError(UserError):
+    """Another process is writing to the run."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of its writer: flock on LOCK_FILE, which the
+    OS drops when the process ends (kill -9 included), so no stale lock is ever left. The file keeps
+    the holder's PID for the message a second writer gets, and marks the folder as minigpt's."""
+
+    def __init__(self, run_dir: Path, holder: str = "another minigpt train"):
+        self.run_dir = Path(run_dir)
+        self.holder = holder
+        self.fd: int | None = None
+        self.made_file = False
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create run directory {self.run_dir}: {exc.strerror or exc}") from None
+        path = self.run_dir / LOCK_FILE
+        self.made_file = not os.path.lexists(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot lock the run directory {self.run_dir} ({path.name}: "
+                            f"{exc.strerror or exc})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError(f"cannot lock the run directory {self.run_dir}: {path.name} is not a regular file")
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f"PID {holder}" if holder.isdigit() else "another process"
+                raise RunLockedError(f"{self.run_dir} is being written by {self.holder} ({who}); wait for "
+                                     f"it to finish or stop it, or pick another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is None:
+            return
+        # A lock file this writer made in a folder it left otherwise empty goes with it.
+        if self.made_file and listing(self.run_dir) == [LOCK_FILE]:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+        os.close(self.fd)  # releases the flock
+        self.fd = None
+
+
+# -- what of a folder minigpt wrote -----------------------------------------------------------------
+
+def _regular_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+@dataclass
+class RunContents:
+    """A folder's entries split into what minigpt wrote (by name and kind, never through a link) and
+    everything else. Paths are relative to the folder; `folders` deepest first."""
+    files: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+
+    @property
+    def minigpt_wrote_any(self) -> bool:
+        return bool(self.files or self.folders)
+
+
+def _checkpoint_contents(folder: Path, rel: str, found: RunContents) -> None:
+    for name in sorted(listing(folder)):
+        if (name in CHECKPOINT_FILES or SAFETENSORS_TMP_NAME.fullmatch(name)) and _regular_file(folder / name):
+            found.files.append(f"{rel}/{name}")
+        else:
+            found.foreign.append(f"{rel}/{name}")
+    found.folders.append(rel)
+
+
+def run_contents(path: Path) -> RunContents:
+    """Which entries of path (a real folder) minigpt wrote as a run folder, and which it did not."""
+    path = Path(path)
+    found = RunContents()
+    for name in sorted(listing(path)):
+        entry = path / name
+        if (name in RUN_FILES or TMP_FILE_NAME.fullmatch(name)) and _regular_file(entry):
+            found.files.append(name)
+        elif name == CHECKPOINTS_DIR and _real_dir(entry):
+            for sub in sorted(listing(entry)):
+                if (CHECKPOINT_NAME.fullmatch(sub) or TMP_CHECKPOINT_NAME.fullmatch(sub)) and _real_dir(entry / sub):
+                    _checkpoint_contents(entry / sub, f"{CHECKPOINTS_DIR}/{sub}", found)
+                else:
+                    found.foreign.append(f"{CHECKPOINTS_DIR}/{sub}")
+            found.folders.append(CHECKPOINTS_DIR)
+        else:
+            found.foreign.append(name)
+    return found
+
+
+# A walk for live runs below a folder stops after this many entries: what it did not reach is not
+# deleted anyway (only minigpt's own names at the top are), so the bound costs no safety.
+LIVE_SCAN_MAX_ENTRIES = 20_000
+
+
+def live_runs_below(path: Path, skip_top: bool = True) -> Iterator[tuple[Path, int]]:
+    """(folder, PID) for each folder under path, at any depth, whose lock a live process holds.
+    Symbolic links are not followed."""
+    stack, seen = [Path(path)], 0
+    while stack and seen < LIVE_SCAN_MAX_ENTRIES:
+        folder = stack.pop()
+        if not (skip_top and folder == Path(path)):
+            pid = live_writer(folder) if os.path.lexists(folder / LOCK_FILE) else None
+            if pid is not None:
+                yield folder, pid
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        seen += len(entries)
+        stack += [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+
+
+def delete_contents(path: Path, contents: RunContents) -> list[str]:
+    """Delete the files and (emptied) folders run_contents found minigpt wrote, holding the run's lock
+    meanwhile so no writer starts in a half-deleted run; then the folder itself if nothing is left.
+    Returns what stays (the foreign entries, and any of minigpt's that could not be removed)."""
+    path = Path(path)
+    kept = list(contents.foreign)
+    try:
+        lock = RunLock(path, holder="a live process").__enter__()
+    except RunLockedError:
+        raise UserError(f"{path} started being written meanwhile; nothing was deleted") from None
+    try:
+        for rel in contents.files:
+            if rel == LOCK_FILE:
+                continue  # last, while still held
+            try:
+                (path / rel).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                kept.append(rel)
+        for rel in contents.folders:  # deepest first, each only if now empty
+            try:
+                (path / rel).rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                if not any(k.startswith(rel + "/") for k in kept):
+                    kept.append(rel)
+        (path / LOCK_FILE).unlink(missing_ok=True)  # held until closed below: no writer slips in
+    finally:
+        lock.__exit__(None, None, None)
+    if not kept:
+        try:
+            path.rmdir()
+        except OSError:
+            kept.append(".")
+    return kept
+
+
+def bytes_on_disk(path: Path) -> int:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return 0
+    return getattr(info, "st_blocks", 0) * 512 or info.st_size
