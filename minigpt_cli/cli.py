@@ -5,6 +5,7 @@ torch is imported inside the commands that need it, so `minigpt --help` stays fa
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import os
@@ -131,6 +132,55 @@ def reader_went_away() -> int:
     except (OSError, ValueError):  # ValueError: sys.stdout itself was closed
         pass
     return 0
+
+
+class _OutlivesReader:
+    """A standard stream whose reader may go away without stopping the command: from the first write
+    that finds the pipe closed, the stream's descriptor writes to /dev/null and the command goes on."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def _guard(self, action: Callable[[], Any], fallback: Any) -> Any:
+        try:
+            return action()
+        except OSError as exc:
+            if not isinstance(exc, BrokenPipeError) and exc.errno != errno.EPIPE:
+                raise
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            self._stream.flush()  # what the closed pipe refused goes to /dev/null now
+        except (OSError, ValueError):
+            pass
+        return fallback
+
+    def write(self, text: str) -> int:
+        return self._guard(lambda: self._stream.write(text), len(text))
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush, None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def outlives_readers(command: Callable) -> Callable:
+    """For commands that train: a reader of the log or the result that goes away (`minigpt train 2>&1 |
+    head -3`) must not stop or lose a training. Its output goes nowhere from then on; the run finishes,
+    saves and exits as it would have (0 only when it finished)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _OutlivesReader(saved[0]), _OutlivesReader(saved[1])
+        try:
+            return command(*args, **kwargs)
+        finally:
+            sys.stdout, sys.stderr = saved
+
+    return wrapper
 
 
 def emit_json(value: Any) -> None:
@@ -349,6 +399,7 @@ class TrainView:
 @app.command(epilog="Examples:\n\n  minigpt train\n\n  minigpt train shakespeare_char --device cuda\n\n"
                     "  minigpt train --data my.txt --set model.n_layer=2 --time-budget 60")
 @handle_errors
+@outlives_readers
 def train(
     config: Optional[str] = typer.Argument(None, help="YAML path or shipped config name (default: default, "
                                                       "or shakespeare_char on a CUDA GPU)."),
@@ -1323,6 +1374,7 @@ def _render_compare(result: dict) -> None:
                     "  minigpt compare tiny --vary model.pos_encoding=learned,sinusoidal,rope --time-budget 30\n\n"
                     "  minigpt compare tiny --vary model.norm_placement=pre,post --set train.max_iters=200 --json")
 @handle_errors
+@outlives_readers
 def compare(
     targets: List[str] = typer.Argument(..., metavar="RUN RUN... | CONFIG",
                                         help="Two or more run directories; or one config (path or shipped name) "

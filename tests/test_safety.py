@@ -478,3 +478,23 @@ def test_runs_rm_of_the_same_run_twice_deletes_it_once(run_copy: Path):
     result = invoke("runs", "rm", run_copy, run_copy, "--yes")
     assert result.exit_code == 0, result.stderr
     assert not run_copy.exists() and "deleted 1 run" in result.stderr
+
+
+# -- 6. a reader that goes away never stops or loses a training (issue 25) ---------------------------
+
+@pytest.mark.parametrize("merged", [True, False], ids=["log-and-result-piped", "result-piped"])
+def test_a_training_outlives_the_reader_of_its_output(tmp_path: Path, small_corpus: Path, merged: bool):
+    """`minigpt train 2>&1 | head -3`: the run trains to its last step, saves, and says so in its exit code."""
+    import subprocess
+
+    from conftest import cli_command, cli_env
+
+    args = ["train", "tiny", "--data", small_corpus, "--out", "run", *set_flags(*FAST, "train.max_iters=60")]
+    proc = subprocess.Popen(cli_command(*args, *([] if merged else ["--json"])), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merged else subprocess.DEVNULL, env=cli_env(), cwd=tmp_path)
+    proc.stdout.read(1)  # the first byte, then the reader goes away (`| head -c 1`)
+    proc.stdout.close()
+    assert proc.wait(timeout=240) == 0
+    assert ckpt.load_checkpoint(tmp_path / "run", "latest").step == 60
+    listed = {r["name"]: r["state"] for r in invoke("runs", tmp_path, "--json").json()["runs"]}
+    assert listed["run"] == "finished"
