@@ -7,6 +7,7 @@ import difflib
 import math
 import os
 import reprlib
+import stat
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,8 +319,10 @@ def resolve_config_path(name_or_path: str) -> Path:
     if looks_like_a_path or (path.is_file() and not shipped.is_file()):
         if path.is_dir():
             raise UserError(f"{name_or_path} is a folder; a config is a YAML file")
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"config file not found: {name_or_path}")
+        if not path.is_file():
+            raise UserError(f"cannot read config {name_or_path}: not a regular file")
         return path
     if shipped.is_file():
         return shipped
@@ -346,15 +349,55 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+# Far above any real config (the shipped ones are under 2 KiB and 3 levels deep): a larger or deeper
+# file is refused before YAML spends minutes and gigabytes on it.
+CONFIG_MAX_BYTES = 2**20
+CONFIG_MAX_DEPTH = 16
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160]
+
+
+def _read_config_text(path: Path) -> str:
+    """The UTF-8 text of a regular file of at most CONFIG_MAX_BYTES (a FIFO is not waited on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise UserError(f"cannot read config {path}: not a regular file")
+            data = f.read(CONFIG_MAX_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise UserError(f"{path}: larger than {CONFIG_MAX_BYTES // 2**20} MiB; a config is a few lines of YAML")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+
+
+def _nesting(text: str) -> int:
+    """An upper bound on the YAML's nesting: indentation steps and open brackets, whichever is more."""
+    indents = {len(line) - len(line.lstrip(" ")) for line in text.splitlines() if line.strip()}
+    brackets = depth = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            brackets = max(brackets, depth)
+        elif char in "]}":
+            depth -= 1
+    return max(len(indents), brackets)
+
+
 def load_config(name_or_path: str | None = None) -> Config:
     """Load a YAML config (a path or the name of a shipped one); None gives the shipped default."""
     path = resolve_config_path(name_or_path or "default")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
-    except OSError as exc:
-        raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+    text = _read_config_text(path)
+    if _nesting(text) > CONFIG_MAX_DEPTH:
+        raise UserError(f"{path}: nested deeper than {CONFIG_MAX_DEPTH} levels; a config is sections of keys")
     try:
         loader = _StrictLoader(text)  # a SafeLoader: no Python object tags
         try:
@@ -366,6 +409,8 @@ def load_config(name_or_path: str | None = None) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise UserError(f"{path}: invalid YAML{where}: {detail}") from None
+    except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit; nesting in flow style
+        raise UserError(f"{path}: a value YAML cannot read ({_short(exc)})") from None
     if raw is None:
         raise UserError(f"{path} is empty: expected the sections {', '.join(SECTIONS)}")
     if not isinstance(raw, dict):
@@ -386,10 +431,14 @@ def to_yaml(config: Config, header: str = "") -> str:
 
 def parse_value(text: str) -> Any:
     """A --set value is read as a YAML scalar: 4 -> int, 1e-3 -> '1e-3' (converted per field), true -> bool."""
+    if _nesting(text) > CONFIG_MAX_DEPTH:
+        raise UserError(f"--set value must be a single value, got {text[:40]!r}...")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit
+        raise UserError(f"--set value {text[:40]!r}{'...' if len(text) > 40 else ''}: {_short(exc)}") from None
     if isinstance(value, (dict, list)):
         raise UserError(f"--set value must be a single value, got {text!r}")
     return "" if value is None else value

@@ -193,3 +193,36 @@ def test_cli_unknown_config_name_suggests_a_shipped_one():
 
 def test_cli_missing_config_file(tmp_path: Path):
     assert_usage_error(invoke("train", tmp_path / "nope.yaml"), "nope.yaml")
+
+
+# -- what a hostile config or --set gets: one line, quickly (issue 25) -------------------------------
+
+@pytest.mark.parametrize("text", [
+    "model:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(500)) + "  " * 501 + "x: 1\n",
+    "model: " + "[" * 500 + "]" * 500 + "\n",
+    "model:\n  n_layer: " + "7" * 5000 + "\n",
+], ids=["500-deep-block", "500-deep-flow", "5000-digit-integer"])
+def test_a_pathological_yaml_is_one_line(tmp_path: Path, text: str):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert_usage_error(invoke("train", path), str(path))
+
+
+@pytest.mark.parametrize("value", ["[" * 500 + "]" * 500, "7" * 5000], ids=["500-deep", "5000-digits"])
+def test_a_pathological_set_value_is_one_line(value: str):
+    assert_usage_error(invoke("train", "tiny", "--set", f"model.n_layer={value}"), "--set")
+
+
+def test_a_huge_config_is_refused_before_parsing(tmp_path: Path):
+    path = tmp_path / "huge.yaml"
+    path.write_text("model:\n" + "".join(f"  k{i}: {i}\n" for i in range(200_000)))  # 3 MB
+    assert_usage_error(invoke("train", path), "MiB")
+
+
+def test_a_fifo_config_is_refused_not_waited_on(tmp_path: Path):
+    import os
+
+    from conftest import run_cli
+
+    os.mkfifo(tmp_path / "pipe.yaml")
+    assert_usage_error(run_cli("train", tmp_path / "pipe.yaml", timeout=60), "not a regular file")
