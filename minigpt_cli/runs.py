@@ -81,7 +81,10 @@ def _read_json(path: Path) -> Any:
 def _safetensors_params(path: Path) -> int:
     """The number of values in a safetensors file, from its JSON header alone."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO is not waited on
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _Damaged(f"{path.parent.name}/{path.name} is not a regular file")
             (length,) = struct.unpack("<Q", f.read(8))
             if length > JSON_MAX_BYTES:
                 raise _Damaged(f"{path.name} has an implausible header")
@@ -171,7 +174,8 @@ def describe_run(path: Path) -> RunInfo:
     if path.is_symlink():
         info.link = os.readlink(path)
     if not path.is_dir():
-        info.detail = "a broken link" if info.link is not None else "not a folder"
+        info.detail = ("a broken link" if info.link is not None else "not a folder" if os.path.lexists(path)
+                       else "not found")
         return info
     contents = run_contents(path)
     if not contents.minigpt_wrote_any:
@@ -410,6 +414,10 @@ def plan_variants(config_name: str, varies: Sequence[str], overrides: Sequence[s
     for combo in itertools.product(*[[(k, v) for v in values] for k, values in varied]):
         settings = [f"{k}={v}" for k, v in combo]
         config = apply_overrides(base, settings)
+        same = next((v for v in variants if v.config == config), None)
+        if same is not None:
+            raise UserError(f"--vary gives the same config twice: {same.label} and {', '.join(settings)}; "
+                            f"list each value once")
         variants.append(Variant(", ".join(settings), settings, config))
     if len(variants) < 2:
         raise UserError("--vary gives a single variant: list two values or more, e.g. KEY=V1,V2")
@@ -434,7 +442,7 @@ def train_variants(variants: Sequence[Variant], base: Path,
     import torch
 
     from minigpt_cli import checkpoint as ckpt
-    from minigpt_cli.trainer import TrainingStopped
+    from minigpt_cli.trainer import NonFiniteLoss, TrainingStopped
 
     # The first optimizer a process makes imports torch._dynamo (seconds, more on a busy machine):
     # paid here, once, and not inside the first variant's time budget and wall time.
@@ -452,7 +460,7 @@ def train_variants(variants: Sequence[Variant], base: Path,
             ckpt.remove_unused_run_dir(run_dir)
             yield variant
             return
-        except UserError as exc:
+        except (UserError, NonFiniteLoss) as exc:  # this variant failed; the others still train
             variant.state, variant.error = "failed", str(exc)
             ckpt.remove_unused_run_dir(run_dir)
         yield variant

@@ -429,3 +429,34 @@ def test_init_from_refuses_a_different_model_shape(tiny_run: Path, small_corpus:
     result = invoke("train", "--init-from", tiny_run, "--data", small_corpus, "--out", tmp_path / "x",
                     *set_flags("model.n_layer=3"))
     assert_usage_error(result, "model.n_layer")
+
+
+# -- compare and runs, hostile input (issue 25) ----------------------------------------------------
+
+def test_a_fifo_in_a_run_is_reported_not_waited_on(run_copy: Path, tmp_path: Path):
+    from conftest import run_cli
+
+    model = sorted((run_copy / "checkpoints").iterdir())[-1] / "model.safetensors"
+    model.unlink()
+    os.mkfifo(model)
+    listed = run_cli("runs", run_copy.parent, "--json", timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert {r["name"]: r["state"] for r in json.loads(listed.stdout)["runs"]}[run_copy.name] == "damaged"
+    assert_usage_error(run_cli("compare", run_copy, run_copy, timeout=60), "not a regular file")
+
+
+def test_compare_names_a_run_that_does_not_exist(run_copy: Path, tmp_path: Path):
+    assert_usage_error(invoke("compare", run_copy, tmp_path / "nonexist"), "not found")
+
+
+def test_compare_refuses_values_that_give_the_same_config():
+    assert_usage_error(invoke("compare", "tiny", "--vary", "model.n_layer=1,01"), "same config")
+
+
+def test_compare_reports_a_variant_whose_loss_diverges_and_keeps_the_others(small_corpus: Path):
+    result = invoke("compare", "tiny", "--vary", "train.learning_rate=1e-3,1e30", "--data", small_corpus,
+                    *COMPARE_FLAGS, "--json", "--quiet")
+    report = result.json()
+    assert [v["state"] for v in report["variants"]] == ["finished", "failed"]
+    assert "non-finite" in report["variants"][1]["error"]
+    assert [r["label"] for r in report["runs"]][:1] == ["train.learning_rate=1e-3"]
