@@ -101,6 +101,10 @@ def handle_errors(fn: Callable) -> Callable:
             fail(str(exc), EXIT_USAGE)
         except BrokenPipeError:
             raise typer.Exit(reader_went_away())
+        except OSError as exc:
+            if not _is_output_error(exc):
+                raise
+            raise typer.Exit(output_failed(exc))
         except (MemoryError, RuntimeError) as exc:
             if not _out_of_memory(exc):
                 raise
@@ -181,6 +185,23 @@ def outlives_readers(command: Callable) -> Callable:
             sys.stdout, sys.stderr = saved
 
     return wrapper
+
+
+def _is_output_error(exc: OSError) -> bool:
+    """A write with no file named failed for want of space or a device error: stdout or stderr on a full
+    disk (writes to named files report their own errors). Not a bug to show a traceback for."""
+    return exc.errno in (errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT) and exc.filename is None
+
+
+def output_failed(exc: OSError) -> int:
+    """The one policy for output that cannot be written: one line on stderr (if stderr can take it),
+    and exit code 1, since what was asked for did not reach its reader. Returns the exit code."""
+    reader_went_away()  # nothing more is written to stdout, Python's final flush included
+    try:
+        os.write(2, f"error: cannot write the output: {exc.strerror or exc}\n".encode("utf-8", "replace"))
+    except OSError:
+        pass
+    return EXIT_FAILURE
 
 
 def emit_json(value: Any) -> None:
@@ -1481,6 +1502,7 @@ def main() -> None:
     import rich.console
 
     _reopen_closed_std_streams()
+    _encode_what_the_terminal_cannot_show()
     # OpenMP's wait policy is left to libgomp (spin briefly, then sleep): device.choose_threads
     # already keeps to the CPUs other programs leave free, and forcing PASSIVE (sleep at once) made
     # a quiet machine's 2-thread decode of the 6 x 384 model about 20% slower (98 against 121-127
@@ -1506,6 +1528,10 @@ def main() -> None:
         code = 130
     except BrokenPipeError:
         code = reader_went_away()
+    except OSError as exc:
+        if not _is_output_error(exc):
+            raise
+        code = output_failed(exc)
     exit_now(code if isinstance(code, int) else 0)
 
 
@@ -1518,18 +1544,30 @@ def _reopen_closed_std_streams() -> None:
             setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
 
 
+def _encode_what_the_terminal_cannot_show() -> None:
+    """A character the output's encoding lacks (PYTHONIOENCODING=ascii, a Latin-1 terminal) is written as
+    a backslash escape instead of ending the command with UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass  # not a text stream we can reconfigure (a test's capture): left as it is
+
+
 def exit_now(code: int) -> None:
     """End the process without the interpreter's teardown. With torch loaded, freeing its modules and
     libraries takes 0.9-1.5 s after the last line is printed (measured on 2 cores): the shell's prompt
     came back that much later, and a --time-budget run overran its budget by it. Output is flushed and
     exit handlers run first, as sys.exit would; nothing of the run is left to write by now."""
     if "torch" not in sys.modules:
-        sys.exit(code)  # help, version and usage errors: nothing heavy to skip
+        failed = _flush_streams()
+        sys.exit(failed if failed and not code else code)  # help, version, usage errors: nothing heavy to skip
     import atexit
     import ctypes
 
     atexit._run_exitfuncs()
-    _flush_streams()  # after the handlers: what they printed too
+    failed = _flush_streams()  # after the handlers: what they printed too
+    code = failed if failed and not code else code
     try:
         ctypes.CDLL(None).fflush(None)  # C's stdio too (oneDNN's or NCCL's verbose logs)
     except (OSError, AttributeError, TypeError):
@@ -1537,13 +1575,22 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _flush_streams() -> None:
+def _flush_streams() -> int | None:
+    """Flush stdout and stderr; the exit code output_failed chose if stdout could not take its output."""
+    failed = None
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except BrokenPipeError:
             if stream is sys.stdout:
                 reader_went_away()
+        except OSError as exc:
+            if stream is sys.stdout:
+                failed = output_failed(exc)
+        except ValueError:
+            if stream is sys.stdout:
+                reader_went_away()
+    return failed
 
 
 if __name__ == "__main__":

@@ -344,3 +344,17 @@ def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = 4) -> int:
     """Keys and values for every layer: 2 * n_layer * n_embd numbers per position; with short_conv, the
     two sublayers' inputs too (4 * n_layer * n_embd)."""
     return (4 if config.short_conv else 2) * config.n_layer * config.n_embd * dtype_bytes
+
+
+def training_bytes(config: ModelConfig, vocab_size: int, batch_size: int) -> dict:
+    """A float32 training step's memory, estimated before anything is allocated (so a model far too big
+    for the machine is refused with the numbers, not killed by the kernel after minutes of allocating):
+    weights, gradients and two optimizer moments (AdamW's; Muon keeps one) at 4 bytes a value each,
+    plus the activations autograd keeps, per token and layer: the block's inputs, norms, q/k/v, the
+    attention output and the MLP's hidden layer before and after its activation; and the logits with
+    their softmax and gradient. A lower bound of the real peak (allocator slack, temporaries)."""
+    params = count_parameters(config, vocab_size)
+    C, tokens = config.n_embd, batch_size * config.block_size
+    per_token = config.n_layer * (10 + 2 * config.mlp_ratio) * C + 3 * vocab_size
+    return {"params": params, "weights_and_optimizer": 16 * params, "activations": 4 * tokens * per_token,
+            "total": 16 * params + 4 * tokens * per_token}

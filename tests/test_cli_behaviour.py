@@ -66,3 +66,22 @@ def test_resume_uses_the_learning_rate_given_now(tmp_path: Path, small_corpus: P
                      resume=True, events=events)
     lrs = [e.data["lr"] for e in events if e.kind == "step"]
     assert lrs and all(abs(lr - 1e-4) < 1e-12 for lr in lrs)
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["runs", "RUNS", "--json"], ["inspect", "RUN"],
+                                  ["sample", "RUN", "--max-new-tokens", "5"], ["eval", "RUN", "--json"]],
+                         ids=["version", "help", "runs", "inspect", "sample", "eval"])
+def test_stdout_on_a_full_disk_is_one_line_and_exit_1(tiny_run: Path, args: list[str]):
+    args = [str(tiny_run) if a == "RUN" else str(tiny_run.parent) if a == "RUNS" else a for a in args]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(cli_command(*args), stdout=full, stderr=subprocess.PIPE, text=True, env=cli_env(),
+                              timeout=180)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["error: cannot write the output: No space left on device"]
+
+
+def test_a_terminal_that_cannot_show_a_character_gets_an_escape_not_a_traceback(tiny_run: Path):
+    env = {**cli_env(), "PYTHONIOENCODING": "ascii"}
+    proc = subprocess.run(cli_command("sample", tiny_run, "--prompt", "\u4e00\u4e01"), capture_output=True,
+                          text=True, env=env, timeout=180)
+    assert_usage_error(proc, "\\u4e00")
