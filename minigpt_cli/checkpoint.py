@@ -78,19 +78,24 @@ def new_run_dir(config_name: str, base: Path = RUNS_DIR, claim: bool = True) -> 
     when taken. With `claim` the directory is created here, atomically, so two runs started in the
     same second never share one."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if claim:
-        base.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while True:
-        path = base / (f"{config_name}-{stamp}" if n == 1 else f"{config_name}-{stamp}-{n}")
-        try:
-            if claim:
-                path.mkdir()  # fails if another run took the name first
-            elif path.exists():
-                raise FileExistsError(path)
-            return path
-        except FileExistsError:
-            n += 1
+    if os.path.lexists(base) and not base.is_dir():
+        raise UserError(f"cannot keep runs in {base}: it is a file, not a folder (move it, or pick another --out)")
+    try:
+        if claim:
+            base.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while True:
+            path = base / (f"{config_name}-{stamp}" if n == 1 else f"{config_name}-{stamp}-{n}")
+            try:
+                if claim:
+                    path.mkdir()  # fails if another run took the name first
+                elif path.exists():
+                    raise FileExistsError(path)
+                return path
+            except FileExistsError:
+                n += 1
+    except OSError as exc:
+        raise UserError(f"cannot create a run directory under {base}: {exc.strerror or exc}") from None
 
 
 def newest_run(base: Path = RUNS_DIR) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_usage_error, invoke, run_cli, set_flags
+from conftest import FAST, assert_usage_error, invoke, run_cli, set_flags
 
 
 def snapshot(run: Path) -> dict[Path, bytes]:
@@ -114,3 +114,16 @@ def test_running_out_of_memory_is_one_line_and_leaves_no_run_behind(tmp_path: Pa
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(lines) == 1 and "out of memory" in lines[0] and "batch_size" in lines[0]
     assert not any((tmp_path / "runs").glob("*"))
+
+
+def test_a_runs_folder_that_cannot_be_made_is_one_line(tmp_path: Path, small_corpus: Path):
+    """Issue 25.12: ./runs being a file, compare --out a file or under /proc."""
+    (tmp_path / "runs").write_text("not a folder")
+    assert_usage_error(invoke("train", "tiny", "--data", small_corpus, *set_flags(*FAST, "train.max_iters=2")),
+                       "runs", "not a folder")
+    (tmp_path / "existing.png").write_text("a picture")
+    assert_usage_error(invoke("compare", "tiny", "--vary", "model.n_layer=1,2", "--data", small_corpus, "--out",
+                              "existing.png", *set_flags(*FAST, "train.max_iters=2"), "--quiet"), "existing.png")
+    assert (tmp_path / "existing.png").read_text() == "a picture"
+    assert_usage_error(invoke("compare", "tiny", "--vary", "model.n_layer=1,2", "--data", small_corpus, "--out",
+                              "/proc/foo", *set_flags(*FAST, "train.max_iters=2"), "--quiet"), "/proc/foo")
