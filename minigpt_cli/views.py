@@ -190,15 +190,12 @@ class TrainView:
         self.progress.close()
 
 
-class ProgressLine:
+class ProgressLine(Starting):
     """One live status line on a terminal; plain lines on stderr otherwise; nothing when quiet."""
 
     def __init__(self, quiet: bool):
+        super().__init__(quiet, "bench: starting")
         self.quiet = quiet
-        self.status = None
-        if not quiet and err.is_terminal:
-            self.status = err.status("bench: starting")
-            self.status.start()
 
     def __call__(self, message: str) -> None:
         if self.quiet:
@@ -209,6 +206,4 @@ class ProgressLine:
             err.print(f"bench: {message}", markup=False)
 
     def close(self) -> None:
-        if self.status is not None:
-            self.status.stop()
-            self.status = None
+        self.done()

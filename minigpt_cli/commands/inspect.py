@@ -11,7 +11,7 @@ import typer
 
 from minigpt_cli.config import UserError
 from minigpt_cli.options import JsonOut, Overrides, Plot, Target, VocabSize
-from minigpt_cli.output import count, emit_json, err, key_value_table, mib, out, vocab_source
+from minigpt_cli.output import count, emit_json, err, key_value_table, mib, out, titled_table, vocab_source
 from minigpt_cli.views import Starting
 
 EXAMPLES = ("Examples:\n\n  minigpt inspect\n\n  minigpt inspect gpt2_small\n\n"
@@ -250,7 +250,6 @@ def _attention_map(head: dict, chars: List[str]) -> Any:
 def _render_attention(result: dict) -> None:
     from rich.columns import Columns
     from rich.markup import escape
-    from rich.table import Table
 
     from minigpt_cli.inspection import visible_char
 
@@ -263,11 +262,9 @@ def _render_attention(result: dict) -> None:
     for layer in result["layers"]:
         out.print(f"\n[bold]layer {layer['layer']}[/]")
         out.print(Columns([_attention_map(head, chars) for head in layer["heads"]], padding=(0, 3)))
-    table = Table(title="where each head looks: its mean weight on the character itself, the previous one and the "
-                        "first one, and its mean largest weight (over positions 1..T-1)", title_justify="left",
-                  title_style="bold")
-    for column in ("layer", "head", "itself", "previous", "first", "largest"):
-        table.add_column(column, justify="right")
+    table = titled_table("where each head looks: its mean weight on the character itself, the previous one and the "
+                         "first one, and its mean largest weight (over positions 1..T-1)",
+                         ["layer", "head", "itself", "previous", "first", "largest"])
     for layer in result["layers"]:
         for head in layer["heads"]:
             cells = [head[k] for k in ("to_self", "to_previous", "to_first", "max")]

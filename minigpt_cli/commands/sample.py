@@ -8,7 +8,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from minigpt_cli.config import UserError
-from minigpt_cli.options import AUTO_DEVICE, Device, JsonOut, RunDir, Threads
+from minigpt_cli.options import AUTO_DEVICE, Device, Dtype, JsonOut, RunDir, Threads
 from minigpt_cli.output import emit_json, warn
 
 EXAMPLES = ("Examples:\n\n  minigpt sample --prompt \"ROMEO:\"\n\n"
@@ -36,8 +36,7 @@ def sample(
                         "off).")] = 0.0,
     repetition_penalty: Annotated[float, typer.Option(
         "--repetition-penalty", help="Penalise characters already in the context; 1 is off.")] = 1.0,
-    num_samples: Annotated[int, typer.Option(
-        "--num-samples", help="Samples generated together from one prefill.")] = 1,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples generated together from one prefill.")] = 1,
     stop: Annotated[List[str], typer.Option(
         "--stop", help="End a sample when its text ends with this (repeatable; the stop text is not "
                        "printed).")] = [],
@@ -45,8 +44,7 @@ def sample(
         "--seed", help="Random seed (default: a fresh one, shown with --json).")] = None,
     no_kv_cache: Annotated[bool, typer.Option(
         "--no-kv-cache", help="Recompute the whole window every step (slow; the reference).")] = False,
-    dtype: Annotated[str, typer.Option(
-        "--dtype", help="Inference precision: float32, bfloat16, or float16 (GPU only).")] = "float32",
+    dtype: Dtype = "float32",
     device: Device = None,
     compile_step: Annotated[bool, typer.Option(
         "--compile", help="Compile the decode step with torch.compile (CUDA graphs on a GPU); the first "
@@ -67,21 +65,30 @@ def sample(
     # One sample streams wherever stdout goes (a terminal, a pipe, a file), so a reader that has had
     # enough (`| head`) ends the command; several samples, or JSON, are printed whole at the end.
     streaming = stream is not False and not json_out and num_samples == 1
-    if not streaming and max_new_tokens * num_samples > HELD_TEXT_MAX_CHARS:
-        raise UserError(f"--max-new-tokens {max_new_tokens:,} x --num-samples {num_samples} is more text than is held "
-                        f"to print at the end (at most {HELD_TEXT_MAX_CHARS:,} characters); a single sample without "
-                        f"--json or --no-stream streams any length")
-    settings = sampler.SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
-    request = sampler.SampleRequest(
-        run=run, prompt=text, settings=settings, max_new_tokens=max_new_tokens,
-        num_samples=num_samples, stop=stop, seed=seed, use_cache=not no_kv_cache, dtype=dtype,
-        device=device or AUTO_DEVICE, skip_unknown=unknown == "skip", compile=compile_step, threads=threads)
-    session = sampler.prepare(request)
+    if not streaming:
+        _check_held(max_new_tokens, num_samples)
+    session = sampler.prepare(sampler.SampleRequest(
+        run=run, prompt=text, settings=sampler.SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty),
+        max_new_tokens=max_new_tokens, num_samples=num_samples, stop=stop, seed=seed, use_cache=not no_kv_cache,
+        dtype=dtype, device=device or AUTO_DEVICE, skip_unknown=unknown == "skip", compile=compile_step,
+        threads=threads))
     for warning in session.warnings:
         warn(warning)
     if streaming:
         _write_streamed(session.prompt, session.stream())  # the prompt without what --unknown skip dropped
-        return
+    else:
+        _write_whole(session, json_out)
+
+
+def _check_held(max_new_tokens: int, num_samples: int) -> None:
+    if max_new_tokens * num_samples > HELD_TEXT_MAX_CHARS:
+        raise UserError(f"--max-new-tokens {max_new_tokens:,} x --num-samples {num_samples} is more text than is held "
+                        f"to print at the end (at most {HELD_TEXT_MAX_CHARS:,} characters); a single sample without "
+                        f"--json or --no-stream streams any length")
+
+
+def _write_whole(session, json_out: bool) -> None:
+    """Every sample at the end: one JSON object, or each sample after the prompt, separated."""
     for _ in session.stream():
         pass
     result = session.result()
