@@ -20,7 +20,6 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -28,14 +27,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.config import Config, UserError, apply_overrides, load_config
-from minigpt_cli.data import scan_vocabulary
+from minigpt_cli.config import UserError
 from minigpt_cli.device import DTYPES, Runtime, check_inference_dtype, runtime, synchronize, use_threads
 from minigpt_cli.inference import Decoder
 from minigpt_cli.kv_cache import KVCache
 from minigpt_cli.model import (GPT, count_parameters, flops_per_token, input_slots, kv_bytes_per_token,
                                visible_keys, written_out_attention)
+from minigpt_cli.targets import Target
 
 Progress = Callable[[str], None]
 
@@ -78,84 +76,6 @@ QUICK_FLOP_BUDGET = 1e10
 UNSTEADY = 0.2
 # Memory a single measurement may take, as a fraction of what the device has free.
 MEMORY_FRACTION = 0.5
-
-
-# ---------------------------------------------------------------------------------------------
-# What to bench: a run directory or a config
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Target:
-    kind: str  # "run" or "config"
-    name: str  # run directory or config name
-    config: Config
-    vocab_size: int
-    loaded: ckpt.LoadedCheckpoint | None = None
-    # Where vocab_size came from: the run's vocabulary, the config's text, or --vocab-size.
-    vocab_source: str = "characters of the text"
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "config": self.config.name, "vocab_size": self.vocab_size,
-                "vocab_source": self.vocab_source}
-
-
-def _is_run(path: Path) -> bool:
-    if path.is_dir():
-        return any((path / name).exists() for name in ("latest.json", "best.json", "checkpoints",
-                                                       ckpt.META_FILE, ckpt.MODEL_FILE))
-    return path.name in (ckpt.META_FILE, ckpt.MODEL_FILE)
-
-
-def config_vocab_size(config: Config) -> int:
-    """vocab_size is never configured: it is the number of distinct characters in the config's text."""
-    if config.data.path == "-":
-        raise UserError("the config reads its text from stdin (data.path: -); the vocabulary size needs the "
-                        "text, so give a data.path (e.g. --set data.path=my.txt)")
-    return scan_vocabulary(config.data.path or None)
-
-
-def resolve_target(arg: str | None, overrides: Sequence[str] = (), which: str = "latest",
-                   fallback_to_config: bool = True, vocab_size: int | None = None) -> Target:
-    """RUN or CONFIG: a directory holding a checkpoint is a run; anything else is a config path or name.
-
-    With no argument: the newest run under ./runs, else (fallback_to_config) the shipped default config.
-    vocab_size (--vocab-size) sizes a config's model for another vocabulary than its text's characters,
-    e.g. GPT-2's 50,257 tokens; a run keeps the vocabulary it was trained with.
-    """
-    if vocab_size is not None and vocab_size < 1:
-        raise UserError(f"--vocab-size must be at least 1, got {vocab_size}")
-    target = _resolve_target(arg, overrides, which, fallback_to_config)
-    if vocab_size is None:
-        return target
-    if target.kind == "run":
-        raise UserError(f"--vocab-size sizes a CONFIG's model; the run {target.name} keeps its own vocabulary "
-                        f"of {target.vocab_size} characters")
-    return Target("config", target.name, target.config, vocab_size, vocab_source="--vocab-size")
-
-
-def _resolve_target(arg: str | None, overrides: Sequence[str], which: str, fallback_to_config: bool) -> Target:
-    if arg is None:
-        try:
-            run = ckpt.newest_run()
-        except UserError:
-            if not fallback_to_config:
-                raise
-            config = apply_overrides(load_config(None), overrides)
-            return Target("config", config.name, config, config_vocab_size(config))
-        arg = str(run)
-    path = Path(arg).expanduser()
-    if not path.exists() and ("/" in arg or path.suffix not in (".yaml", ".yml", "")):
-        raise UserError(f"{arg}: no such run directory or config file")
-    if _is_run(path):
-        if overrides:
-            raise UserError("--set changes a CONFIG; a run keeps the config it was trained with")
-        loaded = ckpt.load_checkpoint(path, which=which)
-        return Target("run", str(loaded.run_dir), loaded.config, loaded.tokenizer.vocab_size, loaded,
-                      vocab_source="the run's characters")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory without a checkpoint: expected a run directory or a config")
-    config = apply_overrides(load_config(arg), overrides)
-    return Target("config", config.name, config, config_vocab_size(config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,20 +407,7 @@ class Bench:
         from minigpt_cli.optim import build_optimizers
         from minigpt_cli.trainer import apply_gradients, training_loss
 
-        B = self.options.batch_size or self.cfg.train.batch_size
-        T = min(self.options.seq_len or self.m.block_size, self.m.block_size)
-        if self.options.seq_len is not None and self.options.seq_len > T:
-            self.notes.append(f"--seq-len {self.options.seq_len} is past the model's block_size: timed at {T}")
-
-        def per_token(seq_len: int) -> float:
-            return flops_per_token(self.m, self.V, seq_len)["train"]
-
-        requested = (B, T)
-        if self.options.batch_size is None and self.options.seq_len is None:
-            while B * T * per_token(T) > self.budget and B > 1:
-                B = max(1, B // 2)
-            while B * T * per_token(T) > self.budget and T > 16:
-                T //= 2
+        B, T, requested = self._train_shape()
         # float32 weights, their gradients, two optimizer moments, activations of every layer.
         n_params = model.num_parameters()
         need = 16 * n_params + B * T * (self.m.n_layer * self.m.n_embd * 4 * 24 + 3 * 4 * self.V)
@@ -527,7 +434,7 @@ class Bench:
             (scaler.scale(loss) if scaler else loss).backward()
             apply_gradients(model, optimizers, scaler, self.cfg.train.grad_clip)
 
-        flops_per_iter = B * T * per_token(T)
+        flops_per_iter = B * T * self._train_flops_per_token(T)
         timing = self._time(step, flops_per_iter)
         model.eval()
         achieved = flops_per_iter / timing.median
@@ -537,98 +444,136 @@ class Bench:
             "tokens_per_sec": B * T / timing.median, "flops_per_iter": flops_per_iter,
             "achieved_gflops": achieved / 1e9,
         }
-        if self.device.type == "cuda":
-            name = device_name(self.device)
-            peak = gpu_peak_tflops(name, self.precision.name)
-            out["peak_tflops"] = peak
-            out["mfu"] = achieved / (peak * 1e12) if peak else None
-            out["peak_source"] = (f"{name}, {self.precision.name}" if peak
-                                  else f"peak of {name} unknown: add it to bench.GPU_PEAK_TFLOPS")
-            out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
-        else:
-            out["peak_tflops"] = out["mfu"] = None
-            out["peak_source"] = f"no published peak for {self.device.type}: achieved GFLOP/s only"
+        out.update(self._utilisation(achieved))
         for p in model.parameters():
             p.grad = None
         return out
 
+    def _train_flops_per_token(self, seq_len: int) -> float:
+        return flops_per_token(self.m, self.V, seq_len)["train"]
+
+    def _train_shape(self) -> tuple[int, int, tuple[int, int]]:
+        """The batch and sequence length to time, and the config's: halved (batch first) until a step
+        fits the time bound, unless --batch-size or --seq-len chose."""
+        B = self.options.batch_size or self.cfg.train.batch_size
+        T = min(self.options.seq_len or self.m.block_size, self.m.block_size)
+        if self.options.seq_len is not None and self.options.seq_len > T:
+            self.notes.append(f"--seq-len {self.options.seq_len} is past the model's block_size: timed at {T}")
+        requested = (B, T)
+        if self.options.batch_size is None and self.options.seq_len is None:
+            while B * T * self._train_flops_per_token(T) > self.budget and B > 1:
+                B = max(1, B // 2)
+            while B * T * self._train_flops_per_token(T) > self.budget and T > 16:
+                T //= 2
+        return B, T, requested
+
+    def _utilisation(self, achieved: float) -> dict[str, Any]:
+        """MFU against the GPU's published peak, and the step's peak memory; elsewhere no peak to compare."""
+        if self.device.type != "cuda":
+            return {"peak_tflops": None, "mfu": None,
+                    "peak_source": f"no published peak for {self.device.type}: achieved GFLOP/s only"}
+        name = device_name(self.device)
+        peak = gpu_peak_tflops(name, self.precision.name)
+        return {"peak_tflops": peak, "mfu": achieved / (peak * 1e12) if peak else None,
+                "peak_source": (f"{name}, {self.precision.name}" if peak
+                                else f"peak of {name} unknown: add it to bench.GPU_PEAK_TFLOPS"),
+                "peak_memory_bytes": torch.cuda.max_memory_allocated(self.device)}
+
+    def _cache(self, batch: int, positions: int, m: Any = None) -> KVCache:
+        """An empty KV cache of `positions` positions for `batch` sequences of the model (or of shape m)."""
+        m = m or self.m
+        return KVCache(m.n_layer, batch, m.n_head, positions, m.head_dim, device=self.device,
+                       input_slots=input_slots(m))
+
     @torch.inference_mode()
     def sample(self, model: Decoder) -> dict[str, Any]:
-        m, bs = self.m, self.m.block_size
-        # Time to first token: prefill half a window (fewer tokens if that is over the budget), choose one token.
-        P = max(1, bs // 2)
+        bs = self.m.block_size
+        cache = self._cache(1, bs)
+        out = self._time_to_first_token(model, cache)
+        floor = self.weight_floor(model)
+        out["weight_floor"] = floor
+        contexts = decode_contexts(bs, self.options.max_seq)
+        out["decode"] = self._decode_rows(model, cache, contexts, floor)
+        out["floor_pct"] = out["decode"][0]["floor_pct"]
+        out["cost"] = ("with the KV cache a step computes one new position: its weights cost the same at every "
+                       "context and its attention grows linearly with the context L (one query, L keys); without "
+                       "it a step recomputes all L positions: the weights' cost grows linearly with L and "
+                       "attention's quadratically (L queries x L keys)")
+        if contexts[-1] >= bs:
+            out["past_block_size"] = (f"contexts past block_size {bs} are timed on a model of the same shape "
+                                      f"with room for {contexts[-1] + 1} positions and fresh weights (a step's "
+                                      f"cost does not depend on their values); sampling past block_size itself "
+                                      f"slides a window of at most {bs} characters")
+        out["batch"] = self._batched_decode(model)
+        return out
+
+    def _time_to_first_token(self, model: Decoder, cache: KVCache) -> dict[str, Any]:
+        """Prefill half a window (fewer tokens if that is over the budget), then choose one token."""
+        P = max(1, self.m.block_size // 2)
         while P > 8 and self._forward_flops(P, P) > self.budget:
             P //= 2
         self.progress(f"sampling: prefill of {P} tokens")
         prompt = self._tokens(1, P)
-        cache = KVCache(m.n_layer, 1, m.n_head, bs, m.head_dim, device=self.device, input_slots=input_slots(m))
 
         def prefill() -> None:
             cache.reset()
             model(prompt, cache)[:, -1].argmax(-1).item()
 
         ttft = self._time(prefill, self._forward_flops(P, P))
-        out: dict[str, Any] = {"dtype": self.options.dtype, "prompt_len": P, "time_to_first_token_ms": ttft.to_dict(),
-                               "prefill_tokens_per_sec": P / ttft.median}
+        return {"dtype": self.options.dtype, "prompt_len": P, "time_to_first_token_ms": ttft.to_dict(),
+                "prefill_tokens_per_sec": P / ttft.median}
 
-        floor = self.weight_floor(model)
-        out["weight_floor"] = floor
-
-        decode = []
-        contexts = decode_contexts(bs, self.options.max_seq)
+    def _decode_rows(self, model: Decoder, cache: KVCache, contexts: list[int], floor: dict) -> list[dict]:
+        """One decode step at each context, with the cache and without; contexts past block_size on a
+        model of the same shape with room for them."""
+        bs = self.m.block_size
         long_model = long_cache = None
+        rows = []
         for L in contexts:
             self.progress(f"sampling: one decode step after {L} tokens, with and without the KV cache")
-            token = self._tokens(1, 1)
             step_model, step_cache = model, cache
             if L >= bs:
                 if long_model is None:
                     long_model, long_cache = self._long_model(contexts[-1] + 1)
                 step_model, step_cache = long_model, long_cache
+            rows.append(self._decode_row(step_model, step_cache, L, floor))
+        return rows
 
-            def cached_step() -> None:
-                step_cache.reset()
-                step_cache.advance(L)  # L positions cached (their values do not change the cost)
-                step_model(token, step_cache)[:, -1].argmax(-1)
+    def _decode_row(self, model: Decoder, cache: KVCache, L: int, floor: dict) -> dict[str, Any]:
+        token = self._tokens(1, 1)
 
-            row: dict[str, Any] = {"context": L, "past_block_size": L >= bs,
-                                   "cached_flops": self._forward_flops(1, L + 1),
-                                   "uncached_flops": self._forward_flops(L + 1, L + 1)}
-            timing = self._time(cached_step, self._forward_flops(1, L + 1))
-            row["cached_ms"] = timing.to_dict()
-            row["cached_tokens_per_sec"] = 1 / timing.median
-            row["floor_pct"] = 100 * floor["ms"] / (timing.median * 1e3)
-            if self._forward_flops(L + 1, L + 1) <= self.budget:
-                window = self._tokens(1, L + 1)
-                timing_full = self._time(lambda: step_model(window)[:, -1].argmax(-1),
-                                         self._forward_flops(L + 1, L + 1))
-                row["uncached_ms"] = timing_full.to_dict()
-                row["uncached_tokens_per_sec"] = 1 / timing_full.median
-                row["cache_speedup"] = timing_full.median / timing.median
-            else:
-                row["uncached_ms"] = row["uncached_tokens_per_sec"] = row["cache_speedup"] = None
-                self.notes.append(f"decode without the KV cache at context {L} skipped: one step is "
-                                  f"{self._forward_flops(L + 1, L + 1) / 1e9:.0f} GFLOP, over the "
-                                  f"{self.device.type} time bound")
-            decode.append(row)
-        out["decode"] = decode
-        out["floor_pct"] = decode[0]["floor_pct"]
-        out["cost"] = ("with the KV cache a step computes one new position: its weights cost the same at every "
-                       "context and its attention grows linearly with the context L (one query, L keys); without "
-                       "it a step recomputes all L positions: the weights' cost grows linearly with L and "
-                       "attention's quadratically (L queries x L keys)")
-        if long_model is not None:
-            out["past_block_size"] = (f"contexts past block_size {bs} are timed on a model of the same shape "
-                                      f"with room for {contexts[-1] + 1} positions and fresh weights (a step's "
-                                      f"cost does not depend on their values); sampling past block_size itself "
-                                      f"slides a window of at most {bs} characters")
-            del long_model, long_cache
+        def cached_step() -> None:
+            cache.reset()
+            cache.advance(L)  # L positions cached (their values do not change the cost)
+            model(token, cache)[:, -1].argmax(-1)
 
-        L = max(1, bs // 2)
+        row: dict[str, Any] = {"context": L, "past_block_size": L >= self.m.block_size,
+                               "cached_flops": self._forward_flops(1, L + 1),
+                               "uncached_flops": self._forward_flops(L + 1, L + 1)}
+        timing = self._time(cached_step, self._forward_flops(1, L + 1))
+        row["cached_ms"] = timing.to_dict()
+        row["cached_tokens_per_sec"] = 1 / timing.median
+        row["floor_pct"] = 100 * floor["ms"] / (timing.median * 1e3)
+        if self._forward_flops(L + 1, L + 1) <= self.budget:
+            window = self._tokens(1, L + 1)
+            timing_full = self._time(lambda: model(window)[:, -1].argmax(-1), self._forward_flops(L + 1, L + 1))
+            row["uncached_ms"] = timing_full.to_dict()
+            row["uncached_tokens_per_sec"] = 1 / timing_full.median
+            row["cache_speedup"] = timing_full.median / timing.median
+        else:
+            row["uncached_ms"] = row["uncached_tokens_per_sec"] = row["cache_speedup"] = None
+            self.notes.append(f"decode without the KV cache at context {L} skipped: one step is "
+                              f"{self._forward_flops(L + 1, L + 1) / 1e9:.0f} GFLOP, over the "
+                              f"{self.device.type} time bound")
+        return row
+
+    def _batched_decode(self, model: Decoder) -> list[dict]:
+        """Throughput of one decode step at half a window of context, for each batch size that fits."""
+        L = max(1, self.m.block_size // 2)
         sizes = self.options.batch_sizes or ((1, 4) if self.options.quick else (1, 4, 16, 64))
         batch = []
         for B in sizes:
-            need = kv_bytes_per_token(m) * B * (L + 1)
+            need = kv_bytes_per_token(self.m) * B * (L + 1)
             if not self._fits(need):
                 self.notes.append(f"decode at batch {B} skipped: its KV cache needs {need / 2**30:.1f} GiB")
                 continue
@@ -637,8 +582,7 @@ class Bench:
                                   f"GFLOP, over the {self.device.type} time bound")
                 continue
             self.progress(f"sampling: one decode step for a batch of {B} after {L} tokens")
-            batch_cache = KVCache(m.n_layer, B, m.n_head, L + 1, m.head_dim, device=self.device,
-                                  input_slots=input_slots(m))
+            batch_cache = self._cache(B, L + 1)
             tokens = self._tokens(B, 1)
 
             def batch_step() -> None:
@@ -649,16 +593,14 @@ class Bench:
             timing = self._time(batch_step, self._forward_flops(B, L + 1))
             batch.append({"batch_size": B, "context": L, "step_ms": timing.to_dict(),
                           "tokens_per_sec": B / timing.median})
-        out["batch"] = batch
-        return out
+        return batch
 
     def _long_model(self, positions: int) -> tuple[Decoder, KVCache]:
         """The model's shape with room for `positions` positions, readied as `minigpt sample` readies it."""
         m = dataclasses.replace(self.m, block_size=positions)
         with torch.device(self.device):
             long_model = GPT(m, self.V)
-        return (Decoder(long_model, DTYPES[self.options.dtype]),
-                KVCache(m.n_layer, 1, m.n_head, positions, m.head_dim, device=self.device, input_slots=input_slots(m)))
+        return Decoder(long_model, DTYPES[self.options.dtype]), self._cache(1, positions, m)
 
     def weight_floor(self, model: Decoder) -> dict[str, Any]:
         """One batch-1 matrix-vector product per weight matrix a decode step reads, back to back.

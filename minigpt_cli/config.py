@@ -306,6 +306,17 @@ def absolute_data_path(path: str) -> str:
     return path if path in ("", "-") else str(Path(path).expanduser().resolve())
 
 
+def option_overrides(data: str | None = None, time_budget: float | None = None, device: str | None = None,
+                     seed: int | None = None) -> list[str]:
+    """The command-line options that stand for config keys (--data, --time-budget, --device, --seed), as
+    --set flags; an option not given adds none."""
+    flags = [] if data is None else [f"data.path={absolute_data_path(data)}"]
+    for key, value in (("time_budget", time_budget), ("device", device), ("seed", seed)):
+        if value is not None:
+            flags.append(f"train.{key}={value}")
+    return flags
+
+
 def shipped_configs() -> list[str]:
     return sorted(p.stem for p in bundled_dir("configs").glob("*.yaml"))
 

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.bench import Target, resolve_target
 from minigpt_cli.config import UserError
 from minigpt_cli.device import shapes_only
 from minigpt_cli.model import (GPT, MLP, Block, CausalSelfAttention, Norm, ShortConv, attention_probs,
                                count_parameters, flops_per_token, kv_bytes_per_token, visible_keys)
 from minigpt_cli.scoring import bits_per_char
+from minigpt_cli.targets import Target, resolve_target
 
 # GPT-2's byte-pair vocabulary (Radford et al. 2019): the size its published parameter counts include.
 GPT2_VOCAB_SIZE = 50257
@@ -185,10 +185,26 @@ def counted_flops(model: GPT, seq_len: int) -> dict[str, float] | None:
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def _position_and_conv_shapes(model: GPT) -> list[tuple]:
+    """(name, shape, symbols, note) of the position encoding's tensor and the short convolutions' weights."""
+    c = model.config
+    T, C = c.block_size, c.n_embd
+    if model.wpe is not None:
+        rows = [("position embeddings wpe", (T, C), "(T, C)", "added to every row")]
+    elif c.pos_encoding == "rope":
+        rows = [("rotary cos/sin tables", (T, c.head_dim), "(T, head_dim)", "rotate q and k")]
+    else:
+        rows = [("sinusoidal position table", (T, C), "(T, C)", "added to every row")]
+    if c.short_conv:
+        rows.append(("short convolution weights (2 per layer)", (C, 1, c.short_conv), "(C, 1, k)",
+                     "each channel mixes its last k values, before attention and before the MLP"))
+    return rows
+
+
 def batch_shapes(model: GPT, batch_size: int) -> list[dict[str, Any]]:
     """The shapes a training batch and a decoding step take, read from forward hooks on the meta model."""
     c = model.config
-    B, T, C, V, H, D = batch_size, c.block_size, c.n_embd, model.vocab_size, c.n_head, c.head_dim
+    B, T, V, H, D = batch_size, c.block_size, model.vocab_size, c.n_head, c.head_dim
     seen: dict[str, tuple[int, ...]] = {}
     hooks = []
 
@@ -211,15 +227,8 @@ def batch_shapes(model: GPT, batch_size: int) -> list[dict[str, Any]]:
         logits = model(idx)
         add("training", "idx (token ids)", idx.shape, "(B, T)")
         add("training", "token embeddings wte(idx)", seen["embeddings"], "(B, T, C)")
-        if model.wpe is not None:
-            add("training", "position embeddings wpe", (T, C), "(T, C)", "added to every row")
-        elif c.pos_encoding == "rope":
-            add("training", "rotary cos/sin tables", (T, D), "(T, head_dim)", "rotate q and k")
-        else:
-            add("training", "sinusoidal position table", (T, C), "(T, C)", "added to every row")
-        if c.short_conv:
-            add("training", "short convolution weights (2 per layer)", (C, 1, c.short_conv), "(C, 1, k)",
-                "each channel mixes its last k values, before attention and before the MLP")
+        for row in _position_and_conv_shapes(model):
+            add("training", *row)
         add("training", "q, k, v (each, per layer)", (B, H, T, D), "(B, n_head, T, head_dim)",
             f"from c_attn's {tuple(seen['qkv'])}")
         add("training", "attention weights softmax(QK^T/sqrt(d))", (B, H, T, T), "(B, n_head, T, T)",

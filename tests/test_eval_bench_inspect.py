@@ -84,7 +84,7 @@ def test_eval_of_a_long_text_scores_a_stated_fixed_sample_unless_told_to_score_a
 
 
 def test_eval_reports_progress_and_ctrl_c_exits_130_with_one_line(tiny, monkeypatch: pytest.MonkeyPatch):
-    from minigpt_cli import cli
+    from minigpt_cli import views
     from minigpt_cli.evaluate import EvalRequest, evaluate
 
     seen = []
@@ -95,7 +95,7 @@ def test_eval_reports_progress_and_ctrl_c_exits_130_with_one_line(tiny, monkeypa
     def interrupt(self, progress) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.ProgressView, "__call__", interrupt)
+    monkeypatch.setattr(views.ProgressView, "__call__", interrupt)
     got = invoke("eval", tiny["run"])
     assert got.exit_code == 130 and got.error_lines == ["interrupted"] and not got.stdout
 
@@ -370,7 +370,8 @@ def test_bench_json_on_a_run(tiny):
 def test_bench_leaves_the_random_state_as_it_was():
     import torch
 
-    from minigpt_cli.bench import BenchOptions, bench, resolve_target
+    from minigpt_cli.bench import BenchOptions, bench
+    from minigpt_cli.targets import resolve_target
 
     torch.manual_seed(7)
     expected = torch.rand(4)
@@ -403,7 +404,8 @@ def test_bench_errors_exit_2(tiny):
 
 
 def test_bench_samples_in_the_precision_sample_would_use():
-    from minigpt_cli.bench import BenchOptions, bench, resolve_target
+    from minigpt_cli.bench import BenchOptions, bench
+    from minigpt_cli.targets import resolve_target
 
     target = resolve_target("tiny", ["model.block_size=16"])
     floors = {}
@@ -472,7 +474,7 @@ GPT2_OWN_COUNTS = {"gpt2_small": 124_439_808, "gpt2_medium": 354_823_168, "gpt2_
 
 
 def test_vocab_size_option_reproduces_gpt2s_own_parameter_counts():
-    from minigpt_cli.bench import resolve_target
+    from minigpt_cli.targets import resolve_target
     from minigpt_cli.inspection import GPT2_VOCAB_SIZE, meta_model, parameter_counts
 
     for name, count in GPT2_OWN_COUNTS.items():

@@ -1,0 +1,161 @@
+"""minigpt compare: existing runs side by side, or train variants of a config (--vary) and compare them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, List, Optional
+
+import typer
+
+from minigpt_cli.config import UserError
+from minigpt_cli.options import Device, JsonOut, Overrides, Plot, Quiet, Seed, TimeBudget
+from minigpt_cli.output import EXIT_INTERRUPTED, count, emit_json, err, loss, out
+from minigpt_cli.views import Starting, TrainView
+
+EXAMPLES = ("Examples:\n\n  minigpt compare runs/a runs/b\n\n"
+            "  minigpt compare tiny --vary model.pos_encoding=learned,sinusoidal,rope --time-budget 30\n\n"
+            "  minigpt compare tiny --vary model.norm_placement=pre,post --set train.max_iters=200 --json")
+CURVE_MARKS = "o*+x#@%&"
+
+
+def compare(
+    targets: Annotated[List[str], typer.Argument(
+        metavar="RUN RUN... | CONFIG", help="Two or more run directories; or one config (path or shipped name) "
+                                            "with --vary.")],
+    vary: Annotated[List[str], typer.Option(
+        "--vary", help="Train one run per value: KEY=V1,V2 (repeatable: every combination).")] = [],
+    set_: Overrides = [],
+    time_budget: TimeBudget = None,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="Text for every variant (default: the config's).")] = None,
+    device: Device = None,
+    seed: Seed = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder the variants' runs go in.")] = Path("runs"),
+    plot: Plot = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Compare runs side by side, or train variants of a config (--vary) and compare them."""
+    from minigpt_cli import runs as runs_lib
+    from minigpt_cli.config import option_overrides
+
+    starting = Starting(quiet, "loading")
+    interrupted = False
+    try:
+        if vary:
+            if len(targets) != 1:
+                raise UserError("--vary trains variants of one CONFIG; give one config, not "
+                                f"{len(targets)} arguments")
+            flags = [*set_, *option_overrides(data, time_budget, device, seed)]
+            if any(f.startswith("data.path=-") for f in flags):
+                raise UserError("compare trains several runs on the same text, so it cannot read it from stdin; "
+                                "give --data PATH")
+            variants = runs_lib.plan_variants(targets[0], vary, flags)
+            starting.done()
+            result = _train_variants(variants, out_dir, quiet)
+            interrupted = any(v["state"] == "interrupted" for v in result["variants"])
+        else:
+            if set_ or time_budget is not None or data is not None or seed is not None or device is not None:
+                raise UserError("--set, --time-budget, --data, --seed and --device shape the runs --vary trains; "
+                                "comparing existing runs takes none of them")
+            result = runs_lib.compare_runs([Path(t) for t in targets])
+    finally:
+        starting.done()
+    _show(result, plot, json_out, interrupted)
+
+
+def _show(result: dict, plot: Optional[Path], json_out: bool, interrupted: bool) -> None:
+    """The plot if asked, then JSON or the table; after a Ctrl-C, what finished and exit code 130."""
+    if plot is not None:
+        from minigpt_cli.inspection import plot_curves
+
+        curves = {r["label"]: r["val_curve"] for r in result["runs"]}
+        result["plot"] = str(plot_curves(curves, plot, "validation loss"))
+        err.print(f"wrote {result['plot']}", markup=False)
+    result["interrupted"] = interrupted
+    if json_out:
+        emit_json(result)
+    else:
+        _render(result)
+    if interrupted:
+        done = sum(v["state"] == "finished" for v in result["variants"])
+        err.print(f"stopped by Ctrl-C: {done} of {len(result['variants'])} variants finished", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _train_variants(variants: List[Any], base: Path, quiet: bool) -> dict:
+    from minigpt_cli import runs as runs_lib
+    from minigpt_cli.trainer import train as run_training
+
+    first = variants[0].config.train
+    budget = f"{first.time_budget:g}s each" if first.time_budget else f"{first.max_iters:,} steps each"
+    if not quiet:
+        err.print(f"compare: {len(variants)} variants of {variants[0].config.name} ({budget}, seed {first.seed}, "
+                  f"same data): " + "; ".join(v.label for v in variants), markup=False)
+
+    def run(variant: Any, run_dir: Path) -> None:
+        index = variants.index(variant) + 1
+        if not quiet:
+            err.print(f"\n[bold]variant {index}/{len(variants)}[/]: {variant.label} -> {run_dir}")
+        view = TrainView(quiet)
+        try:
+            run_training(variant.config, run_dir, callback=view)
+        finally:
+            view.close()
+
+    for variant in runs_lib.train_variants(variants, base, run):
+        if variant.state == "failed":
+            err.print(f"variant {variant.label} failed: {variant.error}", markup=False)
+    return runs_lib.compare_variants(variants)
+
+
+def _render(result: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from minigpt_cli.inspection import text_chart
+
+    rows = result["runs"]
+    if not rows:
+        out.print("no run finished a checkpoint: nothing to compare")
+        return
+    table = Table(title="runs side by side", title_justify="left", title_style="bold")
+    table.add_column("")
+    for r in rows:
+        table.add_column(escape(r["label"]), justify="right", overflow="fold")
+    for key in result["differences"]:
+        section, name = key.split(".", 1)
+        table.add_row(escape(key), *[escape(str(r["config_values"][section].get(name, "-")) or "(none)") for r in rows])
+    if result["differences"]:
+        table.add_section()
+    for name, cell in _ROWS:
+        table.add_row(name, *[cell(r) for r in rows])
+    out.print(table)
+    if not result["differences"]:
+        out.print("(the runs' configs are the same)")
+    marks = {r["label"]: CURVE_MARKS[i % len(CURVE_MARKS)] for i, r in enumerate(rows)}
+    out.print("[bold]validation loss against step[/]")
+    for line in text_chart({r["label"]: r["val_curve"] for r in rows}, marks=marks):
+        out.print(line, markup=False, highlight=False)
+
+
+def _escaped(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+# The rows every comparison shows, after the config keys that differ: (name, cell of one run).
+_ROWS = (
+    ("parameters", lambda r: count(r["params"]) if r["params"] is not None else "-"),
+    ("tokens/s", lambda r: f"{r['tokens_per_sec']:,.0f}" if r["tokens_per_sec"] else "-"),
+    ("steps", lambda r: f"{r['steps']:,}" if r["steps"] is not None else "-"),
+    ("best val loss", lambda r: f"{loss(r['best_val_loss'])} ({r['best_measure']})"
+        if r["best_val_loss"] is not None else "-"),
+    ("final val loss", lambda r: f"{loss(r['final_val_loss'])} ({r['final_measure']})"
+        if r["final_val_loss"] is not None else "-"),
+    ("bits per char", lambda r: f"{r['final_val_bpc']:.3f}" if r["final_val_bpc"] is not None else "-"),
+    ("wall time", lambda r: f"{r['wall_seconds']:.1f}s" if r["wall_seconds"] is not None else "-"),
+    ("state", lambda r: _escaped(r["state"])),
+    ("run", lambda r: _escaped(r["path"])),
+)

@@ -1,0 +1,275 @@
+"""minigpt inspect: what a run or config is made of (modules, parameters, FLOPs, cache, shapes,
+training record), or with --attention a run's attention maps over a text."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Callable, List, Optional
+
+import typer
+
+from minigpt_cli.config import UserError
+from minigpt_cli.options import JsonOut, Overrides, Plot, Target, VocabSize
+from minigpt_cli.output import count, emit_json, err, key_value_table, mib, out, titled_table, vocab_source
+from minigpt_cli.views import Starting
+
+EXAMPLES = ("Examples:\n\n  minigpt inspect\n\n  minigpt inspect gpt2_small\n\n"
+            "  minigpt inspect runs/default-20261124-101500 --plot losses.png")
+
+
+def inspect(
+    target: Target = None,
+    attention_text: Annotated[Optional[str], typer.Option(
+        "--attention", help="Show each layer's and head's attention weights over this text (at most block_size "
+                            "characters) as a heat map; needs a run.")] = None,
+    plot: Plot = None,
+    set_: Overrides = [],
+    vocab_size: VocabSize = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Show what a run or config is made of: modules, parameters, FLOPs, cache, shapes, training record."""
+    starting = Starting(False)
+    try:
+        from minigpt_cli.inspection import inspect as run_inspect
+        from minigpt_cli.inspection import plot_curves
+
+        if attention_text is None:
+            result = run_inspect(target, set_, vocab_size)
+    finally:
+        starting.done()
+    if attention_text is not None:
+        _inspect_attention(target, attention_text, plot, set_, vocab_size, json_out)
+        return
+    if plot is not None and "run" not in result:
+        raise UserError("--plot draws a run's loss curves; a config has none (pass a run directory)")
+    _show_inspection(result, plot, lambda path: plot_curves(result["run"]["curves"], path, result["target"]["name"]),
+                     json_out, _render_inspect)
+
+
+def _tree(node: dict) -> Any:
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    def label(n: dict) -> str:
+        name = n["name"] if n["repeat"] == 1 else f"{n['name']} (x{n['repeat']})"
+        name = name if n["name"] == n["type"] else f"{name}: {n['type']}"
+        detail = f"  {n['detail']}" if n["detail"] else ""
+        tied = f"  [tied: {', '.join(n['tied_to'])}]" if n.get("tied_to") else ""
+        params = f"{n['params']:,} params" + (" each" if n["repeat"] > 1 else "")
+        order = f"\n{n['order']}" if n.get("order") else ""  # a block's order of operations, on its own line
+        return escape(f"{name}{detail}  [{params}]{tied}{order}")
+
+    def grow(branch: Any, n: dict) -> None:
+        for child in n["children"]:
+            grow(branch.add(label(child), highlight=False), child)
+
+    root = Tree(label(node), highlight=False)
+    grow(root, node)
+    return root
+
+
+def _vocab_comparison(params: dict, target: dict) -> str:
+    """Which parameter count is which: this vocabulary's, and GPT-2's 50,257-token one."""
+    from minigpt_cli.inspection import GPT2_VOCAB_SIZE
+
+    total, V, gpt2 = params["total"], params["vocab_size"], params["at_gpt2_vocab"]
+    if V == GPT2_VOCAB_SIZE:
+        return (f"{count(total)} parameters with GPT-2's own vocabulary of {V:,} BPE tokens "
+                f"(what GPT-2's own sizes count: 124M, 355M, 774M, 1.5B)")
+    option = f"--vocab-size {GPT2_VOCAB_SIZE}"
+    how = f"minigpt inspect {target['name']} {option}" if target["kind"] == "config" else option + " on its config"
+    return (f"{count(total)} parameters with this vocabulary of {V:,} characters; the same blocks with GPT-2's "
+            f"own vocabulary of {GPT2_VOCAB_SIZE:,} BPE tokens would have {count(gpt2)} ({how})")
+
+
+def _render_inspect(result: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    params = result["params"]
+    target = result["target"]
+    config = f"config {escape(target['config'])}, " if target["kind"] == "run" else ""
+    out.print(f"[bold]{target['kind']}[/] {escape(target['name'])} ({config}vocabulary {target['vocab_size']}: "
+              f"{escape(vocab_source(target))})")
+    out.print(_tree(params["tree"]))
+    table = Table(title="parameters", title_justify="left", title_style="bold")
+    table.add_column("module")
+    table.add_column("parameters", justify="right")
+    for name, n in params["by_module"].items():
+        table.add_row(name, f"{n:,}")
+    table.add_row("[bold]total[/]", f"[bold]{params['total']:,}[/]")
+    out.print(table)
+    out.print(f"embeddings {params['embedding']:,}, everything else {params['non_embedding']:,}; "
+              f"{params['per_layer']:,} per layer; float32 weights {mib(result['weights_bytes'])}"
+              + ("; lm_head shares wte's weight" if params["tied_weights"] else ""), markup=False)
+    out.print(_vocab_comparison(params, target), markup=False)
+    _render_costs(result)
+    _render_shapes(result)
+    if result.get("run"):
+        _render_run(result["run"])
+
+
+def _render_costs(result: dict) -> None:
+    """FLOPs per token and the KV cache's size."""
+    flops, kv = result["flops_per_token"], result["kv_cache"]
+    counted = flops.get("counted")
+    config_has_conv = bool(result["config"]["model"].get("short_conv"))
+    rows = [
+        ("N (matmul weights)", f"{flops['matmul_params']:,} (attention, MLP and lm_head; not the embeddings)"),
+        ("forward", f"{count(flops['forward'])}FLOP per token = 2N + {count(flops['attention_forward'])} "
+                    f"attention at T = {flops['seq_len']} (causal: 2 x n_layer x T x n_embd)"
+                    + (f" + {count(flops['short_conv_forward'])} short convolutions"
+                       if flops.get("short_conv_forward") else "")),
+        ("training", f"{count(flops['train'])}FLOP per token (3 x forward: backward costs twice the forward)"),
+        ("full attention", f"{count(flops['forward_full_attention'])} forward, {count(flops['train_full_attention'])} "
+                           f"training (the masked half computed too, as kernels often do)"),
+    ]
+    if counted:
+        rows.append(("torch's FLOP counter", f"{count(counted['forward'])} forward, {count(counted['train'])} "
+                                             f"training per token (counts full attention)"))
+    out.print(key_value_table("FLOPs per token", rows))
+    out.print(key_value_table("KV cache", [
+        ("per token", f"{kv['bytes_per_token']:,} bytes: keys and values of every layer"
+                      + (" and its sublayers' inputs (for the short convolutions)" if config_has_conv else "")
+                      + ", in float32 at "
+                      f"every sampling --dtype ({kv['bytes_per_token_bf16']:,} if they were bfloat16)"),
+        ("per sequence at block_size", f"{mib(kv['bytes_at_block_size'])} ({kv['block_size']} positions)"),
+    ]))
+
+
+def _render_shapes(result: dict) -> None:
+    """The tensors of a training batch and of one decoding step."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    config = result["config"]
+    for stage, title in (("training", f"shapes of a training batch (B = {config['train']['batch_size']}, "
+                                      f"T = block_size = {config['model']['block_size']})"),
+                         ("decoding", "shapes of one decoding step (KV cache full but one position)")):
+        table = Table(title=title, title_justify="left", title_style="bold")
+        table.add_column("tensor", overflow="fold", min_width=30)
+        table.add_column("shape", no_wrap=True)
+        table.add_column("as", overflow="fold")
+        for row in result["shapes"]:
+            if row["stage"] == stage:
+                note = f" [dim]({escape(row['note'])})[/]" if row["note"] else ""
+                table.add_row(escape(row["name"]) + note, "(" + ", ".join(map(str, row["shape"])) + ")",
+                              escape(row["symbols"]))
+        out.print(table)
+
+
+def _render_run(run: dict) -> None:
+    """A run's training record and its loss curves."""
+    from rich.markup import escape
+
+    from minigpt_cli.inspection import text_chart
+
+    best = (f"{run['best_val_loss']:.4f} ({run['best_val_bpc']:.3f} bits per character)"
+            if run["best_val_loss"] is not None else "-")
+    out.print(key_value_table("training record", [
+        ("vocabulary", escape(f"{run['vocab']['size']} characters: {run['vocab']['chars']}")),
+        ("steps", f"{run['steps']:,}"),
+        ("tokens seen", f"{run['tokens_seen']:,}"),
+        ("wall time", f"{run['wall_seconds']:.1f}s"),
+        ("device", escape(f"{run['device']}, {run['precision']}, torch {run['torch_version']}")),
+        ("best val loss", best),
+        ("data fingerprint", f"{run['data_fingerprint']}"),
+        ("checkpoint", escape(run["checkpoint"])),
+        *_parent_rows(run.get("parent")),
+    ]))
+    out.print("[bold]loss against step[/]")
+    for line in text_chart(run["curves"]):
+        out.print(line, markup=False, highlight=False)
+
+
+def _parent_rows(parent: Optional[dict]) -> List[tuple]:
+    from rich.markup import escape
+
+    if not parent:
+        return []
+    added = parent.get("added_chars") or ""
+    grown = f"; added to its vocabulary: {escape(repr(added))}" if added else ""
+    return [("started from", escape(f"{parent.get('run')} (step {parent.get('step')}, "
+                                    f"{parent.get('checkpoint')})") + grown)]
+
+
+def _show_inspection(result: dict, plot: Optional[Path], draw: Callable[[Path], Path], json_out: bool,
+                     render: Callable[[dict], None]) -> None:
+    """With --plot, draw(plot) writes the image; then one JSON object or the rendered view."""
+    if plot is not None:
+        written = draw(plot)
+        result["plot"] = str(written)
+        err.print(f"wrote {written}", markup=False)
+    if json_out:
+        emit_json(result)
+        return
+    render(result)
+
+
+def _inspect_attention(target: Optional[str], text: str, plot: Optional[Path], overrides: List[str],
+                       vocab_size: Optional[int], json_out: bool) -> None:
+    from minigpt_cli.inspection import attention, plot_attention
+
+    if overrides or vocab_size is not None:
+        raise UserError("--attention reads a trained run's weights; --set and --vocab-size change a CONFIG")
+    result = attention(target, text)
+    _show_inspection(result, plot, lambda path: plot_attention(result, path), json_out, _render_attention)
+
+
+# Heat-map cells: a shade for the weight (readable without colour) and a colour from dark blue to yellow.
+_SHADES = (("·", 0.05), ("░", 0.25), ("▒", 0.5), ("▓", 0.75), ("█", math.inf))  # glyph, weights below
+
+
+def _heat_cell(weight: float) -> Any:
+    from rich.color import Color
+    from rich.style import Style
+
+    w = min(max(weight, 0.0), 1.0)
+    glyph = next(g for g, below in _SHADES if w < below)
+    colour = Color.from_rgb(int(40 + 215 * w), int(40 + 190 * w ** 0.5), int(120 * (1 - w)))
+    return glyph, Style(color=colour)
+
+
+def _attention_map(head: dict, chars: List[str]) -> Any:
+    """One head as characters: a row per position attending, a column per position read."""
+    from rich.text import Text
+
+    text = Text()
+    text.append(f"head {head['head']}\n", style="bold")
+    text.append("  " + "".join(chars) + "\n", style="dim")
+    for i, row in enumerate(head["weights"]):
+        text.append(f"{chars[i]} ", style="dim")
+        for weight in row:
+            glyph, style = _heat_cell(weight)
+            text.append(glyph, style=style)
+        text.append(" " * (len(chars) - len(row)) + "\n")
+    return text
+
+
+def _render_attention(result: dict) -> None:
+    from rich.columns import Columns
+    from rich.markup import escape
+
+    from minigpt_cli.inspection import visible_char
+
+    chars = [visible_char(c) for c in result["chars"]]
+    out.print(f"[bold]attention[/] of {escape(result['target']['name'])} (step {result['step']:,}) over "
+              f"{len(chars)} characters: {escape(''.join(chars))}")
+    out.print("softmax(QK^T/sqrt(head_dim)) of every layer and head: row = the character attending, columns = the "
+              "characters up to it (the causal mask hides the rest); weight · under 0.05, ░ under 0.25, ▒ under 0.5, "
+              "▓ under 0.75, █ 0.75 to 1", markup=False)
+    for layer in result["layers"]:
+        out.print(f"\n[bold]layer {layer['layer']}[/]")
+        out.print(Columns([_attention_map(head, chars) for head in layer["heads"]], padding=(0, 3)))
+    table = titled_table("where each head looks: its mean weight on the character itself, the previous one and the "
+                         "first one, and its mean largest weight (over positions 1..T-1)",
+                         ["layer", "head", "itself", "previous", "first", "largest"])
+    for layer in result["layers"]:
+        for head in layer["heads"]:
+            cells = [head[k] for k in ("to_self", "to_previous", "to_first", "max")]
+            table.add_row(str(layer["layer"]), str(head["head"]), *("-" if v is None else f"{v:.2f}" for v in cells))
+    out.print()
+    out.print(table)
+
+

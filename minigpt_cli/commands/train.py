@@ -1,0 +1,151 @@
+"""minigpt train: plan the run, train it with a live view, render the summary."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from minigpt_cli.clock import process_started_at
+from minigpt_cli.options import Device, JsonOut, Overrides, Quiet, Seed, TimeBudget
+from minigpt_cli.output import EXIT_FAILURE, emit_json, err, fail, out
+from minigpt_cli.views import Starting, TrainView
+
+EXAMPLES = ("Examples:\n\n  minigpt train\n\n  minigpt train shakespeare_char --device cuda\n\n"
+            "  minigpt train --data my.txt --set model.n_layer=2 --time-budget 60")
+
+
+def train(
+    config: Annotated[Optional[str], typer.Argument(
+        help="YAML path or shipped config name (default: default, or shakespeare_char on a CUDA GPU).",
+        show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="Text file, folder of .txt files, or - for stdin (default: the bundled tiny "
+                       "Shakespeare).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", help="Run directory (default: runs/<config>-<date>-<time>).")] = None,
+    set_: Overrides = [],
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in --out (default: newest under ./runs) from its latest "
+                         "checkpoint.")] = False,
+    time_budget: TimeBudget = None,
+    device: Device = None,
+    seed: Seed = None,
+    deterministic: Annotated[bool, typer.Option(
+        "--deterministic", help="Use PyTorch's deterministic algorithms (matters on CUDA).")] = False,
+    init_from: Annotated[Optional[Path], typer.Option(
+        "--init-from", help="Start from the weights of this run (its best checkpoint), with a fresh "
+                            "optimizer and schedule.")] = None,
+    extend_vocab: Annotated[bool, typer.Option(
+        "--extend-vocab", help="With --init-from: give characters the run's vocabulary lacks new embedding "
+                               "and output rows (else refused).")] = False,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train a model on text and save checkpoints in a run directory."""
+    starting = Starting(quiet)
+    try:
+        from minigpt_cli.trainer import plan_training
+
+        plan = plan_training(config, resume, out_dir, set_, data, time_budget, device, seed, deterministic, init_from,
+                             extend_vocab)
+    except BaseException:
+        starting.done()
+        raise
+    from minigpt_cli.device import detect_distributed
+
+    is_main = detect_distributed().is_main
+    view = TrainView(quiet or not is_main, starting)
+    if plan.note and not quiet and is_main:
+        err.print(f"using {plan.note}", markup=False)
+    result = _run(plan, resume, view, is_main, json_out)
+    if not is_main:
+        return
+    summary = {**result.to_dict(), "config": plan.config.name}
+    if result.vocab_size:
+        summary["uniform_loss"] = uniform_baseline(result.vocab_size)[0]
+    if json_out:
+        emit_json(summary)
+        return
+    _render(result, plan.config)
+    if not quiet:
+        if result.stopped != "stop_after":
+            err.print(f"next: minigpt sample {result.run_dir} --prompt \"ROMEO:\"", markup=False)
+        else:
+            err.print(f"next: minigpt train --resume --out {result.run_dir}", markup=False)
+
+
+def _run(plan: Any, resume: bool, view: TrainView, is_main: bool, json_out: bool) -> Any:
+    """Train; a signal saves and exits 128 + its number, a failure to go on exits 1 with one line."""
+    from minigpt_cli.checkpoint import CheckpointWriteError, remove_unused_run_dir
+    from minigpt_cli.trainer import NonFiniteLoss, TrainingStopped
+    from minigpt_cli.trainer import train as run_training
+
+    cfg, run_dir = plan.config, plan.run_dir
+    try:
+        return run_training(cfg, run_dir, resume=resume, callback=view, started_at=process_started_at())
+    except TrainingStopped as stop:
+        view.close()
+        if is_main:
+            err.print(f"{stop}; checkpoint saved in {run_dir} (continue with: minigpt train --resume --out {run_dir})",
+                      markup=False)
+            if json_out:
+                emit_json({**stop.result.to_dict(), "config": cfg.name})
+        raise typer.Exit(128 + stop.signum)
+    except (NonFiniteLoss, CheckpointWriteError) as exc:
+        view.close()
+        fail(str(exc), EXIT_FAILURE)
+    finally:
+        view.close()
+        if plan.created:
+            remove_unused_run_dir(run_dir)  # claimed for a run that failed before writing anything
+
+
+def uniform_baseline(vocab_size: int) -> tuple[float, float]:
+    """The loss of a model that knows nothing, in nats and in bits per character: ln(V), log2(V)."""
+    return math.log(vocab_size), math.log2(vocab_size)
+
+
+def _render(result: Any, cfg: Any) -> None:
+    from minigpt_cli.scoring import bits_per_char
+
+    finished = result.stopped != "stop_after"
+    measure = "whole validation split" if cfg.train.eval_full else f"{cfg.train.eval_iters} sampled batches"
+    rows = []
+    if math.isfinite(result.best_val_loss):
+        rows.append(("best val loss", f"{result.best_val_loss:.4f}  ({bits_per_char(result.best_val_loss):.3f} "
+                                      f"bits/char, {measure})"))
+    else:
+        rows.append(("best val loss", "-  (no periodic evaluation ran: the best checkpoint is the final one)"
+                     if math.isfinite(result.final_val_loss) else "-  (no evaluation yet)"))
+    if math.isfinite(result.final_val_loss):
+        scope = (f"whole validation split, {result.val_tokens_scored:,} characters"
+                 if result.val_tokens_scored >= result.val_chars - 1 else
+                 f"{result.val_tokens_scored:,} characters sampled of {result.val_chars:,}")
+        rows.append(("final val loss", f"{result.final_val_loss:.4f}  ({scope})"))
+    if result.vocab_size:
+        nats, bits = uniform_baseline(result.vocab_size)
+        rows.append(("uniform baseline", f"{nats:.4f}  ({bits:.3f} bits/char: ln({result.vocab_size}), a model "
+                                         f"that knows nothing)"))
+    rows += [
+        ("steps", f"{result.steps:,}  (stopped: {result.stopped.replace('_', ' ')})"),
+        ("tokens seen", f"{result.tokens:,}"),
+        ("wall time", f"{result.wall_seconds:.1f}s  (evaluation {result.eval_seconds:.1f}s)"),
+        ("model", f"{result.n_params / 1e6:.2f}M parameters, {result.device}, {result.precision}"),
+        ("run directory", result.run_dir),
+    ]
+    out.print(_summary_table("training finished" if finished else "training paused (train.stop_after)", rows))
+
+
+def _summary_table(title: str, rows: list) -> Any:
+    """The training summary's own look: a centred title, keys in bold."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
