@@ -496,10 +496,11 @@ class Trainer:
         while state.step < t.max_iters:
             if self.budget is not None and self._out_of_time():
                 return "time_budget"
-            time_share = self.budget.progress() if self.budget is not None else None
-            lr = set_lr(self.optimizers, lr_factor(t, state.step, self._progress(state.step), time_share))
+            # Every rank reads its own clock: one agreed share, or ranks apply different rates and drift apart.
+            time_share = self._agree([self.budget.progress()])[0] if self.budget is not None else None
+            lr = set_lr(self.optimizers, lr_factor(t, state.step, self._progress(state.step, time_share), time_share))
             step_began = self.clock()
-            short = self._short_windows(state.step)
+            short = self._short_windows(state.step, time_share)
             loss = self._train_step(state.step, short)
             if self.budget is not None:
                 self.budget.step_done(self.clock() - step_began)
@@ -544,25 +545,19 @@ class Trainer:
         t, m = self.config.train, self.config.model
         return (m.block_size // 2, 2 * t.batch_size) if short else (m.block_size, t.batch_size)
 
-    def _short_windows(self, step: int) -> bool:
+    def _short_windows(self, step: int, time_share: float | None) -> bool:
         """Whether this step still reads the short windows of train.short_windows."""
         t = self.config.train
         if not t.short_windows:
             return False
         share = step / max(1, t.max_iters)
-        if self.budget is not None:
-            share = max(share, self.budget.progress())
-            if self.dist.enabled:  # each rank's clock: agree, so that every rank reads the same length
-                share = self._agree([share])[0]
-        return share < t.short_windows
+        return max(share, time_share or 0.0) < t.short_windows
 
-    def _progress(self, step: int) -> float:
+    def _progress(self, step: int, time_share: float | None) -> float:
         t = self.config.train
         by_steps = (step - t.warmup_iters) / max(1, t.max_iters - t.warmup_iters)
-        if self.budget is None:
-            return by_steps
         # Decay ends when the training time does: the budget less the final evaluation and saves.
-        return max(by_steps, self.budget.progress())
+        return by_steps if time_share is None else max(by_steps, time_share)
 
     def _out_of_time(self) -> bool:
         assert self.budget is not None
@@ -795,8 +790,9 @@ class Trainer:
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise NonFiniteLoss(self.state.step, self.run_dir)
         began = self.clock()
+        rng = self._rng_states()  # every rank's: a collective, so before the main rank's save
         if self.dist.is_main:
-            tensors, plain = self._train_state()
+            tensors, plain = self._train_state(rng)
             meta = dict(step=self.state.step, tokens=self.state.tokens, best_val_loss=self.state.best_val,
                         val_loss=val_loss, data_fingerprint=self.state.fingerprint, device=str(self.device),
                         precision=self.precision.name, train_seconds=self.state.prior_seconds + self._elapsed(),
@@ -816,10 +812,43 @@ class Trainer:
         if self.budget is not None:
             self.budget.saved(self.clock() - began)
 
-    def _train_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"rng.torch": torch.get_rng_state()}
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """Every rank's random states (its dropout masks' streams): rank 0's as rng.torch and rng.cuda,
+        rank r's as rng.torch.r and rng.cuda.r, so that each rank resumes its own stream."""
+        own = {"rng.torch": torch.get_rng_state()}
         if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+            own["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        if not self.dist.enabled:
+            return own
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, own)
+        return {(key if rank == 0 else f"{key}.{rank}"): value
+                for rank, states in enumerate(gathered) for key, value in states.items()}
+
+    def _restore_rng(self, loaded: ckpt.LoadedCheckpoint) -> None:
+        """This rank's own random streams as saved; where the checkpoint lacks them (another world
+        size, or saved before ranks' states were kept), a stream of its own from seed, rank and step."""
+        import numpy as np
+
+        rank, tensors = self.dist.rank, loaded.train_tensors
+        suffix = f".{rank}" if rank else ""
+        same_world = self.dist.world_size == int(loaded.train_state.get("world_size", 1))
+        if same_world and f"rng.torch{suffix}" in tensors:
+            torch.set_rng_state(tensors[f"rng.torch{suffix}"])
+        elif rank:
+            torch.manual_seed(int(np.random.SeedSequence([self.config.train.seed, rank, loaded.step])
+                                  .generate_state(1)[0]))
+        if self.device.type == "cuda":
+            if same_world and f"rng.cuda{suffix}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"], self.device)
+            elif rank:
+                torch.cuda.manual_seed(int(np.random.SeedSequence([self.config.train.seed, rank, loaded.step, 1])
+                                           .generate_state(1)[0]))
+
+    def _train_state(self, rng: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = dict(rng)
         plain: dict[str, Any] = {"world_size": self.dist.world_size, "optimizers": []}
         for i, opt in enumerate(self.optimizers):
             opt_tensors, opt_plain = ckpt.flatten_optimizer(f"optimizer.{i}", opt.state_dict())
@@ -843,10 +872,7 @@ class Trainer:
                 raise UserError(f"cannot resume: optimizer state does not fit ({exc})") from None
             for group, values in zip(opt.param_groups, settings):
                 group.update(values)
-        if "rng.torch" in loaded.train_tensors and self.dist.world_size == int(loaded.train_state.get("world_size", 1)):
-            torch.set_rng_state(loaded.train_tensors["rng.torch"])
-        if "rng.cuda" in loaded.train_tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(loaded.train_tensors["rng.cuda"], self.device)
+        self._restore_rng(loaded)
 
     def _result(self, final_loss: float, scored: int, stopped: str) -> TrainResult:
         wall, model = self._elapsed(), self.model
