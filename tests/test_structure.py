@@ -12,8 +12,8 @@ import minigpt_cli
 PACKAGE = Path(minigpt_cli.__file__).resolve().parent
 
 # DESIGN.md's module table, top to bottom: a module may import only modules before it.
-ORDER = ["config", "progress", "tokenizer", "device", "data", "kv_cache", "model", "optim", "inference", "scoring",
-         "checkpoint", "sampler", "trainer", "evaluate", "bench", "inspection", "runs", "cli", "__main__"]
+ORDER = ["config", "progress", "budget", "tokenizer", "device", "ranks", "data", "kv_cache", "model", "optim",
+         "inference", "scoring", "checkpoint", "sampler", "trainer", "evaluate", "bench", "inspection", "runs", "cli", "__main__"]
 
 
 def package_imports(path: Path) -> set[str]:
