@@ -839,59 +839,91 @@ class TrainPlan:
     created: bool  # the run folder was made now (removed again if the run saves nothing)
 
 
-def plan_training(config_name: str | None, resume: bool, out_dir: Path | None, overrides: Sequence[str] = (),
-                  data: str | None = None, time_budget: float | None = None, device: str | None = None,
-                  seed: int | None = None, deterministic: bool = False, init_from: Path | None = None,
-                  extend_vocab: bool = False) -> TrainPlan:
+@dataclass(frozen=True)
+class TrainOptions:
+    """What `minigpt train` was asked for on its command line."""
+
+    config_name: str | None = None
+    resume: bool = False
+    out_dir: Path | None = None
+    overrides: Sequence[str] = ()  # --set KEY=VALUE
+    data: str | None = None
+    time_budget: float | None = None
+    device: str | None = None
+    seed: int | None = None
+    deterministic: bool = False
+    init_from: Path | None = None
+    extend_vocab: bool = False
+
+
+def option_overrides(data: str | None = None, time_budget: float | None = None, device: str | None = None,
+                     seed: int | None = None) -> list[str]:
+    """The options that stand for config keys (--data, --time-budget, --device, --seed) as KEY=VALUE
+    overrides, applied after --set."""
+    flags = [f"data.path={absolute_data_path(data)}"] if data is not None else []
+    for key, value in (("time_budget", time_budget), ("device", device), ("seed", seed)):
+        if value is not None:
+            flags.append(f"train.{key}={value}")
+    return flags
+
+
+def plan_training(*args: Any, **kwargs: Any) -> TrainPlan:
+    """plan_run with TrainOptions' fields as arguments, for callers not yet passing TrainOptions."""
+    return plan_run(TrainOptions(*args, **kwargs))
+
+
+def plan_run(options: TrainOptions) -> TrainPlan:
     """What `minigpt train` runs: the config (named, the run's own on --resume, the parent's with
     --init-from, or the default for the device), the options given on top of it, the text it reads
     (the run's kept copy on --resume unless other text is given; paths stored absolute), and the run
     folder (claimed new, or proven a run for --resume)."""
-    run_dir = out_dir
-    note = None
-    flags = list(overrides)
-    if init_from is not None:
-        if resume:
+    o = options
+    config, run_dir, note, flags = _base_config(o)
+    data = o.data
+    copy = ckpt.run_text(run_dir) if o.resume else None
+    if copy is not None and data is None and not any(f.strip().startswith("data.path=") for f in flags):
+        data = str(copy)  # the run's own copy of the text it was trained on
+    config = apply_overrides(config, flags + option_overrides(data, o.time_budget, o.device, o.seed))
+    if o.deterministic:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, deterministic=True))
+    created = False
+    if not o.resume:
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, path=absolute_data_path(config.data.path)))
+        # Only the process that writes (rank 0 under torchrun) claims a directory.
+        run_dir, created = ckpt.prepare_run_dir(o.out_dir, config.name, resume=False,
+                                                claim=detect_distributed().is_main)
+    return TrainPlan(config, Path(run_dir), note, created)
+
+
+def _base_config(o: TrainOptions) -> tuple[Config, Path | None, str | None, list[str]]:
+    """The config before the options (and --set overrides, with what --init-from adds to them), the
+    run folder --resume continues, and the note on how a config was chosen when none was named."""
+    run_dir, note, flags = o.out_dir, None, list(o.overrides)
+    if o.init_from is not None:
+        if o.resume:
             raise UserError("--resume continues a run and --init-from starts a new one: use one of them")
         # The parent's config unless one is given; fresh optimizer, schedule and records either way.
-        parent = ckpt.load_checkpoint(init_from, which="best")
-        config = load_config(config_name) if config_name else dataclasses.replace(
+        parent = ckpt.load_checkpoint(o.init_from, which="best")
+        config = load_config(o.config_name) if o.config_name else dataclasses.replace(
             parent.config, train=dataclasses.replace(parent.config.train, stop_after=0))
-        flags += [f"train.init_from={Path(init_from).expanduser().resolve()}", f"train.extend_vocab={extend_vocab}"]
-    elif extend_vocab:
+        flags += [f"train.init_from={Path(o.init_from).expanduser().resolve()}", f"train.extend_vocab={o.extend_vocab}"]
+    elif o.extend_vocab:
         raise UserError("--extend-vocab goes with --init-from RUN (it adds characters to that run's vocabulary)")
-    elif resume:
-        run_dir, _ = ckpt.prepare_run_dir(out_dir, "", resume=True)
-        if config_name is None:
+    elif o.resume:
+        run_dir, _ = ckpt.prepare_run_dir(o.out_dir, "", resume=True)
+        if o.config_name is None:
             config = ckpt.load_checkpoint(run_dir, which="latest").config
             # stop_after pauses one invocation; it is not part of the recipe a plain --resume continues.
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, stop_after=0))
         else:
-            config = load_config(config_name)
+            config = load_config(o.config_name)
     else:
+        config_name = o.config_name
         if config_name is None:
-            config_name, note = default_config_name(device)
+            config_name, note = default_config_name(o.device)
         config = load_config(config_name)
-    copy = ckpt.run_text(run_dir) if resume else None
-    if copy is not None and data is None and not any(f.strip().startswith("data.path=") for f in flags):
-        data = str(copy)  # the run's own copy of the text it was trained on
-    if data is not None:
-        flags.append(f"data.path={absolute_data_path(data)}")
-    for key, value in (("time_budget", time_budget), ("device", device), ("seed", seed)):
-        if value is not None:
-            flags.append(f"train.{key}={value}")
-    config = apply_overrides(config, flags)
-    if deterministic:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, deterministic=True))
-    if not resume:
-        config = dataclasses.replace(config, data=dataclasses.replace(
-            config.data, path=absolute_data_path(config.data.path)))
-    created = False
-    if not resume:
-        # Only the process that writes (rank 0 under torchrun) claims a directory.
-        run_dir, created = ckpt.prepare_run_dir(out_dir, config.name, resume=False,
-                                                claim=detect_distributed().is_main)
-    return TrainPlan(config, Path(run_dir), note, created)
+    return config, run_dir, note, flags
 
 
 def default_config_name(device: str | None) -> tuple[str, str]:
