@@ -59,6 +59,10 @@ def test_two_ranks_match_one_process_with_twice_the_batch(runs):
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+    # Each rank scored its share of the validation split; together, the whole split, as one process does.
+    ra, rb = json.loads(two.stdout.strip().splitlines()[-1]), json.loads(one.stdout.strip().splitlines()[-1])
+    assert ra["val_tokens_scored"] == rb["val_tokens_scored"] == rb["val_chars"] - 1
+    assert ra["final_val_loss"] == pytest.approx(rb["final_val_loss"], rel=1e-4)
 
 
 def test_only_rank_zero_writes_and_prints_one_json_object(runs):
