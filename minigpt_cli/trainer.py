@@ -502,9 +502,11 @@ class Trainer:
             state.tokens += length * batch * t.grad_accum_steps * self.dist.world_size
             step = self.reported_step = state.step = state.step + 1
             log = step % t.log_interval == 0 or step == t.max_iters
-            # The loss is read (a host sync) to be logged, or checked before an evaluation or save;
-            # the steps between run on without waiting for the device.
-            agreed = self.ranks.agree(budget, signals.signum, loss_sum, read_loss=log or self._due(step))
+            # The loss is read (a host sync) to be logged, or checked before an evaluation or save, and
+            # under a time budget, whose step times must include the device's work; otherwise the
+            # steps between run on without waiting for the device.
+            agreed = self.ranks.agree(budget, signals.signum, loss_sum,
+                                      read_loss=log or budget.limited or self._due(step))
             if agreed.loss is not None and not math.isfinite(agreed.loss):
                 raise NonFiniteLoss(step, self.run_dir)
             # log
