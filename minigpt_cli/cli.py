@@ -52,9 +52,9 @@ def handle_errors(fn: Callable) -> Callable:
             detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             fail(f"out of memory ({detail}); try a smaller batch_size, block_size, model or --num-samples",
                  EXIT_FAILURE)
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt as exc:  # Ctrl-C; or the trainer's SecondSignal, which names its signal
+            err.print(str(exc) or "interrupted", markup=False)
+            raise typer.Exit(128 + getattr(exc, "signum", 2))
 
     return wrapper
 

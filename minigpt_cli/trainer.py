@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.config import Config, UserError, absolute_data_path, apply_overrides, load_config
+from minigpt_cli.budget import TimeBudget
+from minigpt_cli.config import Config, UserError, absolute_data_path, apply_overrides, load_config, option_overrides
 from minigpt_cli.data import (Corpus, batch_indices, check_split_lengths, epoch_batch_indices, get_batch, keep_in_run,
                               load_corpus, run_copy, scoring_windows)
 from minigpt_cli.device import Precision, autocast, detect_distributed, resolve_device, runtime
@@ -28,6 +28,7 @@ from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
 from minigpt_cli.optim import build_optimizers, lr_factor, set_lr
 from minigpt_cli.progress import FINAL_EVAL_TASK, Progress
+from minigpt_cli.ranks import Ranks
 from minigpt_cli.scoring import bits_per_char, score_text
 
 # Model keys a resumed run may change: they change training, not the model its weights are.
@@ -89,8 +90,18 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
+class SecondSignal(KeyboardInterrupt):
+    """The same signal twice: stop at once, without finishing the step or saving. The last good
+    checkpoint is whole on disk (every save is a rename into place). A KeyboardInterrupt, so that the
+    CLI ends as on any Ctrl-C; exit with 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped at once by a second {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 class _SignalCatcher:
-    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second exits at once."""
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second stops at once."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -108,11 +119,10 @@ class _SignalCatcher:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        # A repeat of the same signal exits at once: the last good checkpoint is whole on disk,
-        # since every save is a rename into place. A different one (torchrun turns the Ctrl-C it
+        # A repeat of the same signal stops at once (SecondSignal). A different one (torchrun turns the Ctrl-C it
         # received into SIGTERM for its workers) does not cut the save short.
         if self.signum == signum:
-            os._exit(128 + signum)
+            raise SecondSignal(signum)
         first = not self.signum
         self.signum = self.signum or signum
         if first and self.on_first is not None:
@@ -186,7 +196,7 @@ class RunState:
     evaluated_at: int | None = None  # the step of the latest periodic evaluation
     stopped: str | None = None  # why this invocation ended (None while it trains)
     saved_step: int | None = None  # the step of the newest checkpoint on disk (None: none yet)
-    loop_start: tuple[float, int] = (0.0, 0)  # (time.perf_counter(), step) as the loop began
+    loop_first_step: int = 0  # the step this invocation's loop began at
     val_chars: int = 0
     data_kept: str | None = None
     data_seconds: float = 0.0
@@ -201,115 +211,142 @@ class RunState:
         self.prior_seconds = float(meta.get("train_seconds", 0.0))
 
 
-class TimeBudget:
-    """When to stop so that the whole command (start-up, training, final evaluation, saves) ends
-    within train.time_budget seconds of the process's start.
+def load_resume(config: Config, run_dir: Path, world_size: int) -> ckpt.LoadedCheckpoint:
+    """The latest checkpoint of the run --resume continues, refused where the model or the global batch differ."""
+    loaded = ckpt.load_checkpoint(run_dir, which="latest", with_train_state=True)
+    saved = loaded.config.model
+    # Dropout is a training setting (the weights and the function are the same model): it may change.
+    differ = [f"model.{f.name}: run has {getattr(saved, f.name)!r}, config has {getattr(config.model, f.name)!r}"
+              for f in dataclasses.fields(saved)
+              if f.name not in RESUMABLE_MODEL_KEYS and getattr(saved, f.name) != getattr(config.model, f.name)]
+    if differ:
+        raise UserError("cannot resume with a different model; differing keys: " + "; ".join(differ))
+    saved_world = int(loaded.train_state.get("world_size", 1))
+    if saved_world * loaded.config.train.batch_size != world_size * config.train.batch_size:
+        raise UserError(
+            f"cannot resume: the run used {saved_world} process(es) x batch {loaded.config.train.batch_size}, "
+            f"now {world_size} x {config.train.batch_size}; keep world_size * train.batch_size equal"
+        )
+    return loaded
 
-    The next step is estimated from the steady-state rate: the median of recent step times, leaving
-    out the first (allocation, kernel choice and caches make it slow). The final evaluation's cost is
-    measured before the loop on a batch of its own windows; saves are timed as they happen. The first
-    MIN_STEPS steps are taken if they end within GRACE seconds of the budget, so a short budget trains
-    a few steps instead of none; after them, a step starts only if it fits.
-    """
 
-    WARMUP_STEPS = 1
-    MIN_STEPS = 3
-    RECENT = 20
-    # Seconds kept for what follows the final evaluation: the summary and the process's exit.
-    MARGIN = 0.5
-    # The most of the time left at the loop's start that the final evaluation may take: past it, it
-    # scores a fixed sample of the validation windows, so that a short budget still trains.
-    FINAL_EVAL_SHARE = 0.25
-    # Seconds past the budget the first MIN_STEPS may run into: a run that shows something beats
-    # one that ends on time having trained nothing.
-    GRACE = 1.0
+def load_parent(config: Config) -> ckpt.LoadedCheckpoint:
+    """The run named by train.init_from, whose weights a new run starts from."""
+    parent = ckpt.load_checkpoint(Path(config.train.init_from), which="best")
+    saved, now = parent.config.model, config.model
+    # Dropout is applied in training only and changes no weight; every other model key does.
+    differ = [f"model.{f.name}: {parent.run_dir} has {getattr(saved, f.name)!r}, config has "
+              f"{getattr(now, f.name)!r}" for f in dataclasses.fields(saved)
+              if f.name != "dropout" and getattr(saved, f.name) != getattr(now, f.name)]
+    if differ:
+        raise UserError("--init-from needs the same model shape as the run it starts from; differing keys: "
+                        + "; ".join(differ))
+    return parent
 
-    def __init__(self, budget: float, started_at: float, clock: Callable[[], float] = time.perf_counter):
-        self.budget = budget
-        self.deadline = started_at + budget
-        self.clock = clock
-        self.step_seconds: list[float] = []
-        self.final_eval_seconds = 0.0
-        self.eval_fraction = 1.0
-        self.fixed_eval_seconds = 0.0
-        self.save_seconds = 0.0
-        self.loop_began = clock()
 
-    def begin(self, final_eval_seconds: float, save_seconds: float, fixed_eval_seconds: float = 0.0) -> None:
-        """The loop starts now; the whole-split final evaluation, one save, and the evaluation work
-        that cannot be cut (the sampled batches the best checkpoint is chosen by) are expected to cost
-        this much. A whole-split evaluation that would take more than FINAL_EVAL_SHARE of the time left
-        is cut to a sample of its windows that fits (eval_fraction of them)."""
-        self.save_seconds = save_seconds
-        self.fixed_eval_seconds = fixed_eval_seconds
-        self.loop_began = self.clock()
-        available = max(0.0, self.deadline - self.loop_began - 2 * save_seconds - fixed_eval_seconds - self.MARGIN)
-        share = self.FINAL_EVAL_SHARE * available
-        self.eval_fraction = 1.0 if final_eval_seconds <= share else share / final_eval_seconds
-        self.final_eval_seconds = final_eval_seconds * self.eval_fraction
+def parent_corpus(config: Config, parent: ckpt.LoadedCheckpoint,
+                  report: Callable[[Progress], None]) -> tuple[Corpus, list[str]]:
+    """The new text in the parent's vocabulary; with extend_vocab, characters it lacks are added."""
+    try:
+        return load_corpus(config.data.path or None, config.data.val_fraction, parent.tokenizer, progress=report), []
+    except UnknownCharactersError as exc:
+        if not config.train.extend_vocab:
+            raise UserError(
+                f"the text has {len(exc.chars)} character(s) that {parent.run_dir}'s vocabulary lacks: "
+                f"{describe_chars(exc.chars)}; add --extend-vocab to give them new embedding and output "
+                f"rows, or remove them from the text") from None
+        added = exc.chars
+    tokenizer = CharTokenizer([*parent.tokenizer.chars, *added])
+    return load_corpus(config.data.path or None, config.data.val_fraction, tokenizer, progress=report), added
 
-    def keep_for_estimate(self, seconds: float) -> None:
-        """A checkpoint has been measured by the sampled batches: keep time to measure the final one so."""
-        self.fixed_eval_seconds = seconds
 
-    def step_done(self, seconds: float) -> None:
-        self.step_seconds.append(seconds)
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's random states: its dropout masks' streams."""
+    states = {"rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return states
 
-    def saved(self, seconds: float) -> None:
-        self.save_seconds = max(self.save_seconds, seconds)
 
-    def step_estimate(self) -> float:
-        steady = self.step_seconds[self.WARMUP_STEPS:] or self.step_seconds
-        recent = sorted(steady[-self.RECENT:])
-        return recent[len(recent) // 2] if recent else 0.0
+def restore_rng(loaded: ckpt.LoadedCheckpoint, device: torch.device, rank: int, world_size: int, seed: int) -> None:
+    """This rank's own random streams as saved (rank 0's as rng.torch, rank r's as rng.torch.r); where
+    the checkpoint lacks them (another world size, or saved before ranks' states were kept), a stream
+    of the rank's own from seed, rank and step: never another rank's, whose dropout masks it would repeat."""
+    import numpy as np
 
-    def reserve(self) -> float:
-        """Seconds kept back from the deadline: the final evaluation, the saves around it, the exit."""
-        return self.final_eval_seconds + self.fixed_eval_seconds + 2 * self.save_seconds + self.MARGIN
+    tensors, suffix = loaded.train_tensors, f".{rank}" if rank else ""
+    same_world = world_size == int(loaded.train_state.get("world_size", 1))
+    derived = np.random.SeedSequence([seed, rank, loaded.step]).generate_state(2)
+    if same_world and f"rng.torch{suffix}" in tensors:
+        torch.set_rng_state(tensors[f"rng.torch{suffix}"])
+    elif rank:
+        torch.manual_seed(int(derived[0]))
+    if device.type == "cuda":
+        if same_world and f"rng.cuda{suffix}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"], device)
+        elif rank:
+            torch.cuda.manual_seed(int(derived[1]))
 
-    def left(self) -> float:
-        """Seconds left for training (and periodic evaluations) before the reserve."""
-        return self.deadline - self.reserve() - self.clock()
 
-    def out_of_time(self) -> bool:
-        """Whether to stop before the next step."""
-        left = self.left()
-        if len(self.step_seconds) < self.MIN_STEPS:
-            return left + self.GRACE < self.step_estimate()
-        return left < self.step_estimate()
+def restore_optimizers(optimizers: Sequence[torch.optim.Optimizer], loaded: ckpt.LoadedCheckpoint,
+                       optimizer_name: str) -> None:
+    plain = loaded.train_state.get("optimizers", [])
+    if len(plain) != len(optimizers):
+        raise UserError(f"cannot resume: the checkpoint has {len(plain)} optimizer state(s) but train.optimizer "
+                        f"'{optimizer_name}' needs {len(optimizers)}")
+    for i, opt in enumerate(optimizers):
+        saved = ckpt.unflatten_optimizer(f"optimizer.{i}", loaded.train_tensors, plain[i])
+        # load_state_dict also restores the saved hyper-parameters; the config given now wins.
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        try:
+            opt.load_state_dict(saved)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(f"cannot resume: optimizer state does not fit ({exc})") from None
+        for group, values in zip(opt.param_groups, settings):
+            group.update(values)
 
-    def allows(self, seconds: float) -> bool:
-        """Whether work of this many seconds (a periodic evaluation) still fits before the reserve."""
-        return self.left() >= seconds + self.step_estimate()
 
-    def progress(self) -> float:
-        """How far through the training time the run is, 0 to 1 (the learning-rate schedule's clock)."""
-        usable = self.deadline - self.reserve() - self.loop_began
-        return (self.clock() - self.loop_began) / max(usable, 1e-9)
+def train_state(optimizers: Sequence[torch.optim.Optimizer], rng: Sequence[dict[str, torch.Tensor]]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What a checkpoint keeps besides the weights: every rank's random states (rng: in rank order)
+    and the optimizers' state."""
+    tensors = {(key if rank == 0 else f"{key}.{rank}"): value
+               for rank, states in enumerate(rng) for key, value in states.items()}
+    plain: dict[str, Any] = {"world_size": len(rng), "optimizers": []}
+    for i, opt in enumerate(optimizers):
+        opt_tensors, opt_plain = ckpt.flatten_optimizer(f"optimizer.{i}", opt.state_dict())
+        tensors.update(opt_tensors)
+        plain["optimizers"].append(opt_plain)
+    return tensors, plain
 
 
 class Trainer:
+    """One invocation of a run: set up, the loop, then the final evaluation and save. The time budget
+    (and the clock) is self.budget's; what ranks agree on is self.ranks'."""
+
     # The fewest windows a final evaluation cut to fit a time budget scores.
     MIN_FINAL_WINDOWS = 8
 
     def __init__(self, config: Config, run_dir: Path, resume: bool = False,
                  callback: Callable[[TrainEvent], None] | None = None, started_at: float | None = None,
                  clock: Callable[[], float] = time.perf_counter):
-        self.clock = clock
-        self.started_at = started_at if started_at is not None else clock()
-        self.budget: TimeBudget | None = None
-        self.estimate_seconds = 0.0  # under a time budget: what the sampled validation batches cost
-        self.state = RunState()
-        self.progress_step = 0
         self.config = config
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.callback = callback or (lambda event: None)
+        # Unlimited until _start_budget: the clock every measurement in the run reads.
+        self.budget = TimeBudget(None, started_at if started_at is not None else clock(), clock)
+        self.estimate_seconds = 0.0  # under a time budget: what the sampled validation batches cost
+        self.seconds_per_window = 0.0
+        self.state = RunState()
+        self.reported_step = 0  # the step that reports of long work (the final evaluation) carry
         self.dist = detect_distributed()
         # Made by _set_up, inside runtime() (which chooses the device and precision):
+        self.ranks: Ranks
         self.corpus: Corpus
         self.model: GPT
-        self.train_model: nn.Module  # the model, or its compiled or DDP wrapper: what the steps call
+        self.train_model: nn.Module  # the model, or its DDP and compiled wrapper: what the steps call
+        self.ddp: nn.Module | None  # the DDP wrapper, whose no_sync skips gradient all-reduces
         self.optimizers: list[torch.optim.Optimizer]
         self.scaler: torch.amp.GradScaler | None
         self.tokens_per_step: int
@@ -319,63 +356,10 @@ class Trainer:
             self.callback(TrainEvent(kind, step, data))
 
     def _report(self, progress: Progress) -> None:
-        """Progress of long work inside the run (encoding the text, the final evaluation)."""
-        self.emit("progress", self.progress_step, progress=progress)
+        """Reports of long work inside the run (encoding the text, the final evaluation)."""
+        self.emit("progress", self.reported_step, progress=progress)
 
-    def _load_resume(self) -> ckpt.LoadedCheckpoint | None:
-        if not self.resume:
-            return None
-        loaded = ckpt.load_checkpoint(self.run_dir, which="latest", with_train_state=True)
-        saved = loaded.config.model
-        # Dropout is a training setting (the weights and the function are the same model): it may change.
-        differ = [f"model.{f.name}: run has {getattr(saved, f.name)!r}, config has {getattr(self.config.model, f.name)!r}"
-                  for f in dataclasses.fields(saved)
-                  if f.name not in RESUMABLE_MODEL_KEYS and getattr(saved, f.name) != getattr(self.config.model, f.name)]
-        if differ:
-            raise UserError("cannot resume with a different model; differing keys: " + "; ".join(differ))
-        saved_world = int(loaded.train_state.get("world_size", 1))
-        if saved_world * loaded.config.train.batch_size != self.dist.world_size * self.config.train.batch_size:
-            raise UserError(
-                f"cannot resume: the run used {saved_world} process(es) x batch {loaded.config.train.batch_size}, "
-                f"now {self.dist.world_size} x {self.config.train.batch_size}; keep world_size * train.batch_size equal"
-            )
-        return loaded
-
-    def _load_parent(self) -> ckpt.LoadedCheckpoint | None:
-        """The run named by train.init_from, whose weights a new run starts from."""
-        t = self.config.train
-        if self.resume or not t.init_from:
-            return None
-        parent = ckpt.load_checkpoint(Path(t.init_from), which="best")
-        saved, now = parent.config.model, self.config.model
-        # Dropout is applied in training only and changes no weight; every other model key does.
-        differ = [f"model.{f.name}: {parent.run_dir} has {getattr(saved, f.name)!r}, config has "
-                  f"{getattr(now, f.name)!r}" for f in dataclasses.fields(saved)
-                  if f.name != "dropout" and getattr(saved, f.name) != getattr(now, f.name)]
-        if differ:
-            raise UserError("--init-from needs the same model shape as the run it starts from; differing keys: "
-                            + "; ".join(differ))
-        return parent
-
-    def _parent_corpus(self, parent: ckpt.LoadedCheckpoint) -> tuple[Corpus, list[str]]:
-        """The new text in the parent's vocabulary; with extend_vocab, characters it lacks are added."""
-        cfg = self.config
-        try:
-            corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction, parent.tokenizer,
-                                 progress=self._report)
-            return corpus, []
-        except UnknownCharactersError as exc:
-            if not cfg.train.extend_vocab:
-                raise UserError(
-                    f"the text has {len(exc.chars)} character(s) that {parent.run_dir}'s vocabulary lacks: "
-                    f"{describe_chars(exc.chars)}; add --extend-vocab to give them new embedding and output "
-                    f"rows, or remove them from the text") from None
-            added = exc.chars
-        tokenizer = CharTokenizer([*parent.tokenizer.chars, *added])
-        corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction, tokenizer, progress=self._report)
-        return corpus, added
-
-    # -- the run --------------------------------------------------------------------------------
+    # -- the run: set up, loop, finish ------------------------------------------------------------
     def run(self) -> TrainResult:
         t, m = self.config.train, self.config.model
         # A training step's multiply-adds: threads as many as that work and the free CPUs allow.
@@ -383,6 +367,7 @@ class Trainer:
         with runtime(t.device, t.dtype, seed=t.seed, deterministic=t.deterministic, work=work,
                      threads=t.num_threads, distributed=True) as rt:
             self.dist, self.device, self.device_reason, self.precision = rt.dist, rt.device, rt.device_reason, rt.precision
+            self.ranks = Ranks(rt.dist, rt.device)
             # One writer per run: the lock is held until the last save, and refused at once to a second.
             with ckpt.RunLock(self.run_dir) if self.dist.is_main else contextlib.nullcontext():
                 return self._run()
@@ -390,20 +375,12 @@ class Trainer:
     def _run(self) -> TrainResult:
         """Set up, train, then save and evaluate the last weights: the whole run, top to bottom."""
         self._set_up()
-        state = self.state
-        if self.config.train.time_budget:
-            self._start_budget()
+        self._start_budget()
         with _SignalCatcher() as signals:
             stopped = self._loop(signals)
             if stopped == "stop_after":
                 return self._result(math.nan, 0, stopped)
-            state.stopped = stopped
-            if state.saved_step != state.step:
-                # The trained weights are saved before the final evaluation (a while on a large split),
-                # so a second Ctrl-C during it, which exits at once, loses no training.
-                self._save(is_best=False)
-            signals.on_first = self._finishing_notice
-            final_loss, scored = self._final_eval()
+            final_loss, scored = self._finish(stopped, signals)
             # A signal during the final evaluation: it finished and saved, so stop as a signal stops.
             # (Each rank's own signal: no collective is left to agree on, and none should run this
             # close to the process group's teardown.)
@@ -417,12 +394,12 @@ class Trainer:
     def _set_up(self) -> None:
         """The text, the model (new, resumed or grown from --init-from), its optimizers and the run's
         state, held on the trainer for the loop; the run's config and text written to its folder."""
-        cfg, t = self.config, self.config.train
-        loaded = self._load_resume()
-        parent = self._load_parent()
+        cfg = self.config
+        loaded = load_resume(cfg, self.run_dir, self.dist.world_size) if self.resume else None
+        parent = load_parent(cfg) if not self.resume and cfg.train.init_from else None
         added: list[str] = []
         if parent is not None:
-            corpus, added = self._parent_corpus(parent)
+            corpus, added = parent_corpus(cfg, parent, self._report)
         else:
             corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction, loaded.tokenizer if loaded else None,
                                  progress=self._report)
@@ -433,55 +410,72 @@ class Trainer:
                 f"{loaded.meta['data_fingerprint'][:12]} vs {corpus.fingerprint[:12]}); continuing on the new "
                 f"data. To keep runs apart, train a new run with a different --out instead of --resume."))
         self.corpus = corpus
-
         model = self.model = GPT(cfg.model, corpus.tokenizer.vocab_size)
+        lineage = loaded.meta.get("parent") if loaded else None
         if loaded:
             ckpt.load_weights(model, loaded.model_state, loaded.path / ckpt.MODEL_FILE)
-        lineage = loaded.meta.get("parent") if loaded else None
         if parent is not None:
             weights = grow_vocabulary(parent.model_state, parent.tokenizer.chars, corpus.tokenizer.chars)
             ckpt.load_weights(model, weights, parent.path / ckpt.MODEL_FILE)
             lineage = {"run": str(parent.run_dir.resolve()), "checkpoint": str(parent.path.resolve()),
                        "step": parent.step, "config": parent.config.name, "added_chars": "".join(added)}
         model.to(self.device)
-        self.optimizers = build_optimizers(model, t, self.device)
-        state = self.state = RunState(fingerprint=corpus.fingerprint, parent=lineage, val_chars=len(corpus.val),
-                                      data_seconds=corpus.seconds, data_cache=corpus.cache)
+        self.optimizers = build_optimizers(model, cfg.train, self.device)
+        self.state = RunState(fingerprint=corpus.fingerprint, parent=lineage, val_chars=len(corpus.val),
+                              data_seconds=corpus.seconds, data_cache=corpus.cache)
         if loaded:
-            self._restore_train_state(loaded)
-            state.resume_from(loaded.step, loaded.meta)
-        state.data_kept = "nothing: the bundled text ships with minigpt" if not cfg.data.path else None
-        if self.dist.is_main:
-            # Resumed: drop records past the checkpoint. New: drop those of an attempt killed before its first save.
-            ckpt.truncate_metrics(self.run_dir, state.step)
-            # The bundled text ships with minigpt; any other is kept in the run (its encoded ids, linked
-            # from the cache where possible), so the run needs nothing outside itself to be evaluated
-            # or resumed. A run resumed on other text (--resume --data NEW) keeps the new text.
-            if cfg.data.path:
-                state.data_kept = keep_in_run(self.run_dir, corpus)
-            written = cfg
-            if cfg.data.path == "-" and run_copy(self.run_dir) is not None:
-                # Text from stdin cannot be read again: the config names the run's copy of it instead.
-                written = dataclasses.replace(cfg, data=dataclasses.replace(
-                    cfg.data, path=str(run_copy(self.run_dir).resolve())))
-            ckpt.save_config(self.run_dir, written)
+            restore_optimizers(self.optimizers, loaded, cfg.train.optimizer)
+            restore_rng(loaded, self.device, self.dist.rank, self.dist.world_size, cfg.train.seed)
+            self.state.resume_from(loaded.step, loaded.meta)
+        self._write_run()
+        self._wrap_model()
+        self._emit_start(loaded, parent, added)
 
-        # What the steps run: the model, compiled and wrapped for DDP when asked (the same weights).
-        self.train_model: torch.nn.Module = model
-        if t.compile:
-            self.train_model = torch.compile(model)
+    def _write_run(self) -> None:
+        """The run's folder, by the main rank: metrics past the checkpoint dropped, the text kept, the config."""
+        cfg, state = self.config, self.state
+        state.data_kept = "nothing: the bundled text ships with minigpt" if not cfg.data.path else None
+        if not self.dist.is_main:
+            return
+        # Resumed: drop records past the checkpoint. New: drop those of an attempt killed before its first save.
+        ckpt.truncate_metrics(self.run_dir, state.step)
+        # The bundled text ships with minigpt; any other is kept in the run (its encoded ids, linked
+        # from the cache where possible), so the run needs nothing outside itself to be evaluated
+        # or resumed. A run resumed on other text (--resume --data NEW) keeps the new text.
+        if cfg.data.path:
+            state.data_kept = keep_in_run(self.run_dir, self.corpus)
+        written = cfg
+        if cfg.data.path == "-" and run_copy(self.run_dir) is not None:
+            # Text from stdin cannot be read again: the config names the run's copy of it instead.
+            written = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, path=str(run_copy(self.run_dir).resolve())))
+        ckpt.save_config(self.run_dir, written)
+
+    def _wrap_model(self) -> None:
+        """What the steps run: the model, wrapped for DDP and then compiled when asked (the same weights).
+        Compiling the DDP module lets the compiler split its graph at DDP's gradient buckets, so their
+        all-reduces overlap the backward pass; DDP around a compiled module cannot."""
+        t = self.config.train
+        self.ddp = None
+        self.train_model = self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.train_model = DistributedDataParallel(
-                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.ddp = self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if t.compile:
+            self.train_model = torch.compile(self.train_model)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_grad_scaler else None
-        self.tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum_steps * self.dist.world_size
-        self.emit("start", state.step, n_params=model.num_parameters(), device=str(self.device),
+        self.tokens_per_step = t.batch_size * self.config.model.block_size * t.grad_accum_steps * self.dist.world_size
+
+    def _emit_start(self, loaded: ckpt.LoadedCheckpoint | None, parent: ckpt.LoadedCheckpoint | None,
+                    added: list[str]) -> None:
+        t, corpus = self.config.train, self.corpus
+        self.emit("start", self.state.step, n_params=self.model.num_parameters(), device=str(self.device),
                   device_reason=self.device_reason, precision=self.precision.name,
                   precision_reason=self.precision.reason, vocab_size=corpus.tokenizer.vocab_size,
                   train_chars=len(corpus.train), val_chars=len(corpus.val), source=corpus.source,
-                  data_cache=corpus.cache, data_seconds=corpus.seconds, data_kept=state.data_kept,
+                  data_cache=corpus.cache, data_seconds=corpus.seconds, data_kept=self.state.data_kept,
                   val_scored=self._val_windows().chars,
                   max_iters=t.max_iters, tokens_per_step=self.tokens_per_step, time_budget=t.time_budget,
                   run_dir=str(self.run_dir), resumed_from=str(loaded.path) if loaded else None,
@@ -491,52 +485,88 @@ class Trainer:
     def _loop(self, signals: "_SignalCatcher") -> str:
         """Step until max_iters or the time budget; returns why it stopped. A signal saves and raises
         TrainingStopped; train.stop_after saves and returns "stop_after"."""
-        t, state = self.config.train, self.state
-        state.loop_start = last_log = (time.perf_counter(), state.step)
-        while state.step < t.max_iters:
-            if self.budget is not None and self._out_of_time():
-                return "time_budget"
-            time_share = self.budget.progress() if self.budget is not None else None
-            lr = set_lr(self.optimizers, lr_factor(t, state.step, self._progress(state.step), time_share))
-            step_began = self.clock()
-            short = self._short_windows(state.step)
-            loss = self._train_step(state.step, short)
-            if self.budget is not None:
-                self.budget.step_done(self.clock() - step_began)
-            state.step += 1
+        t, state, budget = self.config.train, self.state, self.budget
+        state.loop_first_step = last_log_step = state.step
+        last_log_time = budget.now()
+        agreed = self.ranks.agree(budget, signals.signum)
+        while state.step < t.max_iters and not agreed.out_of_time:
+            # schedule
+            lr = set_lr(self.optimizers, lr_factor(t, state.step, self._progress(state.step, agreed.progress),
+                                                   agreed.progress))
+            short = self._short_windows(state.step, agreed.progress)
+            # forward, backward and step
+            step_began = budget.now()
+            loss_sum = self._train_step(state.step, short)
+            budget.step_done(budget.now() - step_began)
             length, batch = self._windows(short)
             state.tokens += length * batch * t.grad_accum_steps * self.dist.world_size
-            step = self.progress_step = state.step
-            flags = self._agree([0.0 if math.isfinite(loss) else 1.0, float(signals.signum)])
-            if flags[0]:
+            step = self.reported_step = state.step = state.step + 1
+            log = step % t.log_interval == 0 or step == t.max_iters
+            # The loss is read (a host sync) to be logged, or checked before an evaluation or save, and
+            # under a time budget, whose step times must include the device's work; otherwise the
+            # steps between run on without waiting for the device.
+            agreed = self.ranks.agree(budget, signals.signum, loss_sum,
+                                      read_loss=log or budget.limited or self._due(step))
+            if agreed.loss is not None and not math.isfinite(agreed.loss):
                 raise NonFiniteLoss(step, self.run_dir)
-            if step % t.log_interval == 0 or step == t.max_iters:
-                now = time.perf_counter()
-                rate = (step - last_log[1]) * self.tokens_per_step / max(now - last_log[0], 1e-9)
-                last_log = (now, step)
-                self._log(step, loss, lr, rate)
-            if step % t.eval_interval == 0 and step < t.max_iters and self._eval_fits():
-                self._periodic_eval()
-            elif t.checkpoint_interval and step % t.checkpoint_interval == 0:
-                self._save(is_best=False)
-            if flags[1]:
-                signum = int(flags[1])
-                state.stopped = "interrupted" if signum == signal.SIGINT else "terminated"
-                self._save(is_best=False)
-                raise TrainingStopped(signum, self._result(math.nan, 0, state.stopped))
-            if t.stop_after and step - state.loop_start[1] >= t.stop_after and step < t.max_iters:
-                state.stopped = "stop_after"
-                self._save(is_best=False)
-                return "stop_after"
-        return "max_iters"
+            # log
+            if log:
+                now = budget.now()
+                self._log(step, agreed.loss, lr, (step - last_log_step) * self.tokens_per_step
+                          / max(now - last_log_time, 1e-9))
+                last_log_step, last_log_time = step, now
+            # evaluate, save; both take time the budget's verdict above did not see
+            if self._evaluate_or_save(step):
+                agreed = self.ranks.agree(budget, agreed.signum)
+            stop = self._stop_early(step, agreed.signum)
+            if stop:
+                return stop
+        return "max_iters" if state.step >= t.max_iters else "time_budget"
+
+    def _due(self, step: int) -> bool:
+        """Whether an evaluation or a checkpoint may come after this step."""
+        t = self.config.train
+        return step % t.eval_interval == 0 or bool(t.checkpoint_interval and step % t.checkpoint_interval == 0)
+
+    def _evaluate_or_save(self, step: int) -> bool:
+        """The periodic evaluation (and save) or checkpoint due after this step; whether one ran."""
+        t = self.config.train
+        if step % t.eval_interval == 0 and step < t.max_iters and self._eval_fits():
+            self._periodic_eval()
+            return True
+        if t.checkpoint_interval and step % t.checkpoint_interval == 0:
+            self._save(is_best=False)
+            return True
+        return False
+
+    def _stop_early(self, step: int, signum: int) -> str | None:
+        """A signal saves and raises TrainingStopped; train.stop_after saves and returns "stop_after"."""
+        t, state = self.config.train, self.state
+        if signum:
+            state.stopped = "interrupted" if signum == signal.SIGINT else "terminated"
+            self._save(is_best=False)
+            raise TrainingStopped(signum, self._result(math.nan, 0, state.stopped))
+        if t.stop_after and step - state.loop_first_step >= t.stop_after and step < t.max_iters:
+            state.stopped = "stop_after"
+            self._save(is_best=False)
+            return "stop_after"
+        return None
+
+    def _finish(self, stopped: str, signals: "_SignalCatcher") -> tuple[float, int]:
+        """The trained weights saved, then the final evaluation (and its save)."""
+        state = self.state
+        state.stopped = stopped
+        if state.saved_step != state.step:
+            # The trained weights are saved before the final evaluation (a while on a large split),
+            # so a second Ctrl-C during it, which stops at once, loses no training.
+            self._save(is_best=False)
+        signals.on_first = self._finishing_notice
+        return self._final_eval()
 
     def _finishing_notice(self, signum: int) -> None:
         again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        self.emit("notice", self.progress_step, message=f"finishing the evaluation, {again} again to skip it "
+        self.emit("notice", self.reported_step, message=f"finishing the evaluation, {again} again to skip it "
                                                         f"(the trained weights are saved)")
-
-    def _elapsed(self) -> float:
-        return self.clock() - self.started_at
 
     def _windows(self, short: bool) -> tuple[int, int]:
         """Window length and windows per micro-batch: block_size and batch_size, or with train.short_windows
@@ -544,88 +574,21 @@ class Trainer:
         t, m = self.config.train, self.config.model
         return (m.block_size // 2, 2 * t.batch_size) if short else (m.block_size, t.batch_size)
 
-    def _short_windows(self, step: int) -> bool:
+    def _short_windows(self, step: int, budget_progress: float | None) -> bool:
         """Whether this step still reads the short windows of train.short_windows."""
         t = self.config.train
-        if not t.short_windows:
-            return False
-        share = step / max(1, t.max_iters)
-        if self.budget is not None:
-            share = max(share, self.budget.progress())
-            if self.dist.enabled:  # each rank's clock: agree, so that every rank reads the same length
-                share = self._agree([share])[0]
-        return share < t.short_windows
+        return bool(t.short_windows) and max(step / max(1, t.max_iters), budget_progress or 0.0) < t.short_windows
 
-    def _progress(self, step: int) -> float:
+    def _progress(self, step: int, budget_progress: float | None) -> float:
+        """The run's progress: by steps past the warm-up, or by the budget's (agreed) training time,
+        whichever is further along, so that the decay ends when the training time does."""
         t = self.config.train
         by_steps = (step - t.warmup_iters) / max(1, t.max_iters - t.warmup_iters)
-        if self.budget is None:
-            return by_steps
-        # Decay ends when the training time does: the budget less the final evaluation and saves.
-        return max(by_steps, self.budget.progress())
+        return by_steps if budget_progress is None else max(by_steps, budget_progress)
 
-    def _out_of_time(self) -> bool:
-        assert self.budget is not None
-        return self._agree([float(self.budget.out_of_time())])[0] > 0
-
-    def _eval_batch(self) -> int:
-        """Windows a whole-split evaluation scores at once."""
-        return max(self.config.train.batch_size, 32)
-
-    def _seconds_per_window(self) -> float:
-        """Seconds to score one block_size window of validation text, from timing one batch of them
-        as the final evaluation scores them, after the same batch untimed (the first forward pass
-        at a shape pays for allocation and kernel choice). Timing 8 windows after 1 overestimated
-        the default model's final evaluation by half and more: time a budget then left unused."""
-        m, model = self.config.model, self.model
-        batch = self._eval_batch()
-        val = self.corpus.val
-        sample = val[:min(len(val), batch * m.block_size + 1)]
-        score_text(model, sample, m.block_size, m.block_size, batch, self.device, self.precision)
-        began = self.clock()
-        _, scored = score_text(model, sample, m.block_size, m.block_size, batch, self.device, self.precision)
-        return (self.clock() - began) / max(1, math.ceil(scored / m.block_size))
-
-    def _start_budget(self) -> None:
-        t, m = self.config.train, self.config.model
-        self.budget = TimeBudget(t.time_budget, self.started_at, self.clock)
-        per_window = self.seconds_per_window = self._seconds_per_window()
-        windows = max(1, math.ceil(self._val_windows().chars / m.block_size))
-        # The sampled validation batches the best checkpoint is chosen by, scored again at the end: time
-        # is kept for them once a checkpoint has been measured so (by a periodic evaluation, or before a
-        # resume). Until then the final checkpoint is the only candidate, the best without a measure.
-        self.estimate_seconds = 0.0 if t.eval_full else per_window * t.eval_iters * t.batch_size
-        fixed = self.estimate_seconds if math.isfinite(self.state.best_val) else 0.0
-        # Until a save is timed: the weights and two Adam moments, written at a modest 100 MB/s.
-        save_guess = 0.1 + 12 * self.model.num_parameters() / 100e6
-        self.budget.begin(per_window * windows, save_guess, fixed)
-
-    def _eval_fits(self) -> bool:
-        """Under a time budget, a periodic evaluation only where it leaves time for the final one
-        (which measures the same weights more fully a moment later anyway)."""
-        if self.budget is None:
-            return True
-        t, m = self.config.train, self.config.model
-        cost = self.state.periodic_eval_seconds
-        if cost is None:  # not yet timed: its batches (and the whole split with eval_full) at the measured rate
-            windows = math.ceil(self._val_windows().chars / m.block_size) if t.eval_full else 0
-            cost = self.seconds_per_window * (2 * t.eval_iters * t.batch_size + windows)
-        if not self.budget.fixed_eval_seconds:
-            cost += self.estimate_seconds  # after it, time is kept to measure the final checkpoint too
-        return self._agree([float(self.budget.allows(cost))])[0] > 0
-
-    def _agree(self, values: list[float]) -> list[float]:
-        """One decision for every rank: the largest value any rank saw."""
-        if not self.dist.enabled:
-            return values
-        import torch.distributed as dist
-
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor.tolist()
-
-    def _train_step(self, step: int, short: bool = False) -> float:
-        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (over ranks too).
+    def _train_step(self, step: int, short: bool = False) -> torch.Tensor:
+        """One optimizer step over grad_accum_steps micro-batches; returns the loss on the device (this
+        rank's, the mean over micro-batches), left unread so that the step needs no host sync.
         With `short`, windows of half the block size, twice as many (train.short_windows)."""
         t = self.config.train
         train_model, scaler = self.train_model, self.scaler
@@ -642,85 +605,75 @@ class Trainer:
             x, y = get_batch(self.corpus.train, starts, length, self.device)
             last = micro == t.grad_accum_steps - 1
             # Under DDP, gradients are all-reduced only after the last micro-step.
-            sync = train_model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
+            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
             with sync:
                 loss = training_loss(train_model, x, y, self.device, self.precision) / t.grad_accum_steps
                 (scaler.scale(loss) if scaler else loss).backward()
             total += loss.detach()
         apply_gradients(self.model, self.optimizers, scaler, t.grad_clip)
-        value = total.item()
-        if self.dist.enabled:
-            value = self._mean(value)
-        return value
-
-    def _mean(self, value: float) -> float:
-        import torch.distributed as dist
-
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.item() / self.dist.world_size
+        return total
 
     def _log(self, step: int, loss: float, lr: float, rate: float) -> None:
-        t = self.config.train
-        elapsed = self._elapsed()
-        if self.budget is not None:
-            eta = max(0.0, self.budget.deadline - self.clock())
-        else:
-            began, first = self.state.loop_start
-            eta = (time.perf_counter() - began) / max(1, step - first) * (t.max_iters - step)
-        record = dict(kind="train", step=step, loss=loss, lr=lr, tokens_per_sec=rate, elapsed=elapsed,
-                      tokens=self.state.tokens)
+        t, elapsed = self.config.train, self.budget.elapsed()
+        eta = self.budget.eta(step, t.max_iters)
         if self.dist.is_main:
-            ckpt.append_metrics(self.run_dir, record)
+            ckpt.append_metrics(self.run_dir, dict(kind="train", step=step, loss=loss, lr=lr, tokens_per_sec=rate,
+                                                   elapsed=elapsed, tokens=self.state.tokens))
         self.emit("step", step, loss=loss, lr=lr, tokens_per_sec=rate, eta=eta, elapsed=elapsed,
                   tokens=self.state.tokens, max_iters=t.max_iters)
 
-    def _estimate(self, splits: Sequence[str] = ("train", "val")) -> dict[str, float]:
-        """Mean loss over eval_iters fixed batches of each split (the same batches every time)."""
-        t, m, model, corpus = self.config.train, self.config.model, self.model, self.corpus
-        out = {}
-        model.eval()
-        with torch.no_grad():
-            for split_id, (name, ids) in enumerate((("train", corpus.train), ("val", corpus.val))):
-                if name not in splits:
-                    continue
-                losses = []
-                for i in range(t.eval_iters):
-                    starts = batch_indices(len(ids), m.block_size, t.batch_size, t.seed, i, EVAL_STREAM + split_id,
-                                           self.dist.rank, self.dist.world_size)
-                    x, y = get_batch(ids, starts, m.block_size, self.device)
-                    losses.append(training_loss(model, x, y, self.device, self.precision))
-                out[name] = torch.stack(losses).mean().item()
-        if self.dist.enabled:
-            out = {k: self._mean(v) for k, v in out.items()}
-        return out
+    # -- the time budget ----------------------------------------------------------------------------
+    def _start_budget(self) -> None:
+        """The loop starts now: under train.time_budget, with the final evaluation and a save measured
+        (or guessed) so that the budget keeps time for them."""
+        t, m = self.config.train, self.config.model
+        if not t.time_budget:
+            self.budget.begin(0.0, 0.0, step=self.state.step)
+            return
+        self.budget = TimeBudget(t.time_budget, self.budget.started_at, self.budget.clock)
+        per_window = self.seconds_per_window = self._seconds_per_window()
+        windows = max(1, math.ceil(self._val_windows().chars / m.block_size))
+        # The sampled validation batches the best checkpoint is chosen by, scored again at the end: time
+        # is kept for them once a checkpoint has been measured so (by a periodic evaluation, or before a
+        # resume). Until then the final checkpoint is the only candidate, the best without a measure.
+        self.estimate_seconds = 0.0 if t.eval_full else per_window * t.eval_iters * t.batch_size
+        fixed = self.estimate_seconds if math.isfinite(self.state.best_val) else 0.0
+        # Until a save is timed: the weights and two Adam moments, written at a modest 100 MB/s.
+        save_guess = 0.1 + 12 * self.model.num_parameters() / 100e6
+        self.budget.begin(per_window * windows, save_guess, fixed, step=self.state.step)
 
-    def _periodic_eval(self) -> None:
-        t, corpus = self.config.train, self.corpus
-        began = self.clock()
-        losses = self._estimate()
-        seconds = self.clock() - began
-        scope = f"{t.eval_iters} sampled batches"
-        if t.eval_full:
-            losses["val"], count = self._full_val_loss(with_count=True)
-            seconds = self.clock() - began
-            scope = self.describe_scope(count, len(corpus.val))
-        self.state.periodic_eval_seconds = seconds
-        self.state.eval_seconds += seconds
-        if self.budget is not None:
-            self.budget.keep_for_estimate(self.estimate_seconds)
-        is_best = losses["val"] < self.state.best_val
-        self.state.best_val = min(self.state.best_val, losses["val"])
-        self.state.evaluated_at = self.state.step
-        step = self.state.step
-        if self.dist.is_main:
-            ckpt.append_metrics(self.run_dir, dict(kind="eval", step=step, train_loss=losses["train"],
-                                                   val_loss=losses["val"], elapsed=self._elapsed(),
-                                                   scope="full" if t.eval_full else "sampled",
-                                                   eval_seconds=self.state.eval_seconds))
-        self.emit("eval", step, train_loss=losses["train"], val_loss=losses["val"], best_val_loss=self.state.best_val,
-                  scope=scope, seconds=seconds, elapsed=self._elapsed(), eval_seconds=self.state.eval_seconds)
-        self._save(is_best=is_best, val_loss=losses["val"])
+    def _seconds_per_window(self) -> float:
+        """Seconds to score one block_size window of validation text, from timing one batch of them
+        as the final evaluation scores them, after the same batch untimed (the first forward pass
+        at a shape pays for allocation and kernel choice). Timing 8 windows after 1 overestimated
+        the default model's final evaluation by half and more: time a budget then left unused."""
+        m, model = self.config.model, self.model
+        batch = self._eval_batch()
+        val = self.corpus.val
+        sample = val[:min(len(val), batch * m.block_size + 1)]
+        score_text(model, sample, m.block_size, m.block_size, batch, self.device, self.precision)
+        began = self.budget.now()
+        _, scored = score_text(model, sample, m.block_size, m.block_size, batch, self.device, self.precision)
+        return (self.budget.now() - began) / max(1, math.ceil(scored / m.block_size))
+
+    def _eval_fits(self) -> bool:
+        """Under a time budget, a periodic evaluation only where it leaves time for the final one
+        (which measures the same weights more fully a moment later anyway)."""
+        if not self.budget.limited:
+            return True
+        t, m = self.config.train, self.config.model
+        cost = self.state.periodic_eval_seconds
+        if cost is None:  # not yet timed: its batches (and the whole split with eval_full) at the measured rate
+            windows = math.ceil(self._val_windows().chars / m.block_size) if t.eval_full else 0
+            cost = self.seconds_per_window * (2 * t.eval_iters * t.batch_size + windows)
+        if not self.budget.fixed_eval_seconds:
+            cost += self.estimate_seconds  # after it, time is kept to measure the final checkpoint too
+        return self.ranks.all(self.budget.allows(cost))
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def _eval_batch(self) -> int:
+        """Windows a whole-split evaluation scores at once."""
+        return max(self.config.train.batch_size, 32)
 
     def _val_windows(self):
         m = self.config.model
@@ -729,135 +682,148 @@ class Trainer:
     def describe_scope(self, scored: int, val_chars: int) -> str:
         if scored >= val_chars - 1:
             return f"whole validation split, {scored:,} characters"
-        if self.budget is not None and self.budget.eval_fraction < 1.0:
+        if self.budget.eval_fraction < 1.0:
             return (f"{scored:,} characters sampled of {val_chars:,}: fixed windows, as many as the time budget "
                     f"leaves time for")
         return (f"{scored:,} characters sampled of {val_chars:,}: fixed windows; train.eval_max_chars=0 "
                 f"scores the whole split")
 
-    def _full_val_loss(self, with_count: bool = False, task: str = "evaluation", max_chars: int | None = None):
-        """Mean loss over the validation split in non-overlapping block_size windows: all of them, or a
-        fixed sample of them when the split has more than train.eval_max_chars (or max_chars) characters."""
-        t, m = self.config.train, self.config.model
+    def _estimate(self, splits: Sequence[str] = ("train", "val")) -> dict[str, float]:
+        """Mean loss over eval_iters fixed batches of each split (the same batches every time), over ranks."""
+        t, m, model, corpus = self.config.train, self.config.model, self.model, self.corpus
+        names = [name for name in ("train", "val") if name in splits]
+        sums = []
+        model.eval()
+        with torch.no_grad():
+            for name in names:
+                split_id, ids = (0, corpus.train) if name == "train" else (1, corpus.val)
+                losses = []
+                for i in range(t.eval_iters):
+                    starts = batch_indices(len(ids), m.block_size, t.batch_size, t.seed, i, EVAL_STREAM + split_id,
+                                           self.dist.rank, self.dist.world_size)
+                    x, y = get_batch(ids, starts, m.block_size, self.device)
+                    losses.append(training_loss(model, x, y, self.device, self.precision))
+                sums.append(torch.stack(losses).mean().item())
+        world = self.dist.world_size
+        return {name: total / world for name, total in zip(names, self.ranks.sum(sums))}
+
+    def _val_loss(self, task: str = "evaluation", max_chars: int | None = None) -> tuple[float, int]:
+        """Mean loss over the validation split in non-overlapping block_size windows, and the characters
+        scored: all of them, shared out among ranks, or a fixed sample of them (the same on every rank)
+        when the split has more than train.eval_max_chars (or max_chars) characters."""
+        t, m, val = self.config.train, self.config.model, self.corpus.val
         limit = t.eval_max_chars if max_chars is None else (min(max_chars, t.eval_max_chars) if t.eval_max_chars
                                                             else max_chars)
-        total, count = score_text(self.model, self.corpus.val, m.block_size, m.block_size, self._eval_batch(),
+        share = None if scoring_windows(len(val), m.block_size, m.block_size, limit).sampled \
+            else self.ranks.share(len(val), m.block_size)
+        ids = val if share is None else val[share[0]:share[1]]
+        total, count = score_text(self.model, ids, m.block_size, m.block_size, self._eval_batch(),
                                   self.device, self.precision, self._report, task, limit)
-        loss = total / max(count, 1)
-        if self.dist.enabled:
-            loss = self._mean(loss)
-        return (loss, count) if with_count else loss
+        if share is not None:
+            total, count = self.ranks.sum([total, float(count)])
+        return total / max(count, 1), int(count)
+
+    def _periodic_eval(self) -> None:
+        t, corpus, state = self.config.train, self.corpus, self.state
+        began = self.budget.now()
+        losses = self._estimate()
+        scope = f"{t.eval_iters} sampled batches"
+        if t.eval_full:
+            losses["val"], count = self._val_loss()
+            scope = self.describe_scope(count, len(corpus.val))
+        seconds = self.budget.now() - began
+        state.periodic_eval_seconds = seconds
+        state.eval_seconds += seconds
+        self.budget.keep_for_estimate(self.estimate_seconds)
+        is_best = losses["val"] < state.best_val
+        state.best_val = min(state.best_val, losses["val"])
+        state.evaluated_at = step = state.step
+        if self.dist.is_main:
+            ckpt.append_metrics(self.run_dir, dict(kind="eval", step=step, train_loss=losses["train"],
+                                                   val_loss=losses["val"], elapsed=self.budget.elapsed(),
+                                                   scope="full" if t.eval_full else "sampled",
+                                                   eval_seconds=state.eval_seconds))
+        self.emit("eval", step, train_loss=losses["train"], val_loss=losses["val"], best_val_loss=state.best_val,
+                  scope=scope, seconds=seconds, elapsed=self.budget.elapsed(), eval_seconds=state.eval_seconds)
+        self._save(is_best=is_best, val_loss=losses["val"])
 
     def _final_eval(self) -> tuple[float, int]:
         """Validation loss over the validation split (or its fixed sample), in non-overlapping windows."""
-        t, m, corpus = self.config.train, self.config.model, self.corpus
-        began = time.perf_counter()
+        t, m, state, budget = self.config.train, self.config.model, self.state, self.budget
+        began = budget.now()
         max_chars = None
-        if self.budget is not None and self.budget.eval_fraction < 1.0:
+        if budget.eval_fraction < 1.0:
             # A fixed sample of windows (as train.eval_max_chars draws) that fits the time budget.
-            chars = round(self.budget.eval_fraction * self._val_windows().chars)
-            max_chars = max(self.MIN_FINAL_WINDOWS * m.block_size, chars)
-        loss, count = self._full_val_loss(with_count=True, task=FINAL_EVAL_TASK, max_chars=max_chars)
-        seconds = time.perf_counter() - began
+            max_chars = max(self.MIN_FINAL_WINDOWS * m.block_size, round(budget.eval_fraction * self._val_windows().chars))
+        loss, count = self._val_loss(task=FINAL_EVAL_TASK, max_chars=max_chars)
+        seconds = budget.now() - began
         # The best checkpoint is chosen by one measure throughout, the periodic evaluations' (their
         # fixed sampled batches, or the whole split with eval_full), never this loss against theirs.
         if t.eval_full:
             candidate = loss
-        elif self.state.evaluated_at == self.state.step:
+        elif state.evaluated_at == state.step:
             candidate = math.inf  # these weights were measured and saved at this step's evaluation
-        elif self.budget is not None and self._agree([float(self.budget.deadline - self.clock()
-                                                             < self.estimate_seconds)])[0]:
+        elif budget.limited and self.ranks.any(budget.deadline - budget.now() < self.estimate_seconds):
             candidate = math.inf  # no time left to measure it as the best checkpoint is measured
         else:
             candidate = self._estimate(splits=("val",))["val"]
-        self.state.eval_seconds += time.perf_counter() - began
+        state.eval_seconds += budget.now() - began
         # Nothing measured before it (no periodic evaluation ran): the final checkpoint is the best.
-        is_best = candidate < self.state.best_val or not math.isfinite(self.state.best_val)
-        self.state.best_val = min(self.state.best_val, candidate)
+        is_best = candidate < state.best_val or not math.isfinite(state.best_val)
+        state.best_val = min(state.best_val, candidate)
+        self._record_final_eval(loss, count, candidate, seconds)
+        self._save(is_best=is_best, val_loss=loss, final=True)
+        return loss, count
+
+    def _record_final_eval(self, loss: float, count: int, candidate: float, seconds: float) -> None:
+        t, state, val_chars = self.config.train, self.state, len(self.corpus.val)
         if self.dist.is_main:
-            record = dict(kind="eval", step=self.state.step, val_loss=loss,
-                          scope="full" if count >= len(corpus.val) - 1 else "windows", chars_scored=count,
-                          val_chars=len(corpus.val), elapsed=self._elapsed(), eval_seconds=self.state.eval_seconds,
+            record = dict(kind="eval", step=state.step, val_loss=loss,
+                          scope="full" if count >= val_chars - 1 else "windows", chars_scored=count,
+                          val_chars=val_chars, elapsed=self.budget.elapsed(), eval_seconds=state.eval_seconds,
                           final=True)
             if not t.eval_full and math.isfinite(candidate):
                 record["sampled_val_loss"] = candidate  # the measure the best checkpoint is chosen by
             ckpt.append_metrics(self.run_dir, record)
-        self.emit("final_eval", self.state.step, val_loss=loss, bpc=bits_per_char(loss), tokens=count, seconds=seconds,
-                  best_val_loss=self.state.best_val, val_chars=len(corpus.val),
-                  scope=self.describe_scope(count, len(corpus.val)))
-        self._save(is_best=is_best, val_loss=loss, final=True)
-        return loss, count
+        self.emit("final_eval", state.step, val_loss=loss, bpc=bits_per_char(loss), tokens=count, seconds=seconds,
+                  best_val_loss=state.best_val, val_chars=val_chars, scope=self.describe_scope(count, val_chars))
 
-    # -- checkpoints ----------------------------------------------------------------------------
+    # -- checkpoints --------------------------------------------------------------------------------
     def _save(self, is_best: bool, val_loss: float | None = None, final: bool = False) -> None:
-        model = self.model
+        model, state = self.model, self.state
         # An update can break the weights while the step's own loss was still finite: never save those.
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise NonFiniteLoss(self.state.step, self.run_dir)
-        began = self.clock()
+            raise NonFiniteLoss(state.step, self.run_dir)
+        began = self.budget.now()
+        rng = self.ranks.gather(rng_states(self.device))  # every rank's: a collective, before the main rank saves
         if self.dist.is_main:
-            tensors, plain = self._train_state()
-            meta = dict(step=self.state.step, tokens=self.state.tokens, best_val_loss=self.state.best_val,
-                        val_loss=val_loss, data_fingerprint=self.state.fingerprint, device=str(self.device),
-                        precision=self.precision.name, train_seconds=self.state.prior_seconds + self._elapsed(),
+            tensors, plain = train_state(self.optimizers, rng)
+            meta = dict(step=state.step, tokens=state.tokens, best_val_loss=state.best_val,
+                        val_loss=val_loss, data_fingerprint=state.fingerprint, device=str(self.device),
+                        precision=self.precision.name, train_seconds=state.prior_seconds + self.budget.elapsed(),
                         final=final, world_size=self.dist.world_size,
                         # why this invocation ended, for `minigpt runs` (None: a periodic save)
-                        stopped=self.state.stopped)
-            if self.state.parent:
-                meta["parent"] = self.state.parent
+                        stopped=state.stopped)
+            if state.parent:
+                meta["parent"] = state.parent
             saved = ckpt.save_checkpoint(self.run_dir, model, self.config, self.corpus.tokenizer, meta,
                                          tensors, plain, is_best)
-            self.emit("checkpoint", self.state.step, path=str(saved), is_best=is_best)
-        self.state.saved_step = self.state.step
-        if self.dist.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-        if self.budget is not None:
-            self.budget.saved(self.clock() - began)
-
-    def _train_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"rng.torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        plain: dict[str, Any] = {"world_size": self.dist.world_size, "optimizers": []}
-        for i, opt in enumerate(self.optimizers):
-            opt_tensors, opt_plain = ckpt.flatten_optimizer(f"optimizer.{i}", opt.state_dict())
-            tensors.update(opt_tensors)
-            plain["optimizers"].append(opt_plain)
-        return tensors, plain
-
-    def _restore_train_state(self, loaded: ckpt.LoadedCheckpoint) -> None:
-        optimizers = self.optimizers
-        plain = loaded.train_state.get("optimizers", [])
-        if len(plain) != len(optimizers):
-            raise UserError(f"cannot resume: the checkpoint has {len(plain)} optimizer state(s) but train.optimizer "
-                            f"'{self.config.train.optimizer}' needs {len(optimizers)}")
-        for i, opt in enumerate(optimizers):
-            saved = ckpt.unflatten_optimizer(f"optimizer.{i}", loaded.train_tensors, plain[i])
-            # load_state_dict also restores the saved hyper-parameters; the config given now wins.
-            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            try:
-                opt.load_state_dict(saved)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise UserError(f"cannot resume: optimizer state does not fit ({exc})") from None
-            for group, values in zip(opt.param_groups, settings):
-                group.update(values)
-        if "rng.torch" in loaded.train_tensors and self.dist.world_size == int(loaded.train_state.get("world_size", 1)):
-            torch.set_rng_state(loaded.train_tensors["rng.torch"])
-        if "rng.cuda" in loaded.train_tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(loaded.train_tensors["rng.cuda"], self.device)
+            self.emit("checkpoint", state.step, path=str(saved), is_best=is_best)
+        state.saved_step = state.step
+        # The other ranks wait here for the save (the process group's timeout must cover one).
+        self.ranks.barrier()
+        self.budget.saved(self.budget.now() - began)
 
     def _result(self, final_loss: float, scored: int, stopped: str) -> TrainResult:
-        wall, model = self._elapsed(), self.model
+        wall, model, state = self.budget.elapsed(), self.model, self.state
         return TrainResult(
-            run_dir=str(self.run_dir), steps=self.state.step, tokens=self.state.tokens,
-            best_val_loss=self.state.best_val, final_val_loss=final_loss,
+            run_dir=str(self.run_dir), steps=state.step, tokens=state.tokens,
+            best_val_loss=state.best_val, final_val_loss=final_loss,
             final_val_bpc=bits_per_char(final_loss) if math.isfinite(final_loss) else math.nan,
-            wall_seconds=wall, train_seconds=wall - self.state.eval_seconds, eval_seconds=self.state.eval_seconds,
+            wall_seconds=wall, train_seconds=wall - state.eval_seconds, eval_seconds=state.eval_seconds,
             stopped=stopped, device=str(self.device), precision=self.precision.name,
-            n_params=model.num_parameters(), val_tokens_scored=scored, val_chars=self.state.val_chars,
-            data_kept=self.state.data_kept, data_seconds=self.state.data_seconds, data_cache=self.state.data_cache,
+            n_params=model.num_parameters(), val_tokens_scored=scored, val_chars=state.val_chars,
+            data_kept=state.data_kept, data_seconds=state.data_seconds, data_cache=state.data_cache,
             vocab_size=model.vocab_size)
 
 
@@ -875,59 +841,75 @@ class TrainPlan:
     created: bool  # the run folder was made now (removed again if the run saves nothing)
 
 
-def plan_training(config_name: str | None, resume: bool, out_dir: Path | None, overrides: Sequence[str] = (),
-                  data: str | None = None, time_budget: float | None = None, device: str | None = None,
-                  seed: int | None = None, deterministic: bool = False, init_from: Path | None = None,
-                  extend_vocab: bool = False) -> TrainPlan:
+@dataclass(frozen=True)
+class TrainOptions:
+    """What `minigpt train` was asked for on its command line."""
+
+    config_name: str | None = None
+    resume: bool = False
+    out_dir: Path | None = None
+    overrides: Sequence[str] = ()  # --set KEY=VALUE
+    data: str | None = None
+    time_budget: float | None = None
+    device: str | None = None
+    seed: int | None = None
+    deterministic: bool = False
+    init_from: Path | None = None
+    extend_vocab: bool = False
+
+
+def plan_run(options: TrainOptions) -> TrainPlan:
     """What `minigpt train` runs: the config (named, the run's own on --resume, the parent's with
     --init-from, or the default for the device), the options given on top of it, the text it reads
     (the run's kept copy on --resume unless other text is given; paths stored absolute), and the run
     folder (claimed new, or proven a run for --resume)."""
-    run_dir = out_dir
-    note = None
-    flags = list(overrides)
-    if init_from is not None:
-        if resume:
+    o = options
+    config, run_dir, note, flags = _base_config(o)
+    data = o.data
+    copy = ckpt.run_text(run_dir) if o.resume else None
+    if copy is not None and data is None and not any(f.strip().startswith("data.path=") for f in flags):
+        data = str(copy)  # the run's own copy of the text it was trained on
+    config = apply_overrides(config, flags + option_overrides(data, o.time_budget, o.device, o.seed))
+    if o.deterministic:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, deterministic=True))
+    created = False
+    if not o.resume:
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, path=absolute_data_path(config.data.path)))
+        # Only the process that writes (rank 0 under torchrun) claims a directory.
+        run_dir, created = ckpt.prepare_run_dir(o.out_dir, config.name, resume=False,
+                                                claim=detect_distributed().is_main)
+    return TrainPlan(config, Path(run_dir), note, created)
+
+
+def _base_config(o: TrainOptions) -> tuple[Config, Path | None, str | None, list[str]]:
+    """The config before the options (and --set overrides, with what --init-from adds to them), the
+    run folder --resume continues, and the note on how a config was chosen when none was named."""
+    run_dir, note, flags = o.out_dir, None, list(o.overrides)
+    if o.init_from is not None:
+        if o.resume:
             raise UserError("--resume continues a run and --init-from starts a new one: use one of them")
         # The parent's config unless one is given; fresh optimizer, schedule and records either way.
-        parent = ckpt.load_checkpoint(init_from, which="best")
-        config = load_config(config_name) if config_name else dataclasses.replace(
+        parent = ckpt.load_checkpoint(o.init_from, which="best")
+        config = load_config(o.config_name) if o.config_name else dataclasses.replace(
             parent.config, train=dataclasses.replace(parent.config.train, stop_after=0))
-        flags += [f"train.init_from={Path(init_from).expanduser().resolve()}", f"train.extend_vocab={extend_vocab}"]
-    elif extend_vocab:
+        flags += [f"train.init_from={Path(o.init_from).expanduser().resolve()}", f"train.extend_vocab={o.extend_vocab}"]
+    elif o.extend_vocab:
         raise UserError("--extend-vocab goes with --init-from RUN (it adds characters to that run's vocabulary)")
-    elif resume:
-        run_dir, _ = ckpt.prepare_run_dir(out_dir, "", resume=True)
-        if config_name is None:
+    elif o.resume:
+        run_dir, _ = ckpt.prepare_run_dir(o.out_dir, "", resume=True)
+        if o.config_name is None:
             config = ckpt.load_checkpoint(run_dir, which="latest").config
             # stop_after pauses one invocation; it is not part of the recipe a plain --resume continues.
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, stop_after=0))
         else:
-            config = load_config(config_name)
+            config = load_config(o.config_name)
     else:
+        config_name = o.config_name
         if config_name is None:
-            config_name, note = default_config_name(device)
+            config_name, note = default_config_name(o.device)
         config = load_config(config_name)
-    copy = ckpt.run_text(run_dir) if resume else None
-    if copy is not None and data is None and not any(f.strip().startswith("data.path=") for f in flags):
-        data = str(copy)  # the run's own copy of the text it was trained on
-    if data is not None:
-        flags.append(f"data.path={absolute_data_path(data)}")
-    for key, value in (("time_budget", time_budget), ("device", device), ("seed", seed)):
-        if value is not None:
-            flags.append(f"train.{key}={value}")
-    config = apply_overrides(config, flags)
-    if deterministic:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, deterministic=True))
-    if not resume:
-        config = dataclasses.replace(config, data=dataclasses.replace(
-            config.data, path=absolute_data_path(config.data.path)))
-    created = False
-    if not resume:
-        # Only the process that writes (rank 0 under torchrun) claims a directory.
-        run_dir, created = ckpt.prepare_run_dir(out_dir, config.name, resume=False,
-                                                claim=detect_distributed().is_main)
-    return TrainPlan(config, Path(run_dir), note, created)
+    return config, run_dir, note, flags
 
 
 def default_config_name(device: str | None) -> tuple[str, str]:

@@ -146,3 +146,20 @@ def test_kill_9_at_random_moments_never_loses_the_run(tmp_path: Path, small_corp
             proc = start_training(run, small_corpus, resume=True)
     print(f"killed {delays} seconds after a new checkpoint appeared")  # shown if the test fails
     assert_resumes_exactly(run, small_corpus, tmp_path, *every_step)
+
+
+def test_a_second_signal_raises_for_the_cli_to_exit_and_never_exits_the_process_itself():
+    """The library never ends the process (it called os._exit): the CLI turns SecondSignal into 130."""
+    import sys
+
+    code = ("import os, signal\n"
+            "from minigpt_cli.trainer import SecondSignal, _SignalCatcher\n"
+            "try:\n"
+            "    with _SignalCatcher():\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "except SecondSignal as exc:\n"
+            "    print('raised', exc.signum)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=cli_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"raised {int(signal.SIGTERM)}"

@@ -47,10 +47,10 @@ def train(
     """Train a model on text and save checkpoints in a run directory."""
     starting = Starting(quiet)
     try:
-        from minigpt_cli.trainer import plan_training
+        from minigpt_cli.trainer import TrainOptions, plan_run
 
-        plan = plan_training(config, resume, out_dir, set_, data, time_budget, device, seed, deterministic, init_from,
-                             extend_vocab)
+        plan = plan_run(TrainOptions(config, resume, out_dir, set_, data, time_budget, device, seed, deterministic,
+                                     init_from, extend_vocab))
     except BaseException:
         starting.done()
         raise
