@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
+import signal
+import stat
 import struct
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -191,18 +196,26 @@ def fingerprint_text(source: TextSource, chunk_bytes: int = CHUNK_BYTES,
     return digest.hexdigest()
 
 
+def _changed_while_read(source: TextSource) -> UserError:
+    return UserError(f"{source.description} changed while minigpt read it (two reads of it differ); "
+                     f"run again once nothing writes to it")
+
+
 def _scan(source: TextSource, chunk_bytes: int,
-          progress: ProgressCallback | None = None) -> tuple[CharTokenizer, int]:
-    """First pass: the vocabulary (every character the text has) and the number of characters."""
+          progress: ProgressCallback | None = None) -> tuple[CharTokenizer, int, str]:
+    """First pass: the vocabulary (every character the text has), the number of characters, and the
+    SHA-256 of the bytes read (so the vocabulary is known to be that of the fingerprinted text)."""
     counts = np.zeros(MAX_CODE_POINT, dtype=np.int64)
     n_chars = 0
+    digest = hashlib.sha256()
     with progress_task(progress, "reading the vocabulary", total=_size(source), unit="bytes") as task:
-        for _, text in _chunks(source, chunk_bytes, task=task):
+        for piece, text in _chunks(source, chunk_bytes, task=task):
+            digest.update(piece)
             counts += np.bincount(_code_points(text), minlength=MAX_CODE_POINT)
             n_chars += len(text)
     if not n_chars:
         raise UserError(f"data from {source.description} is empty")
-    return CharTokenizer(chr(c) for c in np.flatnonzero(counts)), n_chars
+    return CharTokenizer(chr(c) for c in np.flatnonzero(counts)), n_chars, digest.hexdigest()
 
 
 # .npy header written before the number of characters is known and rewritten in place after:
@@ -217,13 +230,17 @@ def _npy_header(n: int, dtype: np.dtype) -> bytes:
 
 
 def _encode_to(path: Path, source: TextSource, tokenizer: CharTokenizer, chunk_bytes: int,
-               progress: ProgressCallback | None = None) -> int:
-    """Second pass: write the ids of the text to path (.npy) a chunk at a time; returns their number."""
+               progress: ProgressCallback | None = None) -> tuple[int, str]:
+    """Second pass: write the ids of the text to path (.npy) a chunk at a time; returns their number
+    and the SHA-256 of the bytes encoded, hashed in the same pass (a text replaced between the passes
+    must not be cached under the first one's fingerprint)."""
     encode = _Encoder(tokenizer)
     n = 0
+    digest = hashlib.sha256()
     with open(path, "wb") as f, progress_task(progress, "encoding text", total=_size(source), unit="bytes") as task:
         f.write(_npy_header(0, encode.dtype))
-        for _, text in _chunks(source, chunk_bytes, task=task):
+        for piece, text in _chunks(source, chunk_bytes, task=task):
+            digest.update(piece)
             ids = encode(text)
             if ids is None:
                 raise UnknownCharactersError(_unknown(source, tokenizer, chunk_bytes), source.description)
@@ -231,7 +248,7 @@ def _encode_to(path: Path, source: TextSource, tokenizer: CharTokenizer, chunk_b
             n += len(ids)
         f.seek(0)
         f.write(_npy_header(n, encode.dtype))
-    return n
+    return n, digest.hexdigest()
 
 
 def _unknown(source: TextSource, tokenizer: CharTokenizer, chunk_bytes: int) -> list[str]:
@@ -241,29 +258,49 @@ def _unknown(source: TextSource, tokenizer: CharTokenizer, chunk_bytes: int) -> 
     return sorted(chars)
 
 
-def _ids_ok(path: Path, n_chars: int | None, vocab_size: int, chunk_bytes: int) -> bool:
-    """An encoded array fit to train on: its shape, dtype and every id inside the vocabulary. Read with
-    plain reads, a chunk at a time (through a memory map every page read would stay resident)."""
+def _open_regular(path: Path) -> BinaryIO:
+    """path opened for reading, if it is a regular file; OSError for anything else. Opened
+    non-blocking, so a FIFO in place of a cache file is refused at once instead of waited on."""
+    f = open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0)))
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return f
+
+
+def _open_ids(path: Path, n_chars: int | None, vocab_size: int, chunk_bytes: int = CHUNK_BYTES,
+              check: bool = True) -> np.memmap | None:
+    """A read-only memory map of an encoded array fit to train on, or None: a regular file, its shape
+    and dtype right, and (with check) every id inside the vocabulary. Ids are checked with plain reads,
+    a chunk at a time (through a memory map every page read would stay resident)."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             version = np.lib.format.read_magic(f)
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
             shape, fortran, dtype = read_header(f)
-            if (len(shape) != 1 or fortran or dtype != dtype_for_vocab(vocab_size)
+            if (len(shape) != 1 or fortran or dtype != dtype_for_vocab(vocab_size) or shape[0] == 0
                     or (n_chars is not None and shape[0] != n_chars)):
-                return False
-            left = shape[0]
-            if left == 0 or vocab_size == np.iinfo(dtype).max + 1:
-                return left > 0 or n_chars == 0
-            step = max(1, chunk_bytes // dtype.itemsize)
-            while left:
-                block = np.fromfile(f, dtype=dtype, count=min(step, left))
-                if len(block) == 0 or int(block.max()) >= vocab_size:
-                    return False
-                left -= len(block)
+                return None
+            offset = f.tell()
+            if check and not _ids_inside(f, shape[0], dtype, vocab_size, chunk_bytes):
+                return None
+            # Mapped from the file just checked (not opened again by name, which could now be another).
+            return np.memmap(f, dtype=dtype, mode="r", shape=shape, offset=offset)
     except (OSError, ValueError, EOFError, SyntaxError):
-        return False
+        return None
+
+
+def _ids_inside(f: BinaryIO, n: int, dtype: np.dtype, vocab_size: int, chunk_bytes: int) -> bool:
+    """Whether the n ids at f's position are all below vocab_size (and all there)."""
+    if vocab_size == np.iinfo(dtype).max + 1:
+        return os.fstat(f.fileno()).st_size >= f.tell() + n * dtype.itemsize
+    step = max(1, chunk_bytes // dtype.itemsize)
+    while n:
+        block = np.fromfile(f, dtype=dtype, count=min(step, n))
+        if len(block) == 0 or int(block.max()) >= vocab_size:
+            return False
+        n -= len(block)
     return True
 
 
@@ -282,9 +319,11 @@ def _write_json(path: Path, value: dict) -> None:
 
 def _read_json(path: Path, limit: int = 64 * 2**20) -> dict | None:
     try:
-        if path.stat().st_size > limit:
+        with _open_regular(path) as f:
+            raw = f.read(limit + 1)
+        if len(raw) > limit:
             return None
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
@@ -299,10 +338,13 @@ class Corpus:
     source: str
     n_chars: int
     ids_path: Path | None = None  # the whole encoded text on disk, when it is there
-    cache: str = "encoded"  # encoded: read and encoded now | cached: read from the cache | run: the run's own copy
+    # encoded: read and encoded now | cached: read from the cache | run: the run's own copy; or, when
+    # the ids could not be cached, what was done and why, in words.
+    cache: str = "encoded"
     seconds: float = 0.0  # reading, hashing and encoding
     # A run's own copy may refer to the text it came from, and how it was kept.
     origin: dict = field(default_factory=dict)
+    path: Path | None = None  # the text's file or folder (or a run's data.npy); None: stdin, read once
 
 
 def _split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -311,19 +353,103 @@ def _split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray
     return ids[:split], ids[split:]
 
 
+# -- temporary files: removed on every way out, and those of dead processes by the next load --------
+
+# Their names carry the writer's PID: .encoding-<pid>-<random>.npy and .stdin-<pid>-<random>.txt.
+ENCODING_PREFIX, STDIN_PREFIX = ".encoding-", ".stdin-"
+STALE_NAME = re.compile(r"\.(?:encoding|stdin)-(\d+)-\w+\.(?:npy|txt)")
+# A writer writes steadily; one of its files untouched this long is left over even if its PID lives
+# (PIDs are reused).
+STALE_SECONDS = 24 * 3600
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process (EPERM), or not a PID: leave it be
+        return True
+    return True
+
+
+def remove_stale_files(folder: Path) -> list[Path]:
+    """Remove the temporary files of processes that died in the cache folder (killed while encoding
+    or copying stdin); returns them. Only regular files named as minigpt names them."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = STALE_NAME.fullmatch(name)
+        if match is None:
+            continue
+        path = folder / name
+        try:
+            info = os.lstat(path)
+            old = time.time() - info.st_mtime > STALE_SECONDS
+            if stat.S_ISREG(info.st_mode) and (old or not _pid_alive(int(match[1]))):
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM raises SystemExit(143) instead of ending the process at once, so
+    that the finally clauses that remove temporary files run. Only where nothing else handles SIGTERM
+    (the trainer's own handler stays) and in the main thread (the only one that may set handlers)."""
+    previous = None
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    except ValueError:
+        pass
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _spool_stdin(folder: Path) -> Path:
-    """Standard input copied to a temporary file a chunk at a time, so it can be read twice."""
+    """Standard input copied to a temporary file a chunk at a time, so it can be read twice. It is
+    checked as UTF-8 as it is copied, so binary input stops at its first invalid byte, and the file
+    is removed on any failure."""
     if sys.stdin is None or sys.stdin.isatty():
         raise UserError("--data - reads text from stdin, but stdin is a terminal (pipe text in)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(dir=folder, prefix=".stdin-", suffix=".txt")
+        handle, name = tempfile.mkstemp(dir=folder, prefix=f"{STDIN_PREFIX}{os.getpid()}-", suffix=".txt")
     except OSError:
         handle, name = tempfile.mkstemp(prefix="minigpt-stdin-", suffix=".txt")
-    with os.fdopen(handle, "wb") as f:
-        while block := sys.stdin.buffer.read(CHUNK_BYTES):
-            f.write(block)
-    return Path(name)
+    spool = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            offset, pending = 0, b""
+            while True:
+                block = sys.stdin.buffer.read(CHUNK_BYTES)
+                data = pending + block
+                cut = _complete_utf8(data) if block else len(data)  # a character cut by the block waits
+                _decode_utf8(data[:cut], "stdin", offset)
+                f.write(data[:cut])
+                offset, pending = offset + cut, data[cut:]
+                if not block:
+                    break
+    except OSError as exc:
+        spool.unlink(missing_ok=True)
+        raise UserError(f"cannot copy stdin to {spool}: {exc.strerror or exc}") from None
+    except BaseException:
+        spool.unlink(missing_ok=True)
+        raise
+    return spool
 
 
 def load_corpus(path: str | Path | None, val_fraction: float, tokenizer: CharTokenizer | None = None,
@@ -336,16 +462,21 @@ def load_corpus(path: str | Path | None, val_fraction: float, tokenizer: CharTok
     """
     began = time.perf_counter()
     if path is not None and str(path) != "-" and is_run_copy(Path(path)):
-        return load_run_copy(Path(path), val_fraction, tokenizer, chunk_bytes)
-    spooled = _spool_stdin(cache_dir()) if str(path) == "-" else None
-    try:
-        source = text_source(spooled if spooled else path if path else default_data_path())
-        if spooled:
-            source = TextSource(source.files, "stdin", False)
-        corpus = _load(source, val_fraction, tokenizer, chunk_bytes, progress)
-    finally:
-        if spooled:
-            spooled.unlink(missing_ok=True)
+        return load_run_copy(Path(path), val_fraction, tokenizer, chunk_bytes, progress)
+    remove_stale_files(cache_dir())
+    spooled = None
+    with _sigterm_unwinds():
+        try:
+            spooled = _spool_stdin(cache_dir()) if str(path) == "-" else None
+            source = text_source(spooled if spooled else path if path else default_data_path())
+            if spooled:
+                source = TextSource(source.files, "stdin", False)
+            corpus = _load(source, val_fraction, tokenizer, chunk_bytes, progress)
+        finally:
+            if spooled:
+                spooled.unlink(missing_ok=True)
+    if not spooled:
+        corpus.path = Path(path if path else default_data_path()).expanduser().absolute()
     corpus.seconds = time.perf_counter() - began
     return corpus
 
@@ -359,53 +490,85 @@ def _load(source: TextSource, val_fraction: float, tokenizer: CharTokenizer | No
     known = about.get("fingerprint") == fingerprint and isinstance(about.get("chars"), str) \
         and isinstance(about.get("n_chars"), int)
     n_chars = about["n_chars"] if known else None
+    given = tokenizer is not None
     scanned = None
     if tokenizer is None:
         if known and about["chars"]:
             tokenizer = CharTokenizer(about["chars"])
         else:
-            tokenizer, n_chars = scanned = _scan(source, chunk_bytes, progress)
-    ids_path = folder / f"{fingerprint[:32]}-{_vocab_key(tokenizer)}.npy"
-    cache = "cached"
-    if n_chars is None or not _ids_ok(ids_path, n_chars, tokenizer.vocab_size, chunk_bytes):
-        cache = "encoded"
-        ids_path, n_chars = _encode_into_cache(ids_path, source, tokenizer, chunk_bytes, progress)
-    if ids_path.parent == folder and (not known or (scanned and not about["chars"])):
-        # The text's own vocabulary only when it was scanned (a given one may hold more characters).
-        chars = "".join(scanned[0].chars) if scanned else about.get("chars", "") if known else ""
-        _write_json(about_path, {"fingerprint": fingerprint, "n_chars": n_chars, "chars": chars})
+            tokenizer, n_chars, digest = _scan(source, chunk_bytes, progress)
+            if digest != fingerprint:
+                raise _changed_while_read(source)
+            scanned = tokenizer
     if n_chars == 0:
         raise UserError(f"data from {source.description} is empty")
-    ids = np.load(ids_path, mmap_mode="r")
-    if ids_path.parent != folder:
-        # A cache that could not be written: a private temporary file, mapped and then unlinked.
-        ids_path.unlink(missing_ok=True)
-        ids_path = None
+    ids_path: Path | None = folder / f"{fingerprint[:32]}-{_vocab_key(tokenizer)}.npy"
+    ids = _open_ids(ids_path, n_chars, tokenizer.vocab_size, chunk_bytes) if n_chars is not None else None
+    cache = "cached"
+    if ids is None:
+        try:
+            ids_path, n_chars, not_cached = _encode_into_cache(ids_path, source, tokenizer, fingerprint,
+                                                               chunk_bytes, progress)
+        except UnknownCharactersError:
+            if given:
+                raise
+            raise _changed_while_read(source) from None  # it had only the characters its first read found
+        cache = f"read and encoded, not cached ({not_cached})" if not_cached else "encoded"
+        if not not_cached and (not known or (scanned and not about["chars"])):
+            # The text's own vocabulary only when it was scanned (a given one may hold more characters).
+            chars = "".join(scanned.chars) if scanned else about.get("chars", "") if known else ""
+            _write_json(about_path, {"fingerprint": fingerprint, "n_chars": n_chars, "chars": chars})
+        ids = _open_ids(ids_path, n_chars, tokenizer.vocab_size, check=False) if n_chars else None
+        if not_cached:
+            # A private temporary file: mapped, then unlinked (the map keeps it until it is closed).
+            ids_path.unlink(missing_ok=True)
+            ids_path = None
+        if ids is None:
+            raise UserError(f"data from {source.description} is empty" if n_chars == 0
+                            else f"cannot read back the encoded text of {source.description}")
     train, val = _split(ids, val_fraction)
     return Corpus(tokenizer, train, val, fingerprint, source.description, n_chars, ids_path, cache)
 
 
-def _encode_into_cache(path: Path, source: TextSource, tokenizer: CharTokenizer, chunk_bytes: int,
-                       progress: ProgressCallback | None = None) -> tuple[Path, int]:
-    """Encode to a temporary name beside path and rename it into place, so a crash or a concurrent run
-    never leaves a half-written cache. Where the cache cannot be written, to a temporary file."""
+def _encode_into_cache(path: Path, source: TextSource, tokenizer: CharTokenizer, fingerprint: str,
+                       chunk_bytes: int, progress: ProgressCallback | None = None) -> tuple[Path, int, str]:
+    """Encode into the cache entry at path. Where the cache cannot be written (not a folder,
+    read-only, full), into a private temporary file instead. Returns the file, the number of ids, and
+    why they are not in the cache ('' when they are)."""
+    encode = functools.partial(_encode_file, source=source, tokenizer=tokenizer, fingerprint=fingerprint,
+                               chunk_bytes=chunk_bytes, progress=progress)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=".encoding-", suffix=".npy")
-    except OSError:
-        handle, name = tempfile.mkstemp(prefix="minigpt-encoding-", suffix=".npy")
+        return (*encode(path.parent, f"{ENCODING_PREFIX}{os.getpid()}-", into=path), "")
+    except OSError as exc:
+        why = f"{path.parent}: {exc.strerror or exc}"
+    try:
+        return (*encode(None, "minigpt-encoding-", into=None), why)
+    except OSError as exc:
+        raise UserError(f"cannot write the encoded text of {source.description}: {why}; "
+                        f"{tempfile.gettempdir()}: {exc.strerror or exc}") from None
+
+
+def _encode_file(folder: Path | None, prefix: str, source: TextSource, tokenizer: CharTokenizer, fingerprint: str,
+                 chunk_bytes: int, progress: ProgressCallback | None, into: Path | None) -> tuple[Path, int]:
+    """Encode to a new temporary file in folder (None: the system's), made read-only (a cache entry is
+    hard-linked by the runs trained on it, so it is never written in place), then renamed to into, so a
+    crash or a concurrent run never leaves a half-written entry. The temporary file is removed on any
+    failure; OSError: it could not be written."""
+    handle, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".npy")
     os.close(handle)
     tmp = Path(name)
     try:
-        n = _encode_to(tmp, source, tokenizer, chunk_bytes, progress)
-        os.chmod(tmp, 0o644)  # mkstemp made it private; the ids are no more private than the text
-        if tmp.parent == path.parent:
-            os.replace(tmp, path)
-            return path, n
-        return tmp, n
+        n, digest = _encode_to(tmp, source, tokenizer, chunk_bytes, progress)
+        if digest != fingerprint:
+            raise _changed_while_read(source)
+        os.chmod(tmp, 0o444)
+        if into is not None:
+            os.replace(tmp, into)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return (into or tmp), n
 
 
 def scan_vocabulary(path: str | Path | None, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -429,13 +592,20 @@ def is_run_copy(path: Path) -> bool:
 
 
 def run_copy(run_dir: Path) -> Path | None:
-    """The run's own encoded text (data.npy), if it keeps one."""
+    """The path that stands for the run's text, if the run keeps it: its encoded copy (data.npy), or,
+    for a run that keeps only a reference to its text, that same name, which load_corpus reads as the
+    reference (the text it names, checked against its fingerprint)."""
     path = Path(run_dir) / RUN_IDS
-    return path if is_run_copy(path) and not path.is_symlink() else None
+    if not is_run_copy(path) or path.is_symlink():
+        return None
+    if path.is_file():
+        return path
+    about = _read_json(path.with_name(RUN_DATA_JSON)) or {}
+    return path if about.get("kept") == "reference" and not path.exists() else None
 
 
 def load_run_copy(path: Path, val_fraction: float, tokenizer: CharTokenizer | None = None,
-                  chunk_bytes: int = CHUNK_BYTES) -> Corpus:
+                  chunk_bytes: int = CHUNK_BYTES, progress: ProgressCallback | None = None) -> Corpus:
     began = time.perf_counter()
     about = _read_json(path.with_name(RUN_DATA_JSON)) or {}
     chars, fingerprint = about.get("chars"), about.get("fingerprint")
@@ -444,56 +614,120 @@ def load_run_copy(path: Path, val_fraction: float, tokenizer: CharTokenizer | No
     own = CharTokenizer(chars)
     if tokenizer is not None and tokenizer.chars != own.chars:
         raise UserError(f"{path} was encoded with another vocabulary than the run's: pass the text with --data PATH")
-    if not _ids_ok(path, about.get("n_chars"), own.vocab_size, chunk_bytes):
+    if about.get("kept") == "reference" and not path.exists():
+        corpus = _load_reference(path, about, own, val_fraction, chunk_bytes, progress)
+        corpus.seconds = time.perf_counter() - began
+        return corpus
+    ids = _open_ids(path, about.get("n_chars"), own.vocab_size, chunk_bytes)
+    if ids is None:
         raise UserError(f"{path} is damaged (ids outside the vocabulary, or a wrong length): pass the text with "
                         f"--data PATH")
-    ids = np.load(path, mmap_mode="r")
     train, val = _split(ids, val_fraction)
     source = f"{about.get('source', 'text')} (the run's encoded copy)"
-    return Corpus(own, train, val, fingerprint, source, len(ids), path, "run", time.perf_counter() - began, about)
+    return Corpus(own, train, val, fingerprint, source, len(ids), path, "run", time.perf_counter() - began, about,
+                  path)
 
 
-def keep_in_run(run_dir: Path, corpus: Corpus, copy_max_bytes: int = RUN_COPY_MAX_BYTES) -> str:
+def _load_reference(path: Path, about: dict, tokenizer: CharTokenizer, val_fraction: float, chunk_bytes: int,
+                    progress: ProgressCallback | None) -> Corpus:
+    """The text a run refers to (it keeps no copy), checked against the fingerprint the run recorded."""
+    run_dir, text, fingerprint = path.parent, about.get("path"), about["fingerprint"]
+    if not isinstance(text, str) or not text:
+        raise UserError(f"{path.with_name(RUN_DATA_JSON)} is damaged: pass the text with --data PATH")
+    where = f"{run_dir} keeps no copy of its text and refers to {text}"
+    if not os.path.exists(text):
+        raise UserError(f"{where}, which is gone: pass the text it was trained on with --data PATH")
+    try:
+        corpus = load_corpus(text, val_fraction, tokenizer, chunk_bytes, progress)
+    except UnknownCharactersError:
+        corpus = None  # characters the run's text did not have: it has changed
+    if corpus is None or corpus.fingerprint != fingerprint:
+        now = f"sha256 {corpus.fingerprint[:12]}, " if corpus is not None else ""
+        raise UserError(f"{where}, which has changed since ({now}trained on {fingerprint[:12]}): pass the text "
+                        f"it was trained on with --data PATH")
+    corpus.origin = about
+    return corpus
+
+
+def keep_in_run(run_dir: Path, corpus: Corpus, copy_max_bytes: int | None = None) -> str:
     """Keep the corpus's ids in the run (data.npy + data.json), so that `eval` and `--resume` need
     nothing outside it: a hard link to the cache entry where the file system allows (no extra disk;
-    cache entries are never changed in place), else a copy up to copy_max_bytes, else only a
-    reference to the source with its fingerprint. Returns what the run keeps, in words."""
+    read-only, as cache entries are, and never changed in place), else a copy up to copy_max_bytes
+    (RUN_COPY_MAX_BYTES; any size for stdin, which cannot be read again), else only a reference to
+    the text's path and fingerprint, which `eval` and `--resume` read and check. Returns what the run
+    keeps, in words."""
+    limit = RUN_COPY_MAX_BYTES if copy_max_bytes is None else copy_max_bytes
     run_dir = Path(run_dir)
     target = run_dir / RUN_IDS
-    about = {"fingerprint": corpus.fingerprint, "source": corpus.source, "n_chars": corpus.n_chars,
-             "chars": "".join(corpus.tokenizer.chars)}
-    if corpus.ids_path is not None and corpus.ids_path.resolve() == target.resolve():
+    if corpus.ids_path is not None and target.exists() and corpus.ids_path.resolve() == target.resolve():
         return f"its encoded copy of {corpus.origin.get('source', corpus.source)} ({target})"
+    about = {"fingerprint": corpus.fingerprint, "source": corpus.origin.get("source", corpus.source),
+             "n_chars": corpus.n_chars, "chars": "".join(corpus.tokenizer.chars)}
     tmp = run_dir / f".tmp-{RUN_IDS}.{os.getpid()}"
-    size = corpus.ids_path.stat().st_size if corpus.ids_path else 0
-    how = None
-    if corpus.ids_path is not None:
-        try:
-            os.link(corpus.ids_path, tmp)
-            how = "link"
-        except OSError:
-            if size <= copy_max_bytes:
-                try:
-                    shutil.copyfile(corpus.ids_path, tmp)
-                    how = "copy"
-                except OSError:
-                    tmp.unlink(missing_ok=True)
+    how, why = _put_ids(corpus, tmp, limit)
     if how is None:
-        # The run refers to its source: data.json names it and its fingerprint, and any old copy goes.
-        about["kept"] = "reference"
-        target.unlink(missing_ok=True)
-        _write_json(run_dir / RUN_DATA_JSON, about)
-        return (f"no copy of the text ({size / 2**20:,.0f} MiB of ids, too large to copy and not linkable): "
-                f"it refers to {corpus.source} (sha256 {corpus.fingerprint[:12]}), which `eval` and "
-                f"`--resume` will read")
+        return _keep_reference(run_dir, corpus, about, why)
     about["kept"] = how
     # data.json first, then data.npy: a reader that sees data.npy sees the json that describes it.
     (run_dir / RUN_DATA_JSON).unlink(missing_ok=True)
     os.replace(tmp, target)
     _write_json(run_dir / RUN_DATA_JSON, about)
-    words = ("a hard link to the encoded cache, no extra disk" if how == "link"
-             else f"a copy, {size / 2**20:,.1f} MiB")
+    words = ("a read-only hard link to the encoded cache, no extra disk" if how == "link"
+             else f"a read-only copy, {_ids_bytes(corpus) / 2**20:,.1f} MiB")
     return f"the encoded text in {RUN_IDS} ({corpus.n_chars:,} ids; {words}) and its vocabulary in {RUN_DATA_JSON}"
+
+
+def _ids_bytes(corpus: Corpus) -> int:
+    return corpus.train.nbytes + corpus.val.nbytes
+
+
+def _put_ids(corpus: Corpus, tmp: Path, limit: int) -> tuple[str | None, str]:
+    """Put the corpus's ids at tmp, read-only: ("link" or "copy", ""), or (None, why not)."""
+    tmp.unlink(missing_ok=True)
+    if corpus.ids_path is not None:
+        try:
+            os.link(corpus.ids_path, tmp)
+            return "link", ""
+        except OSError as exc:
+            why = f"the encoded cache cannot be linked into the run: {exc.strerror or exc}"
+    else:
+        why = f"the encoded text is not cached: {corpus.cache}"
+    size = _ids_bytes(corpus)
+    if size > limit and corpus.path is not None:
+        return None, f"{why}; its {size / 2**20:,.1f} MiB of ids are more than the {limit / 2**20:,.1f} MiB copied"
+    try:
+        _copy_ids(corpus, tmp)
+        os.chmod(tmp, 0o444)
+        return "copy", ""
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        return None, f"{why}; a copy could not be written: {exc.strerror or exc}"
+
+
+def _copy_ids(corpus: Corpus, tmp: Path) -> None:
+    if corpus.ids_path is not None:
+        shutil.copyfile(corpus.ids_path, tmp)
+        return
+    # Not cached: the ids are only in the corpus's memory maps (of a file already unlinked).
+    n, step = corpus.n_chars, max(1, CHUNK_BYTES // corpus.train.itemsize)
+    with open(tmp, "wb") as f:
+        f.write(_npy_header(n, corpus.train.dtype))
+        for ids in (corpus.train, corpus.val):
+            for i in range(0, len(ids), step):
+                f.write(np.ascontiguousarray(ids[i:i + step]).tobytes())
+                release_pages(ids)
+
+
+def _keep_reference(run_dir: Path, corpus: Corpus, about: dict, why: str) -> str:
+    """The run keeps no copy of its text: data.json names the text and its fingerprint (any old copy goes)."""
+    (run_dir / RUN_IDS).unlink(missing_ok=True)
+    if corpus.path is None:  # stdin, read once: nothing to refer to
+        (run_dir / RUN_DATA_JSON).unlink(missing_ok=True)
+        return f"no copy of the text from {corpus.source} ({why}): `eval` and `--resume` need it again with --data"
+    about.update(kept="reference", path=str(corpus.path))
+    _write_json(run_dir / RUN_DATA_JSON, about)
+    return (f"no copy of the text ({why}): it refers to {corpus.path} (sha256 {corpus.fingerprint[:12]}), "
+            f"which `eval` and `--resume` read and check against that fingerprint")
 
 
 def check_split_lengths(corpus: Corpus, block_size: int) -> None:
@@ -572,16 +806,22 @@ def release_pages(ids: np.ndarray) -> None:
             pass
 
 
-def read_windows(ids: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
-    """ids[start : start + length] for each start, as int64 (B, length), leaving no page mapped."""
+def read_windows(ids: np.ndarray, starts: np.ndarray, length: int, vocab_size: int | None = None) -> np.ndarray:
+    """ids[start : start + length] for each start, as int64 (B, length), leaving no page mapped. With
+    vocab_size, ids past the vocabulary are a UserError naming the damaged file: the ids were checked
+    when loaded, but the file is a memory map that can be written to while it is read."""
     windows = ids[starts[:, None] + np.arange(length)].astype(np.int64)
     release_pages(ids)
+    if vocab_size is not None and windows.size and int(windows.max()) >= vocab_size:
+        where = getattr(ids, "filename", None) or "the encoded text"
+        raise UserError(f"{where} is damaged: it holds id {int(windows.max())}, past the vocabulary of {vocab_size} "
+                        f"characters (was it written to?); pass the text with --data PATH")
     return windows
 
 
-def get_batch(ids: np.ndarray, starts: np.ndarray, block_size: int,
-              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    chunk = torch.from_numpy(read_windows(ids, starts, block_size + 1))  # (B, T+1)
+def get_batch(ids: np.ndarray, starts: np.ndarray, block_size: int, device: torch.device | None = None,
+              vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    chunk = torch.from_numpy(read_windows(ids, starts, block_size + 1, vocab_size))  # (B, T+1)
     x, y = chunk[:, :-1], chunk[:, 1:]  # (B, T) each
     if device is not None and device.type == "cuda":
         return (x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))

@@ -639,7 +639,7 @@ class Trainer:
             else:
                 starts = batch_indices(len(self.corpus.train), length, batch, t.seed, step, micro,
                                        self.dist.rank, self.dist.world_size)
-            x, y = get_batch(self.corpus.train, starts, length, self.device)
+            x, y = get_batch(self.corpus.train, starts, length, self.device, self.corpus.tokenizer.vocab_size)
             last = micro == t.grad_accum_steps - 1
             # Under DDP, gradients are all-reduced only after the last micro-step.
             sync = train_model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
@@ -688,7 +688,7 @@ class Trainer:
                 for i in range(t.eval_iters):
                     starts = batch_indices(len(ids), m.block_size, t.batch_size, t.seed, i, EVAL_STREAM + split_id,
                                            self.dist.rank, self.dist.world_size)
-                    x, y = get_batch(ids, starts, m.block_size, self.device)
+                    x, y = get_batch(ids, starts, m.block_size, self.device, corpus.tokenizer.vocab_size)
                     losses.append(training_loss(model, x, y, self.device, self.precision))
                 out[name] = torch.stack(losses).mean().item()
         if self.dist.enabled:

@@ -122,6 +122,7 @@ def test_a_corrupt_cache_file_is_rebuilt(tmp_path: Path):
     path.write_text("hello world\n" * 50, encoding="utf-8")
     first = np.array(data.load_corpus(path, 0.1).train)  # a copy: the corpus maps the cache file
     (cache_file,) = (tmp_path / "cache").glob("*.npy")
+    cache_file.chmod(0o644)  # cache entries are read-only
     cache_file.write_bytes(b"garbage")
     second = data.load_corpus(path, 0.1)
     assert np.array_equal(first, second.train)
