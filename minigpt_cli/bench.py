@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, UserError, apply_overrides, load_config
-from minigpt_cli.data import scan_vocabulary
+from minigpt_cli.corpus import scan_vocabulary
 from minigpt_cli.device import DTYPES, Runtime, check_inference_dtype, runtime, synchronize, use_threads
 from minigpt_cli.inference import Decoder
 from minigpt_cli.kv_cache import KVCache

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minigpt_cli.config import Config, UserError, config_from_checkpoint_dict
-from minigpt_cli.data import RUN_DATA_JSON, RUN_IDS, run_copy
+from minigpt_cli.corpus import RUN_DATA_JSON, RUN_IDS, run_copy
 from minigpt_cli.device import shapes_only
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer

@@ -21,8 +21,8 @@ from torch import nn
 
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, UserError, absolute_data_path, apply_overrides, load_config
-from minigpt_cli.data import (Corpus, batch_indices, check_split_lengths, epoch_batch_indices, get_batch, keep_in_run,
-                              load_corpus, run_copy, scoring_windows)
+from minigpt_cli.batches import batch_indices, epoch_batch_indices, get_batch, scoring_windows
+from minigpt_cli.corpus import Corpus, check_split_lengths, keep_in_run, load_corpus, run_copy
 from minigpt_cli.device import Precision, autocast, detect_distributed, resolve_device, runtime
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import FAST, assert_usage_error, cli_env, invoke, set_flags
-from minigpt_cli import data
+from minigpt_cli import batches
+from minigpt_cli import corpus as corpus_module
 from minigpt_cli.config import UserError
 from minigpt_cli.tokenizer import CharTokenizer
 
@@ -31,7 +32,7 @@ def write(tmp_path: Path, text: str = TEXT, name: str = "text.txt") -> Path:
     return path
 
 
-def all_ids(corpus: data.Corpus) -> np.ndarray:
+def all_ids(corpus: corpus_module.Corpus) -> np.ndarray:
     return np.concatenate([corpus.train, corpus.val])
 
 
@@ -49,17 +50,17 @@ def test_a_text_replaced_between_the_passes_is_never_cached_under_the_old_finger
     replacement = tmp_path / "new.txt"
     replacement.write_text("hgfedcba\n" * 100, encoding="utf-8")  # same size, same characters
     old_sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    hash_first = data.fingerprint_text
+    hash_first = corpus_module.fingerprint_text
 
     def hash_then_replace(*args, **kwargs):
         fingerprint = hash_first(*args, **kwargs)
         os.replace(replacement, path)  # `mv new.txt text.txt` between the hashing and the encoding
         return fingerprint
 
-    monkeypatch.setattr(data, "fingerprint_text", hash_then_replace)
+    monkeypatch.setattr(corpus_module, "fingerprint_text", hash_then_replace)
     tokenizer = CharTokenizer("abcdefgh\n") if given_vocabulary else None
     with pytest.raises(UserError, match="changed while minigpt read it"):
-        data.load_corpus(path, 0.1, tokenizer)
+        corpus_module.load_corpus(path, 0.1, tokenizer)
     assert not cache_files(tmp_path, f"{old_sha[:32]}*.npy")
     assert not cache_files(tmp_path, ".encoding-*")
 
@@ -67,29 +68,29 @@ def test_a_text_replaced_between_the_passes_is_never_cached_under_the_old_finger
 # -- item 4: shared entries are read-only, and ids are checked where they are read -------------------
 
 def test_cache_entries_and_the_runs_linked_copy_are_read_only(tmp_path: Path):
-    corpus = data.load_corpus(write(tmp_path), 0.1)
+    corpus = corpus_module.load_corpus(write(tmp_path), 0.1)
     assert corpus.ids_path.stat().st_mode & 0o777 == 0o444
     run = tmp_path / "run"
     run.mkdir()
-    assert "read-only hard link" in data.keep_in_run(run, corpus)
-    assert (run / data.RUN_IDS).stat().st_mode & 0o777 == 0o444
+    assert "read-only hard link" in corpus_module.keep_in_run(run, corpus)
+    assert (run / corpus_module.RUN_IDS).stat().st_mode & 0o777 == 0o444
 
 
 def test_a_copy_in_the_run_is_read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    corpus = data.load_corpus(write(tmp_path), 0.1)
+    corpus = corpus_module.load_corpus(write(tmp_path), 0.1)
     monkeypatch.setattr(os, "link", exdev)
     run = tmp_path / "run"
     run.mkdir()
-    assert "read-only copy" in data.keep_in_run(run, corpus)
-    assert (run / data.RUN_IDS).stat().st_mode & 0o777 == 0o444
+    assert "read-only copy" in corpus_module.keep_in_run(run, corpus)
+    assert (run / corpus_module.RUN_IDS).stat().st_mode & 0o777 == 0o444
 
 
 def test_an_id_past_the_vocabulary_in_a_batch_is_a_damaged_file_not_an_index_error():
     ids = np.arange(100, dtype=np.uint8) % 10
     ids[50] = 255
     with pytest.raises(UserError, match="damaged.*id 255.*vocabulary of 10"):
-        data.get_batch(ids, np.array([40]), 16, vocab_size=10)
-    data.get_batch(ids, np.array([0]), 16, vocab_size=10)  # windows that miss it are read
+        batches.get_batch(ids, np.array([40]), 16, vocab_size=10)
+    batches.get_batch(ids, np.array([0]), 16, vocab_size=10)  # windows that miss it are read
 
 
 def test_training_on_ids_written_past_the_vocabulary_exits_2(tmp_path: Path, small_corpus: Path,
@@ -120,34 +121,34 @@ def exdev(*args, **kwargs):
 
 def test_a_run_that_refers_to_its_text_is_read_from_it_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     path = write(tmp_path)
-    corpus = data.load_corpus(path, 0.1)
+    corpus = corpus_module.load_corpus(path, 0.1)
     monkeypatch.setattr(os, "link", exdev)
     run = tmp_path / "run"
     run.mkdir()
-    kept = data.keep_in_run(run, corpus, copy_max_bytes=100)
+    kept = corpus_module.keep_in_run(run, corpus, copy_max_bytes=100)
     assert f"refers to {path}" in kept and "cannot be linked" in kept and "Invalid cross-device link" in kept
-    assert data.run_copy(run) == run / data.RUN_IDS
-    again = data.load_corpus(data.run_copy(run), 0.1, corpus.tokenizer)
+    assert corpus_module.run_copy(run) == run / corpus_module.RUN_IDS
+    again = corpus_module.load_corpus(corpus_module.run_copy(run), 0.1, corpus.tokenizer)
     assert np.array_equal(all_ids(again), all_ids(corpus)) and again.fingerprint == corpus.fingerprint
     path.write_text(TEXT.replace("be", "eb"), encoding="utf-8")
     with pytest.raises(UserError, match=r"refers to .*text\.txt, which has changed since"):
-        data.load_corpus(data.run_copy(run), 0.1)
+        corpus_module.load_corpus(corpus_module.run_copy(run), 0.1)
     path.unlink()
     with pytest.raises(UserError, match=r"refers to .*text\.txt, which is gone"):
-        data.load_corpus(data.run_copy(run), 0.1)
+        corpus_module.load_corpus(corpus_module.run_copy(run), 0.1)
 
 
 def test_a_small_text_under_an_unwritable_cache_is_copied_into_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """With a cache that cannot be written, a 20 KB text got 'too large to copy and not linkable'."""
     (tmp_path / "file").write_text("", encoding="utf-8")
     monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: never a folder
-    corpus = data.load_corpus(write(tmp_path), 0.1)
+    corpus = corpus_module.load_corpus(write(tmp_path), 0.1)
     assert corpus.ids_path is None and "not cached" in corpus.cache
     run = tmp_path / "run"
     run.mkdir()
-    kept = data.keep_in_run(run, corpus)
+    kept = corpus_module.keep_in_run(run, corpus)
     assert "too large" not in kept and "copy" in kept
-    again = data.load_corpus(run / data.RUN_IDS, 0.1)
+    again = corpus_module.load_corpus(run / corpus_module.RUN_IDS, 0.1)
     assert again.cache == "run" and np.array_equal(all_ids(again), all_ids(corpus))
 
 
@@ -155,7 +156,7 @@ def test_cli_eval_and_resume_a_run_that_refers_to_its_text(tmp_path: Path, small
                                                           monkeypatch: pytest.MonkeyPatch):
     """`eval RUN` and `train --resume` failed with 'RUN/data.npy is damaged' for such a run."""
     monkeypatch.setattr(os, "link", exdev)
-    monkeypatch.setattr(data, "RUN_COPY_MAX_BYTES", 100)
+    monkeypatch.setattr(corpus_module, "RUN_COPY_MAX_BYTES", 100)
     text = tmp_path / "corpus.txt"
     shutil.copyfile(small_corpus, text)
     trained = invoke("train", "tiny", "--data", text, "--out", "run", *set_flags(*FAST, "train.max_iters=2"))
@@ -192,20 +193,20 @@ class Pipe:
 
 
 def test_binary_stdin_stops_at_its_first_invalid_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 16)
+    monkeypatch.setattr(corpus_module, "CHUNK_BYTES", 16)
     pipe = Pipe(b"valid text " + b"\xff" + b"x" * 10_000)
     monkeypatch.setattr(sys, "stdin", pipe)
     with pytest.raises(UserError, match=r"stdin is not valid UTF-8: byte 0xff at offset 11"):
-        data.load_corpus("-", 0.1)
+        corpus_module.load_corpus("-", 0.1)
     assert pipe.buffer.tell() < 100  # not the rest of it
     assert not cache_files(tmp_path, ".stdin-*")
 
 
 def test_stdin_interrupted_while_copied_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 16)
+    monkeypatch.setattr(corpus_module, "CHUNK_BYTES", 16)
     monkeypatch.setattr(sys, "stdin", Pipe(TEXT.encode(), interrupt_after=3))
     with pytest.raises(KeyboardInterrupt):
-        data.load_corpus("-", 0.1)
+        corpus_module.load_corpus("-", 0.1)
     assert (tmp_path / "cache").is_dir() and not cache_files(tmp_path, ".stdin-*")
 
 
@@ -213,12 +214,12 @@ def test_stdin_interrupted_while_copied_leaves_no_file(tmp_path: Path, monkeypat
 
 SIGTERM_WHILE_ENCODING = """
 import os, signal, sys
-from minigpt_cli import data
-encode = data._Encoder.__call__
+from minigpt_cli import corpus
+encode = corpus._Encoder.__call__
 def terminated(self, text):
     os.kill(os.getpid(), signal.SIGTERM)
     return encode(self, text)
-data._Encoder.__call__ = terminated
+corpus._Encoder.__call__ = terminated
 sys.argv = ["minigpt", *sys.argv[1:]]
 from minigpt_cli.cli import main
 main()
@@ -245,7 +246,7 @@ def test_the_next_load_removes_temporary_files_of_dead_processes(tmp_path: Path)
     live = [folder / f".encoding-{os.getpid()}-abc123.npy", folder / "notes.txt", folder / f".encoding-{pid}.npy"]
     for file in stale + live:
         file.write_bytes(b"partial")
-    data.load_corpus(write(tmp_path), 0.1)
+    corpus_module.load_corpus(write(tmp_path), 0.1)
     assert not any(f.exists() for f in stale)
     assert all(f.exists() for f in live)
 
@@ -254,13 +255,13 @@ def test_the_next_load_removes_temporary_files_of_dead_processes(tmp_path: Path)
 
 def test_fifos_in_place_of_cache_files_are_cache_misses(tmp_path: Path):
     path = write(tmp_path)
-    data.load_corpus(path, 0.1)
+    corpus_module.load_corpus(path, 0.1)
     entries = cache_files(tmp_path, "*.npy") + cache_files(tmp_path, "*.json")
     assert len(entries) == 2
     for entry in entries:
         entry.unlink()
         os.mkfifo(entry)
-    code = f"from minigpt_cli import data; print(data.load_corpus({str(path)!r}, 0.1).cache)"
+    code = f"from minigpt_cli import corpus; print(corpus.load_corpus({str(path)!r}, 0.1).cache)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=cli_env(tmp_path / "cache"), timeout=60)
     assert result.returncode == 0, result.stderr
@@ -269,14 +270,14 @@ def test_fifos_in_place_of_cache_files_are_cache_misses(tmp_path: Path):
 
 
 def test_a_fifo_as_a_runs_copy_is_a_clear_error(tmp_path: Path):
-    corpus = data.load_corpus(write(tmp_path), 0.1)
+    corpus = corpus_module.load_corpus(write(tmp_path), 0.1)
     run = tmp_path / "run"
     run.mkdir()
-    data.keep_in_run(run, corpus)
-    (run / data.RUN_IDS).unlink()
-    os.mkfifo(run / data.RUN_IDS)
-    code = (f"from minigpt_cli import data\ntry: data.load_corpus({str(run / data.RUN_IDS)!r}, 0.1)\n"
-            f"except data.UserError as exc: print(exc)")
+    corpus_module.keep_in_run(run, corpus)
+    (run / corpus_module.RUN_IDS).unlink()
+    os.mkfifo(run / corpus_module.RUN_IDS)
+    code = (f"from minigpt_cli import corpus\ntry: corpus.load_corpus({str(run / corpus_module.RUN_IDS)!r}, 0.1)\n"
+            f"except corpus.UserError as exc: print(exc)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=cli_env(tmp_path / "cache"), timeout=60)
     assert result.returncode == 0, result.stderr
@@ -286,7 +287,7 @@ def test_a_fifo_as_a_runs_copy_is_a_clear_error(tmp_path: Path):
 # -- item 11b: a full disk while encoding ----------------------------------------------------------
 
 def full_disk_in(folder: Path):
-    encode = data._encode_to
+    encode = corpus_module._encode_to
 
     def encode_to(path: Path, *args, **kwargs):
         if path.parent == folder:
@@ -298,8 +299,8 @@ def full_disk_in(folder: Path):
 
 
 def test_a_full_cache_disk_encodes_without_caching(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "_encode_to", full_disk_in(tmp_path / "cache"))
-    corpus = data.load_corpus(write(tmp_path), 0.1)
+    monkeypatch.setattr(corpus_module, "_encode_to", full_disk_in(tmp_path / "cache"))
+    corpus = corpus_module.load_corpus(write(tmp_path), 0.1)
     assert "not cached" in corpus.cache and "No space left on device" in corpus.cache
     assert corpus.tokenizer.decode(all_ids(corpus).tolist()) == TEXT
     assert not cache_files(tmp_path, "*.npy") and not cache_files(tmp_path, ".encoding-*")
@@ -309,7 +310,7 @@ def test_a_full_disk_everywhere_is_one_line(tmp_path: Path, monkeypatch: pytest.
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(data, "_encode_to", no_space)
+    monkeypatch.setattr(corpus_module, "_encode_to", no_space)
     result = invoke("train", "tiny", "--data", write(tmp_path), "--out", "run", *set_flags(*FAST))
     assert_usage_error(result, "cannot write the encoded text", "No space left on device")
     assert not cache_files(tmp_path, ".encoding-*") and not (tmp_path / "run").exists()

@@ -12,7 +12,7 @@ import minigpt_cli
 PACKAGE = Path(minigpt_cli.__file__).resolve().parent
 
 # DESIGN.md's module table, top to bottom: a module may import only modules before it.
-ORDER = ["config", "progress", "tokenizer", "device", "data", "kv_cache", "model", "optim", "inference", "scoring",
+ORDER = ["config", "progress", "tokenizer", "device", "batches", "corpus", "kv_cache", "model", "optim", "inference", "scoring",
          "checkpoint", "sampler", "trainer", "evaluate", "bench", "inspection", "runs", "cli", "__main__"]
 
 
