@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minigpt_cli.config import Config, UserError, config_from_checkpoint_dict
-from minigpt_cli.data import run_copy
+from minigpt_cli.corpus import run_copy
 from minigpt_cli.device import shapes_only
 from minigpt_cli.model import GPT
 from minigpt_cli.rundir import (  # noqa: F401 (names re-exported for the modules that save and load)

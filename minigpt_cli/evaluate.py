@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from minigpt_cli.checkpoint import LoadedCheckpoint, load_checkpoint, run_text
 from minigpt_cli.config import UserError
-from minigpt_cli.data import load_corpus
+from minigpt_cli.corpus import load_corpus
 from minigpt_cli.device import DTYPES, Precision, autocast, check_inference_dtype, choose_precision, resolve_device, use_threads
 from minigpt_cli.model import GPT
 from minigpt_cli.progress import ProgressCallback

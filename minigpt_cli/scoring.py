@@ -27,7 +27,7 @@ def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_
                device: torch.device, precision: Precision, progress: ProgressCallback | None = None,
                task: str = "scoring", max_chars: int = 0) -> tuple[float, int]:
     """Sum of -log p over every character after the first (or a fixed sample of windows when there
-    are more than max_chars, see data.scoring_windows), and how many were scored.
+    are more than max_chars, see batches.scoring_windows), and how many were scored.
 
     Windows of up to block_size characters start every `stride` characters; each window scores
     only the characters no earlier window scored, so with stride < block_size every character
@@ -38,7 +38,7 @@ def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_
     import torch
     import torch.nn.functional as F
 
-    from minigpt_cli.data import read_windows, scoring_windows
+    from minigpt_cli.batches import read_windows, scoring_windows
     from minigpt_cli.device import autocast
     from minigpt_cli.progress import progress_task
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, UserError, apply_overrides, load_config
-from minigpt_cli.data import scan_vocabulary
+from minigpt_cli.corpus import scan_vocabulary
 
 
 @dataclass

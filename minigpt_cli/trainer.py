@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli.batches import batch_indices, epoch_batch_indices, get_batch, scoring_windows
 from minigpt_cli.budget import TimeBudget
 from minigpt_cli.config import Config, UserError, absolute_data_path, apply_overrides, load_config, option_overrides
-from minigpt_cli.data import (Corpus, batch_indices, check_split_lengths, epoch_batch_indices, get_batch, keep_in_run,
-                              load_corpus, run_copy, scoring_windows)
+from minigpt_cli.corpus import Corpus, check_split_lengths, keep_in_run, load_corpus, run_copy
 from minigpt_cli.device import Precision, autocast, detect_distributed, resolve_device, runtime
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
@@ -602,7 +602,7 @@ class Trainer:
             else:
                 starts = batch_indices(len(self.corpus.train), length, batch, t.seed, step, micro,
                                        self.dist.rank, self.dist.world_size)
-            x, y = get_batch(self.corpus.train, starts, length, self.device)
+            x, y = get_batch(self.corpus.train, starts, length, self.device, self.corpus.tokenizer.vocab_size)
             last = micro == t.grad_accum_steps - 1
             # Under DDP, gradients are all-reduced only after the last micro-step.
             sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
@@ -701,7 +701,7 @@ class Trainer:
                 for i in range(t.eval_iters):
                     starts = batch_indices(len(ids), m.block_size, t.batch_size, t.seed, i, EVAL_STREAM + split_id,
                                            self.dist.rank, self.dist.world_size)
-                    x, y = get_batch(ids, starts, m.block_size, self.device)
+                    x, y = get_batch(ids, starts, m.block_size, self.device, corpus.tokenizer.vocab_size)
                     losses.append(training_loss(model, x, y, self.device, self.precision))
                 sums.append(torch.stack(losses).mean().item())
         world = self.dist.world_size

@@ -1,6 +1,6 @@
 """Bad input: exit code 2, one line naming the problem, no traceback, nothing overwritten.
 
-Config and data mistakes are also covered next to their modules (test_config.py, test_data.py);
+Config and data mistakes are also covered next to their modules (test_config.py, test_data.py, test_data_safety.py);
 this file holds the sampling settings, prompts, devices, missing runs, and a few checks in a real
 process so that the exit code and stderr are exactly what a shell sees.
 """

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import FAST, assert_usage_error, invoke, set_flags
-from minigpt_cli import data
+from minigpt_cli import batches
+from minigpt_cli import corpus as corpus_module
 from minigpt_cli.config import UserError
 from minigpt_cli.tokenizer import CharTokenizer
 
@@ -22,7 +23,7 @@ def test_non_utf8_file_names_the_file_and_byte_offset(tmp_path: Path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("héllo".encode("utf-8") + b" w\xe9rld")  # 6 bytes + 2: the bad byte is at offset 8
     with pytest.raises(UserError) as info:
-        data.read_text(path)
+        corpus_module.read_text(path)
     message = str(info.value)
     assert str(path) in message
     assert "offset 8" in message
@@ -35,7 +36,7 @@ def test_non_utf8_file_in_a_folder_names_that_file(tmp_path: Path):
     (folder / "a.txt").write_text("fine\n", encoding="utf-8")
     (folder / "b.txt").write_bytes(b"ok\n\xff")
     with pytest.raises(UserError, match=r"b\.txt.*offset 3"):
-        data.read_text(folder)
+        corpus_module.read_text(folder)
 
 
 def test_folder_of_txt_files_is_read_in_name_order(tmp_path: Path):
@@ -46,7 +47,7 @@ def test_folder_of_txt_files_is_read_in_name_order(tmp_path: Path):
     (folder / "sub" / "c.txt").write_text("third\n", encoding="utf-8")
     (folder / "notes.md").write_text("ignored", encoding="utf-8")
     (folder / "image.bin").write_bytes(b"\xff\xfe")
-    text, source = data.read_text(folder)
+    text, source = corpus_module.read_text(folder)
     assert text == "first\nsecond\nthird\n"
     assert "3 files" in source
 
@@ -54,7 +55,7 @@ def test_folder_of_txt_files_is_read_in_name_order(tmp_path: Path):
 def test_folder_without_txt_files_is_an_error(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .txt files"):
-        data.read_text(tmp_path / "empty")
+        corpus_module.read_text(tmp_path / "empty")
 
 
 def test_stdin(monkeypatch: pytest.MonkeyPatch):
@@ -63,7 +64,7 @@ def test_stdin(monkeypatch: pytest.MonkeyPatch):
             return False
 
     monkeypatch.setattr(sys, "stdin", Pipe(io.BytesIO("to be or not\n".encode("utf-8")), encoding="utf-8"))
-    text, source = data.read_text("-")
+    text, source = corpus_module.read_text("-")
     assert text == "to be or not\n"
     assert source == "stdin"
 
@@ -71,7 +72,7 @@ def test_stdin(monkeypatch: pytest.MonkeyPatch):
 def test_utf8_byte_order_mark_is_dropped(tmp_path: Path):
     path = tmp_path / "bom.txt"
     path.write_bytes(b"\xef\xbb\xbfabc")
-    assert data.read_text(path)[0] == "abc"
+    assert corpus_module.read_text(path)[0] == "abc"
 
 
 @pytest.mark.parametrize("make, fragment", [
@@ -80,19 +81,19 @@ def test_utf8_byte_order_mark_is_dropped(tmp_path: Path):
 ])
 def test_missing_or_empty_file_is_an_error(tmp_path: Path, make, fragment):
     with pytest.raises(UserError, match=fragment):
-        data.read_text(make(tmp_path))
+        corpus_module.read_text(make(tmp_path))
 
 
 @pytest.mark.parametrize("vocab_size, dtype", [(2, np.uint8), (256, np.uint8), (257, np.uint16),
                                                (65536, np.uint16), (65537, np.uint32)])
 def test_smallest_integer_dtype(vocab_size: int, dtype):
-    assert data.dtype_for_vocab(vocab_size) == np.dtype(dtype)
+    assert corpus_module.dtype_for_vocab(vocab_size) == np.dtype(dtype)
 
 
 def test_cache_uses_the_smallest_dtype_and_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     path = tmp_path / "text.txt"
     path.write_text("abcabc\n" * 200, encoding="utf-8")
-    corpus = data.load_corpus(path, 0.1)
+    corpus = corpus_module.load_corpus(path, 0.1)
     cached = list((tmp_path / "cache").glob("*.npy"))
     assert len(cached) == 1
     assert np.load(cached[0]).dtype == np.uint8
@@ -101,8 +102,8 @@ def test_cache_uses_the_smallest_dtype_and_is_reused(tmp_path: Path, monkeypatch
     def no_encoding(*args, **kwargs):
         raise AssertionError("the cached array should have been used")
 
-    monkeypatch.setattr(data, "_encode_to", no_encoding)
-    again = data.load_corpus(path, 0.1)
+    monkeypatch.setattr(corpus_module, "_encode_to", no_encoding)
+    again = corpus_module.load_corpus(path, 0.1)
     assert np.array_equal(np.concatenate([again.train, again.val]), np.concatenate([corpus.train, corpus.val]))
     assert again.fingerprint == corpus.fingerprint
 
@@ -110,7 +111,7 @@ def test_cache_uses_the_smallest_dtype_and_is_reused(tmp_path: Path, monkeypatch
 def test_cache_with_more_than_256_characters_uses_uint16(tmp_path: Path):
     path = tmp_path / "wide.txt"
     path.write_text("".join(chr(0x4E00 + i) for i in range(300)) * 3, encoding="utf-8")
-    corpus = data.load_corpus(path, 0.1)
+    corpus = corpus_module.load_corpus(path, 0.1)
     assert corpus.tokenizer.vocab_size == 300
     assert corpus.train.dtype == np.uint16
     assert CharTokenizer.from_text(path.read_text(encoding="utf-8")).encode(path.read_text(encoding="utf-8")) == \
@@ -120,39 +121,40 @@ def test_cache_with_more_than_256_characters_uses_uint16(tmp_path: Path):
 def test_a_corrupt_cache_file_is_rebuilt(tmp_path: Path):
     path = tmp_path / "text.txt"
     path.write_text("hello world\n" * 50, encoding="utf-8")
-    first = np.array(data.load_corpus(path, 0.1).train)  # a copy: the corpus maps the cache file
+    first = np.array(corpus_module.load_corpus(path, 0.1).train)  # a copy: the corpus maps the cache file
     (cache_file,) = (tmp_path / "cache").glob("*.npy")
+    cache_file.chmod(0o644)  # cache entries are read-only
     cache_file.write_bytes(b"garbage")
-    second = data.load_corpus(path, 0.1)
+    second = corpus_module.load_corpus(path, 0.1)
     assert np.array_equal(first, second.train)
 
 
 def test_split_is_the_tail_of_the_text(tmp_path: Path):
     path = tmp_path / "text.txt"
     path.write_text("0123456789" * 10, encoding="utf-8")
-    corpus = data.load_corpus(path, 0.2)
+    corpus = corpus_module.load_corpus(path, 0.2)
     assert len(corpus.train) == 80 and len(corpus.val) == 20
     assert corpus.tokenizer.decode(corpus.val.tolist()) == "0123456789" * 2
 
 
 def test_batches_are_reproducible_from_seed_and_step():
-    a = data.batch_indices(10_000, 32, 8, seed=7, step=3)
-    assert np.array_equal(a, data.batch_indices(10_000, 32, 8, seed=7, step=3))
-    assert not np.array_equal(a, data.batch_indices(10_000, 32, 8, seed=7, step=4))
-    assert not np.array_equal(a, data.batch_indices(10_000, 32, 8, seed=8, step=3))
-    assert not np.array_equal(a, data.batch_indices(10_000, 32, 8, seed=7, step=3, micro_step=1))
+    a = batches.batch_indices(10_000, 32, 8, seed=7, step=3)
+    assert np.array_equal(a, batches.batch_indices(10_000, 32, 8, seed=7, step=3))
+    assert not np.array_equal(a, batches.batch_indices(10_000, 32, 8, seed=7, step=4))
+    assert not np.array_equal(a, batches.batch_indices(10_000, 32, 8, seed=8, step=3))
+    assert not np.array_equal(a, batches.batch_indices(10_000, 32, 8, seed=7, step=3, micro_step=1))
     assert a.min() >= 0 and a.max() <= 10_000 - 32 - 1
 
 
 def test_ranks_split_the_global_batch():
-    whole = data.batch_indices(10_000, 32, 8, seed=1, step=5, world_size=1)
-    ranks = [data.batch_indices(10_000, 32, 4, seed=1, step=5, rank=r, world_size=2) for r in range(2)]
+    whole = batches.batch_indices(10_000, 32, 8, seed=1, step=5, world_size=1)
+    ranks = [batches.batch_indices(10_000, 32, 4, seed=1, step=5, rank=r, world_size=2) for r in range(2)]
     assert np.array_equal(np.concatenate(ranks), whole)
 
 
 def test_an_epoch_reads_every_window_once_in_a_shuffled_order_that_moves_each_epoch():
     n_tokens, block, batch = 10_001, 50, 8  # 200 windows of 50: 25 batches an epoch
-    starts = np.concatenate([data.epoch_batch_indices(n_tokens, block, batch, seed=3, step=s) for s in range(50)])
+    starts = np.concatenate([batches.epoch_batch_indices(n_tokens, block, batch, seed=3, step=s) for s in range(50)])
     first, second = starts[:200], starts[200:]
     for epoch in (first, second):
         assert len(np.unique(epoch)) == 200  # no window twice
@@ -166,29 +168,29 @@ def test_an_epoch_reads_every_window_once_in_a_shuffled_order_that_moves_each_ep
         read[start:start + block + 1] = True
     assert read.mean() > 1 - block / n_tokens - 1e-9
     # Reproducible from (seed, step), a step at a time (so a resumed run continues the same order).
-    assert np.array_equal(data.epoch_batch_indices(n_tokens, block, batch, seed=3, step=31), starts[248:256])
-    assert not np.array_equal(data.epoch_batch_indices(n_tokens, block, batch, seed=4, step=31), starts[248:256])
+    assert np.array_equal(batches.epoch_batch_indices(n_tokens, block, batch, seed=3, step=31), starts[248:256])
+    assert not np.array_equal(batches.epoch_batch_indices(n_tokens, block, batch, seed=4, step=31), starts[248:256])
 
 
 def test_epoch_batches_split_over_ranks_and_micro_steps_as_one_big_batch():
-    whole = data.epoch_batch_indices(10_001, 50, 8, seed=1, step=5)
-    ranks = [data.epoch_batch_indices(10_001, 50, 4, seed=1, step=5, rank=r, world_size=2) for r in range(2)]
+    whole = batches.epoch_batch_indices(10_001, 50, 8, seed=1, step=5)
+    ranks = [batches.epoch_batch_indices(10_001, 50, 4, seed=1, step=5, rank=r, world_size=2) for r in range(2)]
     assert np.array_equal(np.concatenate(ranks), whole)
-    micro = [data.epoch_batch_indices(10_001, 50, 2, seed=1, step=5, micro_step=m, rank=r, world_size=2,
+    micro = [batches.epoch_batch_indices(10_001, 50, 2, seed=1, step=5, micro_step=m, rank=r, world_size=2,
                                       accum_steps=2) for m in range(2) for r in range(2)]
     assert np.array_equal(np.concatenate(micro), whole)
 
 
 def test_a_text_too_big_for_an_epoch_order_draws_windows_at_random(monkeypatch):
-    monkeypatch.setattr(data, "MAX_EPOCH_WINDOWS", 100)
-    assert np.array_equal(data.epoch_batch_indices(10_001, 50, 8, seed=2, step=7),
-                          data.batch_indices(10_001, 50, 8, seed=2, step=7))
+    monkeypatch.setattr(batches, "MAX_EPOCH_WINDOWS", 100)
+    assert np.array_equal(batches.epoch_batch_indices(10_001, 50, 8, seed=2, step=7),
+                          batches.batch_indices(10_001, 50, 8, seed=2, step=7))
 
 
 def test_targets_are_inputs_shifted_by_one():
     ids = np.arange(100, dtype=np.uint8)
-    starts = data.batch_indices(len(ids), 10, 4, seed=0, step=0)
-    x, y = data.get_batch(ids, starts, 10)
+    starts = batches.batch_indices(len(ids), 10, 4, seed=0, step=0)
+    x, y = batches.get_batch(ids, starts, 10)
     assert x.shape == y.shape == (4, 10)
     assert x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
@@ -198,10 +200,10 @@ def test_targets_are_inputs_shifted_by_one():
 def test_short_split_is_a_clear_error(tmp_path: Path):
     path = tmp_path / "short.txt"
     path.write_text("x" * 300, encoding="utf-8")
-    corpus = data.load_corpus(path, 0.1)  # 30 characters of validation text
-    data.check_split_lengths(corpus, block_size=29)
+    corpus = corpus_module.load_corpus(path, 0.1)  # 30 characters of validation text
+    corpus_module.check_split_lengths(corpus, block_size=29)
     with pytest.raises(UserError, match=r"val split.*30 characters.*block_size \+ 1 = 31"):
-        data.check_split_lengths(corpus, block_size=30)
+        corpus_module.check_split_lengths(corpus, block_size=30)
 
 
 # -- through the CLI ---------------------------------------------------------------------------------
@@ -252,7 +254,7 @@ def test_chunked_encoding_equals_encoding_the_whole_text(tmp_path: Path, chunk_b
     path = tmp_path / "mixed.txt"
     path.write_bytes(b"\xef\xbb\xbf" + (MIXED * 20).encode("utf-8"))  # with a byte order mark
     whole = MIXED * 20
-    corpus = data.load_corpus(path, 0.25, chunk_bytes=chunk_bytes)
+    corpus = corpus_module.load_corpus(path, 0.25, chunk_bytes=chunk_bytes)
     assert corpus.tokenizer.chars == sorted(set(whole))
     ids = np.concatenate([corpus.train, corpus.val])
     assert ids.tolist() == corpus.tokenizer.encode(whole)
@@ -267,26 +269,26 @@ def test_chunked_reading_of_a_folder_joins_files_as_whole_reading_did(tmp_path: 
     (folder / "b.txt").write_bytes(b"\xef\xbb\xbf" + MIXED.encode("utf-8"))
     (folder / "c.txt").write_text("", encoding="utf-8")
     expected = "no newline at the end\n" + MIXED + "\n"
-    corpus = data.load_corpus(folder, 0.1, chunk_bytes=4)
+    corpus = corpus_module.load_corpus(folder, 0.1, chunk_bytes=4)
     assert corpus.tokenizer.decode(np.concatenate([corpus.train, corpus.val]).tolist()) == expected
-    assert data.read_text(folder)[0] == expected
+    assert corpus_module.read_text(folder)[0] == expected
 
 
 def test_invalid_utf8_far_into_a_file_names_its_byte_offset(tmp_path: Path):
     path = tmp_path / "bad.txt"
     path.write_bytes("ü".encode("utf-8") * 50 + b"\xff" + b"tail")
     with pytest.raises(UserError, match=r"byte 0xff at offset 100"):
-        data.load_corpus(path, 0.1, chunk_bytes=8)
+        corpus_module.load_corpus(path, 0.1, chunk_bytes=8)
     path.write_bytes(b"abc" + "€".encode("utf-8")[:2])  # cut inside the last character
     with pytest.raises(UserError, match=r"offset 3"):
-        data.load_corpus(path, 0.1, chunk_bytes=2)
+        corpus_module.load_corpus(path, 0.1, chunk_bytes=2)
 
 
 def test_the_cache_holds_the_ids_once_and_is_read_through_a_memory_map(tmp_path: Path):
     path = tmp_path / "text.txt"
     path.write_text("to be or not to be\n" * 100, encoding="utf-8")
-    first = data.load_corpus(path, 0.1)
-    second = data.load_corpus(path, 0.1)
+    first = corpus_module.load_corpus(path, 0.1)
+    second = corpus_module.load_corpus(path, 0.1)
     assert (first.cache, second.cache) == ("encoded", "cached")
     assert isinstance(second.train, np.memmap) and isinstance(second.val, np.memmap)
     assert Path(second.train.filename) == Path(second.val.filename) == second.ids_path
@@ -297,11 +299,11 @@ def test_a_same_size_edit_with_the_old_mtime_is_not_served_from_the_cache(tmp_pa
     path = tmp_path / "text.txt"
     path.write_text("abcdefgh\n" * 100, encoding="utf-8")
     stat = path.stat()
-    before = data.load_corpus(path, 0.1)
+    before = corpus_module.load_corpus(path, 0.1)
     path.write_text("abcdefgh\n" * 99 + "hgfedcba\n", encoding="utf-8")
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
-    after = data.load_corpus(path, 0.1)
+    after = corpus_module.load_corpus(path, 0.1)
     assert after.cache == "encoded" and after.fingerprint != before.fingerprint
     assert after.tokenizer.decode(after.val[-9:].tolist()) == "hgfedcba\n"
 
@@ -311,13 +313,13 @@ def test_cached_ids_outside_the_vocabulary_are_rebuilt(tmp_path: Path):
     IndexError (issue 19, item 6): cached ids are range-checked and a bad file is encoded again."""
     path = tmp_path / "text.txt"
     path.write_text("hello world\n" * 50, encoding="utf-8")
-    good = np.array(np.concatenate(list(_splits(data.load_corpus(path, 0.1)))))
+    good = np.array(np.concatenate(list(_splits(corpus_module.load_corpus(path, 0.1)))))
     (cache_file,) = (tmp_path / "cache").glob("*.npy")
     bad = good.copy()
     bad[123] = 200  # the vocabulary has 8 characters
     cache_file.unlink()  # a new file: the corpus above still maps the old one
     np.save(cache_file, bad)
-    again = data.load_corpus(path, 0.1)
+    again = corpus_module.load_corpus(path, 0.1)
     assert np.array_equal(np.concatenate(list(_splits(again))), good)
     assert int(np.max(np.load(cache_file))) < again.tokenizer.vocab_size
 
@@ -343,7 +345,7 @@ def test_cli_trains_past_a_cache_with_ids_outside_the_vocabulary(tmp_path: Path,
 @pytest.mark.parametrize("n, block_size, stride", [(2, 8, 8), (8, 8, 8), (9, 8, 8), (10, 8, 8), (100, 8, 8),
                                                     (100, 8, 4), (101, 8, 3), (57, 16, 1)])
 def test_scoring_windows_score_every_character_after_the_first_once(n: int, block_size: int, stride: int):
-    windows = data.scoring_windows(n, block_size, stride)
+    windows = batches.scoring_windows(n, block_size, stride)
     scored = np.zeros(n, dtype=int)
     for begins, skips, length in windows.batches(batch_size=3):
         assert length <= block_size
@@ -356,16 +358,16 @@ def test_scoring_windows_score_every_character_after_the_first_once(n: int, bloc
 
 
 def test_small_splits_are_scored_whole_and_large_ones_on_a_fixed_sample():
-    assert not data.scoring_windows(1_000, 16, 16, max_chars=1_000).sampled
-    assert not data.scoring_windows(10_000, 16, 16, max_chars=0).sampled  # 0: always the whole split
-    sample = data.scoring_windows(10_000, 16, 16, max_chars=1_000)
+    assert not batches.scoring_windows(1_000, 16, 16, max_chars=1_000).sampled
+    assert not batches.scoring_windows(10_000, 16, 16, max_chars=0).sampled  # 0: always the whole split
+    sample = batches.scoring_windows(10_000, 16, 16, max_chars=1_000)
     assert sample.sampled and sample.chars == 63 * 16  # whole windows, about max_chars characters
-    again = data.scoring_windows(10_000, 16, 16, max_chars=1_000)
+    again = batches.scoring_windows(10_000, 16, 16, max_chars=1_000)
     assert np.array_equal(sample.chosen, again.chosen)  # reproducible
     begins = np.concatenate([b for b, _, _ in sample.batches(8)])
     assert len(set(begins.tolist())) == 63 and begins.max() + 16 < 10_000
     assert begins.max() > 5_000  # spread over the split, not its first part
-    overlapping = data.scoring_windows(10_000, 16, 4, max_chars=1_000)
+    overlapping = batches.scoring_windows(10_000, 16, 4, max_chars=1_000)
     assert overlapping.chars == 250 * 4
     assert all((skips == 12).all() for _, skips, _ in overlapping.batches(8))  # each sees 12 characters or more
 
@@ -393,9 +395,9 @@ def test_a_run_that_failed_before_its_first_checkpoint_leaves_no_encoded_copy(tm
 
     path = tmp_path / "text.txt"
     path.write_text("to be or not to be\n" * 100, encoding="utf-8")
-    corpus = data.load_corpus(path, 0.1)
+    corpus = corpus_module.load_corpus(path, 0.1)
     run = tmp_path / "run"
     run.mkdir()
-    assert "hard link" in data.keep_in_run(run, corpus)
+    assert "hard link" in corpus_module.keep_in_run(run, corpus)
     ckpt.remove_unused_run_dir(run)
     assert not run.exists() and corpus.ids_path.is_file()  # the cache's own link stays

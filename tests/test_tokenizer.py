@@ -57,7 +57,7 @@ def test_round_trip_random_unicode(seed: int):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_vectorised_encoding_matches_encode(seed: int):
-    from minigpt_cli.data import encode_array
+    from minigpt_cli.corpus import encode_array
 
     rng = random.Random(seed)
     text = random_text(rng, 300)
@@ -92,7 +92,7 @@ def test_many_unknown_characters_are_summarised():
 
 
 def test_vectorised_encoding_names_unknown_characters():
-    from minigpt_cli.data import encode_array
+    from minigpt_cli.corpus import encode_array
 
     tokenizer = CharTokenizer.from_text("abc")
     with pytest.raises(UnknownCharactersError, match="'x'"):

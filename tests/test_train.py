@@ -39,9 +39,9 @@ def test_short_windows_read_half_the_block_at_twice_the_batch_for_the_first_shar
     shapes = []
     real_get_batch = trainer.get_batch
 
-    def recording(ids, starts, block_size, device=None):
+    def recording(ids, starts, block_size, device=None, vocab_size=None):
         shapes.append((len(starts), block_size))
-        return real_get_batch(ids, starts, block_size, device)
+        return real_get_batch(ids, starts, block_size, device, vocab_size)
 
     monkeypatch.setattr(trainer, "get_batch", recording)
     result = train_in_process([*FAST, f"data.path={small_corpus}", "train.max_iters=10", "train.eval_interval=1000",
