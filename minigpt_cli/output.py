@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import sys
 from typing import Any, Callable, List, Optional
 
@@ -98,11 +99,27 @@ def outlives_readers(command: Callable) -> Callable:
     return wrapper
 
 
+# Characters that steer a terminal instead of showing: C0 controls but newline and tab, DEL, C1
+# controls (ESC starts OSC 52 clipboard writes, OSC 8 links, window titles), and the bidirectional
+# overrides and isolates that reorder what follows (U+202E makes "txt.exe" read "exe.txt").
+_STEERING = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """text with every character that would steer a terminal written as its escape (\\x1b, \\u202e):
+    whatever a file or a user put in it is shown, never obeyed."""
+    return _STEERING.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class _Console(Console):
-    """rich's consoles answer a reader that went away as every other output does (reader_went_away)."""
+    """rich's consoles answer a reader that went away as every other output does (reader_went_away),
+    and show every string they render (messages, table cells, titles) through visible()."""
 
     def on_broken_pipe(self) -> None:
         raise typer.Exit(reader_went_away())
+
+    def render_str(self, text: str, **options: Any) -> Any:
+        return super().render_str(visible(text), **options)
 
 
 class _LazyConsole:

@@ -498,3 +498,37 @@ def test_a_training_outlives_the_reader_of_its_output(tmp_path: Path, small_corp
     assert ckpt.load_checkpoint(tmp_path / "run", "latest").step == 60
     listed = {r["name"]: r["state"] for r in invoke("runs", tmp_path, "--json").json()["runs"]}
     assert listed["run"] == "finished"
+
+
+# -- 7. text from a file or a user is shown, never obeyed by the terminal (issue 25.15) ---------------
+
+STEERING = ("\x1b", "\x07", "\x9b", "\u202e")
+EVIL = "clipboard \x1b]52;c;ZXZpbA==\x07 link \x1b]8;;http://x\x07 title \x1b]0;pwned\x07 \u202egnp.exe\n"
+
+
+def assert_shown_not_obeyed(*texts: str) -> None:
+    for text in texts:
+        assert not any(c in text for c in STEERING), repr(text)
+
+
+def test_eval_show_runs_and_errors_make_escape_sequences_visible(tmp_path: Path, small_corpus: Path):
+    import json
+
+    from conftest import train_in_process
+
+    corpus = tmp_path / "evil.txt"
+    corpus.write_text(EVIL * 20 + small_corpus.read_text()[:4000])
+    run = tmp_path / "runs" / "x\x1b]0;t\x07y"
+    train_in_process([*FAST, "train.max_iters=2", f"data.path={corpus}"], run)
+    shown = invoke("eval", run, "--data", corpus, "--show")
+    assert shown.exit_code == 0, shown.stderr
+    assert "\\x1b]52" in shown.stdout
+    meta = sorted((run / "checkpoints").iterdir())[-1] / "meta.json"
+    forged = json.loads(meta.read_text())
+    forged["config_name"] = "tiny\x1b]0;pwned\x07\u202e"
+    meta.write_text(json.dumps(forged))
+    listed = invoke("runs")
+    assert listed.exit_code == 0, listed.stderr
+    failed = invoke("sample", tmp_path / "nowhere\x1b]0;t\x07", "--max-new-tokens", "1")
+    assert failed.exit_code == 2
+    assert_shown_not_obeyed(shown.stdout, shown.stderr, listed.stdout, listed.stderr, failed.stderr)

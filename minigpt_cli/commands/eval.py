@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from minigpt_cli.options import AUTO_DEVICE, Device, JsonOut, RunDir, Threads
-from minigpt_cli.output import emit_json, key_value_table, out, warn
+from minigpt_cli.output import emit_json, key_value_table, out, visible, warn
 from minigpt_cli.views import ProgressView, Starting
 
 EXAMPLES = ("Examples:\n\n  minigpt eval\n\n  minigpt eval runs/default-20261124-101500 --data other.txt\n\n"
@@ -113,7 +113,7 @@ def _render_surprisal(result: dict) -> None:
     for item in chars:
         bits = item["bits"]
         style = "dim" if bits is None else next(s for s, below in SURPRISE if bits < below)
-        text.append("↵\n" if item["char"] == "\n" else item["char"], style=style)
+        text.append("↵\n" if item["char"] == "\n" else visible(item["char"]), style=style)
     out.print(text)
     if any(c["bits"] is not None for c in chars):
         _surprisal_summary(result)

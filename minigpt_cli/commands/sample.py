@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, List, Optional
+from typing import Annotated, Callable, List, Optional
 
 import typer
 
 from minigpt_cli.config import UserError
 from minigpt_cli.options import AUTO_DEVICE, Device, Dtype, JsonOut, RunDir, Threads
-from minigpt_cli.output import emit_json, warn
+from minigpt_cli.output import emit_json, visible, warn
 
 EXAMPLES = ("Examples:\n\n  minigpt sample --prompt \"ROMEO:\"\n\n"
             "  minigpt sample runs/default-20261124-101500 --temperature 0 --max-new-tokens 200\n\n"
@@ -95,11 +95,18 @@ def _write_whole(session, json_out: bool) -> None:
     if json_out:
         emit_json(result)
         return
+    show = _shown()
     for i, continuation in enumerate(result["samples"]):
         if i:
             sys.stdout.write(f"{SAMPLE_SEPARATOR}\n")
-        sys.stdout.write(session.prompt + continuation + "\n")
+        sys.stdout.write(show(session.prompt + continuation) + "\n")
     sys.stdout.flush()
+
+
+def _shown() -> Callable[[str], str]:
+    """Text as it goes to stdout: made visible on a terminal (a model trained on text with escape
+    sequences writes them too), exactly as made into a pipe or a file."""
+    return visible if sys.stdout.isatty() else str
 
 
 def _check(max_new_tokens: int, num_samples: int, seed: Optional[int], stop: List[str], unknown: str) -> None:
@@ -129,10 +136,11 @@ def _read_prompt(prompt: Optional[str]) -> str:
 
 def _write_streamed(prompt: str, pieces) -> None:
     """Each piece as soon as it is made, so a reader sees the text grow (and can stop it)."""
-    sys.stdout.write(prompt)
+    show = _shown()
+    sys.stdout.write(show(prompt))
     sys.stdout.flush()
     for piece in pieces:
-        sys.stdout.write(piece)
+        sys.stdout.write(show(piece))
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
