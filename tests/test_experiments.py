@@ -460,3 +460,22 @@ def test_compare_reports_a_variant_whose_loss_diverges_and_keeps_the_others(smal
     assert [v["state"] for v in report["variants"]] == ["finished", "failed"]
     assert "non-finite" in report["variants"][1]["error"]
     assert [r["label"] for r in report["runs"]][:1] == ["train.learning_rate=1e-3"]
+
+
+def test_runs_at_80_columns_splits_no_word_and_counts_what_is_not_a_run(run_copy: Path, tmp_path: Path):
+    import subprocess
+
+    from conftest import cli_command, cli_env
+
+    for i in range(2000):
+        (tmp_path / "runs" / f"file{i}.txt").write_text("x")
+    proc = subprocess.run(cli_command("runs"), capture_output=True, text=True, env={**cli_env(), "COLUMNS": "80"},
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) < 12 and "and 1,997 more" in proc.stdout  # not a row per stray file
+    assert all(len(line) <= 80 for line in lines if not line.startswith(("best val:", "  not runs:")))
+    assert f"{run_copy.name}  finished" in proc.stdout and "config tiny" in proc.stdout  # whole words
+    wide = subprocess.run(cli_command("runs"), capture_output=True, text=True, env={**cli_env(), "COLUMNS": "200"},
+                          cwd=tmp_path, timeout=120)
+    assert "final val" in wide.stdout.splitlines()[1]  # the table, where it fits

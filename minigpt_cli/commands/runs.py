@@ -88,27 +88,63 @@ def _confirmed(prompt: str) -> bool:
 
 
 def _render(folder: Path, infos: List[Any]) -> None:
+    """The runs as a table where it fits the width (a wide terminal), else a block per run (a pipe, a
+    small terminal: 80 columns); what is not a run is counted in one note, not listed row by row."""
+    from rich.markup import escape
+
+    shown = [r for r in infos if r.is_run]
+    notes, measures = [], set()
+    rows = [_row(r, notes, measures) for r in shown]
+    if not rows:
+        out.print(f"no runs under {escape(str(folder))} (train one with: minigpt train)")
+    else:
+        if _table_width(rows) <= out.get().width:
+            out.print(_table(folder, rows))
+        else:
+            out.print(f"[bold]runs under {escape(str(folder))}, newest first[/]")
+            for row in rows:
+                out.print(_block(row))
+        sampled = sorted(m for m in measures if m != "whole val split")
+        out.print(f"best val: the lowest periodic validation loss ({', '.join(sampled) or 'sampled batches'}; "
+                  f"* the whole validation split); final val: the validation split at the end (a fixed sample of "
+                  f"it where it is large or the time budget short)", markup=False)
+    for note in notes:
+        out.print(f"  {note}", markup=False)
+    others = [r for r in infos if not r.is_run]
+    if others:
+        named = ", ".join(f"{r.name} ({r.detail})" for r in others[:3])
+        more = f" and {len(others) - 3:,} more" if len(others) > 3 else ""
+        out.print(f"  not runs: {named}{more}", markup=False)
+
+
+def _table(folder: Path, rows: List[List[str]]) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
-    if not infos:
-        out.print(f"no runs under {escape(str(folder))} (train one with: minigpt train)")
-        return
     table = Table(title=f"runs under {escape(str(folder))}, newest first", title_justify="left",
                   title_style="bold", box=None, pad_edge=False)
     for column, justify in COLUMNS:
-        table.add_column(column, justify=justify, overflow="fold", header_style="bold",
-                         no_wrap=column not in ("run", "config"))
-    notes, measures = [], set()
-    for r in infos:
-        table.add_row(*_row(r, notes, measures))
-    out.print(table)
-    sampled = sorted(m for m in measures if m != "whole val split")
-    out.print(f"best val: the lowest periodic validation loss ({', '.join(sampled) or 'sampled batches'}; "
-              f"* the whole validation split); final val: the validation split at the end (a fixed sample of it "
-              f"where it is large or the time budget short)", markup=False)
-    for note in notes:
-        out.print(f"  {note}", markup=False)
+        table.add_column(column, justify=justify, header_style="bold", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _table_width(rows: List[List[str]]) -> int:
+    """Columns as wide as their widest cell, a space of padding either side between them."""
+    from rich.text import Text
+
+    widths = [max([len(column)] + [Text.from_markup(row[i]).cell_len for row in rows])
+              for i, (column, _) in enumerate(COLUMNS)]
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
+def _block(row: List[str]) -> str:
+    """One run in two or three lines, for a width the table does not fit."""
+    cells = dict(zip((c for c, _ in COLUMNS), row))
+    first = f"[bold]{cells.pop('run')}[/]  {cells.pop('state')}"
+    rest = [f"{column} {value}" for column, value in cells.items() if value != "-"]
+    return "\n".join([first] + [f"  {'  '.join(rest[i:i + 4])}" for i in range(0, len(rest), 4)])
 
 
 def _row(r: Any, notes: List[str], measures: set) -> List[str]:
