@@ -7,6 +7,7 @@ instantly and without memory.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -370,10 +371,34 @@ def text_chart(series: dict[str, list[list[float]]], width: int = 64, height: in
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
-def _figure_for(path: Path) -> Any:
-    """matplotlib's Figure class, once `path` has a suffix it can write; UserError without matplotlib."""
+# Written into every image minigpt saves (PNG Software, PDF and SVG Creator), so that a later --plot
+# to the same name replaces minigpt's own plot and never a file of the user's.
+PLOT_MARK = b"minigpt (character-level GPT)"
+PLOT_MARK_SEARCH_BYTES = 2**26
+
+
+def _ours(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return PLOT_MARK in f.read(PLOT_MARK_SEARCH_BYTES)
+    except OSError:
+        return False
+
+
+def check_plot_path(path: Path) -> None:
+    """Before any work: a suffix matplotlib writes, and no file of the user's at that name (minigpt
+    replaces only a plot it wrote); UserError naming the problem otherwise."""
+    path = Path(path)
     if path.suffix.lower() not in PLOT_SUFFIXES:
         raise UserError(f"--plot {path}: use a file ending in {', '.join(PLOT_SUFFIXES)}")
+    if os.path.lexists(path) and not (path.is_file() and not path.is_symlink() and _ours(path)):
+        raise UserError(f"--plot {path}: a file is already there that minigpt did not write; pick another name "
+                        f"(minigpt replaces only its own plots)")
+    _figure_for(path)
+
+
+def _figure_for(path: Path) -> Any:
+    """matplotlib's Figure class; UserError without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -385,7 +410,8 @@ def _figure_for(path: Path) -> Any:
 def _save_figure(figure: Any, path: Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
+        key = "Software" if path.suffix.lower() == ".png" else "Creator"
+        figure.savefig(path, metadata={key: PLOT_MARK.decode("ascii")})
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
@@ -394,6 +420,7 @@ def _save_figure(figure: Any, path: Path) -> Path:
 def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str) -> Path:
     """Write the loss curves as an image (PNG, SVG or PDF by the file's suffix); needs matplotlib."""
     path = Path(path)
+    check_plot_path(path)
     Figure = _figure_for(path)
     if not any(curves.values()):
         raise UserError(f"{title}: no losses recorded yet, nothing to plot")
@@ -494,6 +521,7 @@ def visible_char(c: str) -> str:
 def plot_attention(result: dict[str, Any], path: Path) -> Path:
     """Every head's weights as an image grid (layers down, heads across); needs matplotlib."""
     path = Path(path)
+    check_plot_path(path)
     Figure = _figure_for(path)
     import numpy as np
 

@@ -383,6 +383,7 @@ class Variant:
     run_dir: Optional[str] = None
     state: str = "pending"  # pending | finished | interrupted | failed
     error: Optional[str] = None
+    signal: Optional[int] = None  # what interrupted it: SIGINT (Ctrl-C) or SIGTERM
 
 
 def parse_vary(items: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -454,7 +455,7 @@ def train_variants(variants: Sequence[Variant], base: Path,
             run(variant, run_dir)
             variant.state = "finished"
         except (TrainingStopped, KeyboardInterrupt) as exc:
-            variant.state = "interrupted"
+            variant.state, variant.signal = "interrupted", getattr(exc, "signum", 2)
             if isinstance(exc, TrainingStopped):
                 variant.error = str(exc)
             ckpt.remove_unused_run_dir(run_dir)
@@ -473,5 +474,6 @@ def compare_variants(variants: Sequence[Variant]) -> dict[str, Any]:
     return {
         "runs": rows,
         "differences": config_differences([r["config_values"] for r in rows]) if len(rows) > 1 else [],
-        "variants": [{"label": v.label, "state": v.state, "run_dir": v.run_dir, "error": v.error} for v in variants],
+        "variants": [{"label": v.label, "state": v.state, "run_dir": v.run_dir, "error": v.error,
+                      "signal": v.signal} for v in variants],
     }

@@ -457,6 +457,7 @@ def test_compare_reports_a_variant_whose_loss_diverges_and_keeps_the_others(smal
     result = invoke("compare", "tiny", "--vary", "train.learning_rate=1e-3,1e30", "--data", small_corpus,
                     *COMPARE_FLAGS, "--json", "--quiet")
     report = result.json()
+    assert result.exit_code == 1 and "1 of 2 variants failed" in result.stderr
     assert [v["state"] for v in report["variants"]] == ["finished", "failed"]
     assert "non-finite" in report["variants"][1]["error"]
     assert [r["label"] for r in report["runs"]][:1] == ["train.learning_rate=1e-3"]
@@ -479,3 +480,40 @@ def test_runs_at_80_columns_splits_no_word_and_counts_what_is_not_a_run(run_copy
     wide = subprocess.run(cli_command("runs"), capture_output=True, text=True, env={**cli_env(), "COLUMNS": "200"},
                           cwd=tmp_path, timeout=120)
     assert "final val" in wide.stdout.splitlines()[1]  # the table, where it fits
+
+
+def test_compare_checks_the_plot_before_training_and_never_replaces_a_users_file(small_corpus: Path, tmp_path: Path):
+    args = ("compare", "tiny", "--vary", "model.n_layer=1,2", "--data", small_corpus, *COMPARE_FLAGS, "--quiet")
+    assert_usage_error(invoke(*args, "--plot", "curves.jpg"), "curves.jpg", ".png")
+    (tmp_path / "holiday.png").write_bytes(b"\x89PNG my holiday")
+    assert_usage_error(invoke(*args, "--plot", "holiday.png"), "holiday.png", "did not write")
+    assert (tmp_path / "holiday.png").read_bytes() == b"\x89PNG my holiday"
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_compare_asks_before_training_many_variants(small_corpus: Path, tmp_path: Path):
+    result = invoke("compare", "tiny", "--vary", "model.n_layer=1,2,3,4,5", "--vary", "model.n_head=1,2,4,8",
+                    "--data", small_corpus, *COMPARE_FLAGS)
+    assert_usage_error(result, "20 variants", "--yes")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compare_says_what_the_variants_share_and_what_they_vary(small_corpus: Path):
+    result = invoke("compare", "tiny", "--vary", "train.seed=1,2", "--data", small_corpus, *COMPARE_FLAGS)
+    assert result.exit_code == 0, result.stderr
+    assert "4 steps each, seed varied, same data" in result.stderr
+
+
+def test_compare_stopped_by_sigterm_exits_143(small_corpus: Path, monkeypatch):
+    from minigpt_cli import trainer
+
+    def terminated(config, run_dir, **kwargs):
+        stop = trainer.TrainingStopped.__new__(trainer.TrainingStopped)
+        Exception.__init__(stop, "stopped by SIGTERM after step 0")
+        stop.signum = 15
+        raise stop
+
+    monkeypatch.setattr(trainer, "train", terminated)
+    result = invoke("compare", "tiny", "--vary", "model.n_layer=1,2", "--data", small_corpus, *COMPARE_FLAGS,
+                    "--quiet")
+    assert result.exit_code == 143 and "stopped by SIGTERM" in result.stderr

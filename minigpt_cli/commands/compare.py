@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Any, List, Optional
 
@@ -9,13 +11,14 @@ import typer
 
 from minigpt_cli.config import UserError
 from minigpt_cli.options import Device, JsonOut, Overrides, Plot, Quiet, Seed, TimeBudget
-from minigpt_cli.output import EXIT_INTERRUPTED, count, emit_json, err, loss, out
+from minigpt_cli.output import EXIT_FAILURE, count, emit_json, err, loss, out
 from minigpt_cli.views import Starting, TrainView
 
 EXAMPLES = ("Examples:\n\n  minigpt compare runs/a runs/b\n\n"
             "  minigpt compare tiny --vary model.pos_encoding=learned,sinusoidal,rope --time-budget 30\n\n"
             "  minigpt compare tiny --vary model.norm_placement=pre,post --set train.max_iters=200 --json")
 CURVE_MARKS = "o*+x#@%&"
+ASK_ABOVE = 16  # variants trained without asking
 
 
 def compare(
@@ -32,6 +35,8 @@ def compare(
     seed: Seed = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder the variants' runs go in.")] = Path("runs"),
     plot: Plot = None,
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y", help=f"Train more than {ASK_ABOVE} variants without asking.")] = False,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
@@ -42,6 +47,10 @@ def compare(
     starting = Starting(quiet, "loading")
     interrupted = False
     try:
+        if plot is not None:
+            from minigpt_cli.inspection import check_plot_path
+
+            check_plot_path(plot)  # before anything trains
         if vary:
             if len(targets) != 1:
                 raise UserError("--vary trains variants of one CONFIG; give one config, not "
@@ -52,6 +61,7 @@ def compare(
                                 "give --data PATH")
             variants = runs_lib.plan_variants(targets[0], vary, flags)
             starting.done()
+            _confirm_many(variants, yes)
             result = _train_variants(variants, out_dir, quiet)
             interrupted = any(v["state"] == "interrupted" for v in result["variants"])
         else:
@@ -77,21 +87,43 @@ def _show(result: dict, plot: Optional[Path], json_out: bool, interrupted: bool)
         emit_json(result)
     else:
         _render(result)
+    variants = result.get("variants", [])
+    done = sum(v["state"] == "finished" for v in variants)
     if interrupted:
-        done = sum(v["state"] == "finished" for v in result["variants"])
-        err.print(f"stopped by Ctrl-C: {done} of {len(result['variants'])} variants finished", markup=False)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        signum = next(v["signal"] for v in variants if v["state"] == "interrupted") or 2
+        by = "Ctrl-C" if signum == 2 else signal.Signals(signum).name
+        err.print(f"stopped by {by}: {done} of {len(variants)} variants finished", markup=False)
+        raise typer.Exit(128 + signum)
+    failed = [v["label"] for v in variants if v["state"] == "failed"]
+    if failed:
+        err.print(f"{len(failed)} of {len(variants)} variants failed: {'; '.join(failed)}", markup=False)
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _confirm_many(variants: List[Any], yes: bool) -> None:
+    """Above ASK_ABOVE variants (a 100 x 100 --vary is 10,000 runs), the count is stated and asked about."""
+    if len(variants) <= ASK_ABOVE or yes:
+        return
+    what = f"--vary makes {len(variants):,} variants, each a training run"
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise UserError(f"{what}; pass --yes to train them all")
+    try:
+        if typer.confirm(f"{what}. Train them all?", default=False, err=True):
+            return
+    except EOFError:
+        pass
+    except typer.Abort:
+        raise KeyboardInterrupt from None
+    raise UserError(f"{what}; nothing was trained")
 
 
 def _train_variants(variants: List[Any], base: Path, quiet: bool) -> dict:
     from minigpt_cli import runs as runs_lib
     from minigpt_cli.trainer import train as run_training
 
-    first = variants[0].config.train
-    budget = f"{first.time_budget:g}s each" if first.time_budget else f"{first.max_iters:,} steps each"
     if not quiet:
-        err.print(f"compare: {len(variants)} variants of {variants[0].config.name} ({budget}, seed {first.seed}, "
-                  f"same data): " + "; ".join(v.label for v in variants), markup=False)
+        err.print(f"compare: {len(variants)} variants of {variants[0].config.name} ({_what_each_gets(variants)}): "
+                  + "; ".join(v.label for v in variants), markup=False)
 
     def run(variant: Any, run_dir: Path) -> None:
         index = variants.index(variant) + 1
@@ -107,6 +139,22 @@ def _train_variants(variants: List[Any], base: Path, quiet: bool) -> dict:
         if variant.state == "failed":
             err.print(f"variant {variant.label} failed: {variant.error}", markup=False)
     return runs_lib.compare_variants(variants)
+
+
+def _what_each_gets(variants: List[Any]) -> str:
+    """The length, seed and data the variants share, or that they vary."""
+    trains = [v.config.train for v in variants]
+    budgets, steps = {t.time_budget for t in trains}, {t.max_iters for t in trains}
+    if len(budgets) > 1 or len(steps) > 1:
+        length = "length varied"
+    elif trains[0].time_budget:
+        length = f"{trains[0].time_budget:g}s each"
+    else:
+        length = f"{trains[0].max_iters:,} step{'s' if trains[0].max_iters != 1 else ''} each"
+    seeds = {t.seed for t in trains}
+    seed = f"seed {trains[0].seed}" if len(seeds) == 1 else "seed varied"
+    data = "same data" if len({v.config.data.path for v in variants}) == 1 else "data varied"
+    return f"{length}, {seed}, {data}"
 
 
 def _render(result: dict) -> None:
