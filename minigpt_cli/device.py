@@ -150,11 +150,11 @@ def cpu_has_fast_bfloat16() -> bool:
         return False
 
 
-def _auto_cuda_precision(device: torch.device) -> Precision:
+def _auto_cuda_precision(device: torch.device, training: bool) -> Precision:
     major, minor = cuda_capability(device)
     if native_bfloat16(device):
         return Precision(torch.bfloat16, False, f"auto: compute capability {major}.{minor} runs bfloat16 natively")
-    return Precision(torch.float16, True, f"auto: compute capability {major}.{minor} has no native bfloat16 "
+    return Precision(torch.float16, training, f"auto: compute capability {major}.{minor} has no native bfloat16 "
                                           f"(8.0+ has; below it is emulated and cannot be compiled); float16 "
                                           f"with a gradient scaler")
 
@@ -176,7 +176,7 @@ def choose_precision(device: torch.device, requested: str = "auto", training: bo
     to zero), autocast on MPS before PyTorch 2.5, bfloat16 on MPS before macOS 14."""
     if requested == "auto":
         if device.type == "cuda":
-            return _auto_cuda_precision(device)
+            return _auto_cuda_precision(device, training)
         return Precision(None, False, f"auto: float32 on {device.type}")
     if requested == "float32":
         return Precision(None, False, "requested")
