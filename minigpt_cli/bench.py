@@ -28,7 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from minigpt_cli.config import UserError
-from minigpt_cli.device import DTYPES, Runtime, check_inference_dtype, runtime, synchronize, use_threads
+from minigpt_cli.device import (DTYPES, Runtime, available_memory, check_inference_dtype, runtime, synchronize,
+                                use_threads)
 from minigpt_cli.inference import Decoder
 from minigpt_cli.kv_cache import KVCache
 from minigpt_cli.model import (GPT, count_parameters, flops_per_token, input_slots, kv_bytes_per_token,
@@ -186,23 +187,6 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
         result = fn()
         del result
     return tracker.peak, "tensors alive at once"
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free on the device now (None when the platform does not say)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _load_average() -> float | None:
@@ -387,11 +371,15 @@ class Bench:
                 choices = result["thread_choice"] = {}
                 if "train" in sections:
                     B = self.options.batch_size or self.cfg.train.batch_size
-                    choices["train"] = use_threads(params * B * self.m.block_size, self.options.threads).to_dict()
+                    chosen = use_threads(params * B * self.m.block_size, self.options.threads, device=self.device)
+                    if chosen is not None:
+                        choices["train"] = chosen.to_dict()
                     result["train"] = self.train(model)
                 if "sample" in sections:
                     # As minigpt sample chooses for one sample: the weights a decode step reads.
-                    choices["sample"] = use_threads(params, self.options.threads).to_dict()
+                    chosen = use_threads(params, self.options.threads, device=self.device)
+                    if chosen is not None:
+                        choices["sample"] = chosen.to_dict()
                     result["sample"] = self.sample(Decoder(model, DTYPES[self.options.dtype]))
                 result["threads"] = torch.get_num_threads()
                 del model

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import math
 import os
+import platform
+import re
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -78,17 +82,55 @@ def shapes_only() -> Iterator[None]:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _version(text: str) -> tuple[int, ...]:
+    """'14.2.1' -> (14, 2); '2.5.0+cu124' -> (2, 5); '' (not a Mac) -> ()."""
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def mps_bfloat16_issue() -> str | None:
+    """Why bfloat16 cannot run on this Mac's MPS, or None: Metal has bfloat16 from macOS 14, and
+    PyTorch's autocast for MPS arrived in 2.5 (2.4 turns it off with a warning and runs float32)."""
+    mac, version = _version(platform.mac_ver()[0]), _version(torch.__version__)
+    if mac < (14, 0):
+        return f"bfloat16 on Apple MPS needs macOS 14 or newer (this is macOS {platform.mac_ver()[0] or 'unknown'})"
+    if version < (2, 5):
+        return f"bfloat16 on Apple MPS needs PyTorch 2.5 or newer (this is {torch.__version__})"
+    return None
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware. CUDA: compute capability 8.0 (Ampere) and
+    up; torch.cuda.is_bf16_supported() also says yes on a T4 or V100, which emulate it (slowly, and
+    Triton refuses to compile it there: "'.bf16' requires sm_80"). MPS: see mps_bfloat16_issue.
+    CPU: see cpu_has_fast_bfloat16. Anything else (meta): yes, the published recipe's choice."""
+    if device.type == "cuda":
+        return cuda_capability(device) >= (8, 0)
+    if device.type == "mps":
+        return mps_bfloat16_issue() is None
+    if device.type == "cpu":
+        return cpu_has_fast_bfloat16()
+    return True
+
+
 def check_inference_dtype(name: str, device: torch.device, allowed: tuple[str, ...] = tuple(DTYPES)) -> None:
-    """Refuse a --dtype that is not one of `allowed`, or float16 on a CPU (no fast kernels there)."""
+    """Refuse a --dtype that is not one of `allowed`, float16 on a CPU (no fast kernels there), or
+    bfloat16 on a Mac whose MPS lacks it."""
     if name not in allowed:
         raise UserError(f"--dtype must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {name!r}")
     if name == "float16" and device.type == "cpu":
         raise UserError("--dtype float16 is for GPUs; on CPU use bfloat16 or float32")
+    if name == "bfloat16" and device.type == "mps" and mps_bfloat16_issue():
+        raise UserError(f"--dtype bfloat16: {mps_bfloat16_issue()}; use float32 or float16")
 
 
 @dataclass(frozen=True)
 class Precision:
-    """Weights stay float32; `autocast_dtype` is the compute dtype inside autocast (None: plain fp32)."""
+    """Weights stay float32; `autocast_dtype` is the compute dtype inside autocast (None: plain fp32).
+    `use_grad_scaler`: training must scale the loss (float16 on CUDA; the trainer makes the scaler)."""
 
     autocast_dtype: torch.dtype | None
     use_grad_scaler: bool
@@ -109,30 +151,128 @@ def cpu_has_fast_bfloat16() -> bool:
         return False
 
 
-def choose_precision(device: torch.device, requested: str = "auto") -> Precision:
-    """bf16 autocast on CUDA GPUs that support it, fp16 plus a gradient scaler on older ones, fp32 elsewhere."""
+def _auto_cuda_precision(device: torch.device, training: bool) -> Precision:
+    major, minor = cuda_capability(device)
+    if native_bfloat16(device):
+        return Precision(torch.bfloat16, False, f"auto: compute capability {major}.{minor} runs bfloat16 natively")
+    return Precision(torch.float16, training, f"auto: compute capability {major}.{minor} has no native bfloat16 "
+                                          f"(8.0+ has; below it is emulated and cannot be compiled); float16 "
+                                          f"with a gradient scaler")
+
+
+def _check_mps_autocast(dtype: torch.dtype) -> None:
+    """PyTorch before 2.5 turns MPS autocast off with a warning and runs float32: refuse instead of
+    reporting a precision that is not used."""
+    if _version(torch.__version__) < (2, 5):
+        raise UserError(f"autocast on Apple MPS needs PyTorch 2.5 or newer (this is {torch.__version__}); "
+                        f"use dtype float32 or upgrade PyTorch")
+    if dtype == torch.bfloat16 and mps_bfloat16_issue():
+        raise UserError(f"dtype bfloat16: {mps_bfloat16_issue()}; use float32")
+
+
+def choose_precision(device: torch.device, requested: str = "auto", training: bool = True) -> Precision:
+    """auto: bfloat16 autocast on CUDA GPUs of compute capability 8.0+, float16 with a gradient
+    scaler on older ones, float32 elsewhere. A request the device cannot honour is a UserError:
+    float16 on a CPU, float16 training on MPS (no gradient scaler there: small gradients underflow
+    to zero), autocast on MPS before PyTorch 2.5, bfloat16 on MPS before macOS 14."""
     if requested == "auto":
         if device.type == "cuda":
-            if torch.cuda.is_bf16_supported():
-                return Precision(torch.bfloat16, False, "auto: this CUDA GPU supports bfloat16")
-            return Precision(torch.float16, True, "auto: this CUDA GPU lacks bfloat16; float16 with a gradient scaler")
+            return _auto_cuda_precision(device, training)
         return Precision(None, False, f"auto: float32 on {device.type}")
     if requested == "float32":
         return Precision(None, False, "requested")
-    if requested == "bfloat16":
-        return Precision(torch.bfloat16, False, "requested")
-    if requested == "float16":
-        if device.type == "cpu":
-            raise UserError("dtype float16 is not supported for training on CPU (use bfloat16 or float32)")
-        # The CUDA gradient scaler exists only for CUDA; MPS float16 runs without one.
-        return Precision(torch.float16, device.type == "cuda", "requested")
-    raise UserError(f"unknown dtype '{requested}' (use auto, float32, bfloat16 or float16)")
+    if requested not in ("bfloat16", "float16"):
+        raise UserError(f"unknown dtype '{requested}' (use auto, float32, bfloat16 or float16)")
+    dtype = DTYPES[requested]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError("dtype float16 is not supported on CPU (use bfloat16 or float32)")
+    if dtype == torch.float16 and device.type == "mps" and training:
+        raise UserError("dtype float16 training is not supported on Apple MPS: PyTorch has no gradient scaler "
+                        "for it, so small gradients would underflow to zero (use float32, or bfloat16 on macOS 14+)")
+    if device.type == "mps":
+        _check_mps_autocast(dtype)
+    reason = "requested"
+    if dtype == torch.bfloat16 and device.type == "cuda" and not native_bfloat16(device):
+        major, minor = cuda_capability(device)
+        reason = f"requested (emulated on compute capability {major}.{minor}: slow, and --compile fails)"
+    return Precision(dtype, dtype == torch.float16 and device.type == "cuda" and training, reason)
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
     if precision.autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=precision.autocast_dtype)
+
+
+def check_compile(device: torch.device) -> None:
+    """Refuse torch.compile on Apple MPS: it would go to Inductor's experimental MPS backend, untested
+    here, with no word to the user. (On a CPU and on CUDA it compiles.)"""
+    if device.type == "mps":
+        raise UserError("--compile (train.compile) is not supported on Apple MPS: PyTorch's compiler for MPS is "
+                        "experimental; run without it (the model runs eagerly)")
+
+
+@contextlib.contextmanager
+def fast_float32_matmuls(device: torch.device) -> Iterator[None]:
+    """TF32 tensor-core matmuls on CUDA (float32 weights, about 10 mantissa bits per product, several
+    times faster on Ampere and up), restored on the way out; nothing changes on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    with open(path, encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def vm_stat_available(text: str) -> int | None:
+    """Bytes free or reclaimable at once (free, inactive and speculative pages) from macOS's vm_stat."""
+    page = re.search(r"page size of (\d+) bytes", text)
+    counts = dict(re.findall(r"^Pages (free|inactive|speculative):\s+(\d+)", text, re.MULTILINE))
+    if not page or "free" not in counts:
+        return None
+    return int(page.group(1)) * sum(int(n) for n in counts.values())
+
+
+def system_available_memory() -> int | None:
+    """Bytes of RAM free for a new allocation now: /proc/meminfo on Linux, vm_stat on macOS, else
+    sysconf; None when the platform does not say."""
+    try:
+        return _meminfo_available()
+    except (OSError, ValueError):
+        pass
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=5, check=True).stdout
+            return vm_stat_available(out)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on the device now (None when the platform does not say). MPS shares the Mac's RAM:
+    what Metal recommends this process use, less what it holds, and no more than the RAM free."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    system = system_available_memory()
+    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+        metal = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+        return metal if system is None else min(metal, system)
+    return system
 
 
 def synchronize(device: torch.device) -> None:
@@ -240,10 +380,14 @@ def cpu_state(samples: int = 3, gap_seconds: float = 0.001) -> CpuState:
     return CpuState(cpus, float(others))
 
 
-def use_threads(work: float, requested: int = 0, state: CpuState | None = None) -> ThreadChoice:
-    """Choose the intra-op thread count for `work` (see choose_threads) and set it in torch."""
+def use_threads(work: float, requested: int = 0, state: CpuState | None = None,
+                device: torch.device | None = None) -> ThreadChoice | None:
+    """Choose the intra-op thread count for `work` (see choose_threads) and set it in torch. Off the
+    CPU (a `device` other than cpu) the work is the GPU's: nothing is chosen or set, and None returned."""
     if not 0 <= requested <= 1024:
         raise UserError(f"--threads must be between 1 and 1024 (or 0 to choose), got {requested}")
+    if device is not None and device.type != "cpu":
+        return None
     env_threads = os.environ.get("OMP_NUM_THREADS")
     if state is None and requested == 0 and not (env_threads or "").strip().isdigit():
         state = cpu_state()  # read only when the choice depends on it
@@ -288,7 +432,7 @@ class Runtime:
     device_reason: str
     precision: Precision
     dist: Distributed
-    threads: ThreadChoice | None  # None: the caller chooses threads per piece of work
+    threads: ThreadChoice | None  # None: the caller chooses threads per piece of work, or not on a CPU
 
 
 def _join_process_group(dist_info: Distributed, requested: str) -> DeviceChoice:
@@ -296,45 +440,68 @@ def _join_process_group(dist_info: Distributed, requested: str) -> DeviceChoice:
     import torch.distributed as dist
 
     if torch.cuda.is_available() and requested in ("auto", "cuda"):
+        visible = torch.cuda.device_count()
+        if dist_info.local_rank >= visible:
+            raise UserError(f"LOCAL_RANK {dist_info.local_rank} but this machine shows {visible} CUDA device(s) "
+                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at "
+                            f"most {visible} process(es) per machine (torchrun --nproc_per_node {visible})")
         torch.cuda.set_device(dist_info.local_rank)
         device, backend = torch.device("cuda", dist_info.local_rank), "nccl"
     else:
         if requested not in ("auto", "cpu"):
             raise UserError(f"under torchrun use --device auto, cuda or cpu, got '{requested}'")
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend=backend)
+    # Ranks wait in a collective while rank 0 saves a checkpoint (and scores the final evaluation):
+    # NCCL's default of 10 minutes would kill a run whose save is slow; 30 covers a save of GBs.
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return DeviceChoice(device, f"torchrun rank {dist_info.rank} of {dist_info.world_size} ({backend})")
+
+
+def request_determinism() -> None:
+    """Before anything touches CUDA: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it makes its first
+    handle, so set after a first matmul it is ignored (and cuBLAS stays nondeterministic)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def use_deterministic(device: torch.device) -> None:
+    """Deterministic kernels. On CUDA an operation without a deterministic kernel is an error, not
+    a warning: with warn_only, SDPA's memory-efficient backward would stay nondeterministic while
+    the run claims determinism (with it off, PyTorch picks its deterministic variant). Elsewhere a
+    warning, as the CPU's few such operations are deterministic in practice."""
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
 
 
 @contextlib.contextmanager
 def runtime(device: str = "auto", dtype: str = "auto", seed: int | None = None, deterministic: bool = False,
-            work: float | None = None, threads: int = 0, distributed: bool = False) -> Iterator[Runtime]:
+            work: float | None = None, threads: int = 0, distributed: bool = False,
+            compile: bool = False) -> Iterator[Runtime]:
     """Set up, in this order, what running the model needs, and undo it on the way out:
-    CPU threads for `work` multiply-adds per step (see use_threads; None leaves them to the caller),
-    the device (under torchrun, with `distributed`, the rank's device and the process group),
-    deterministic kernels if asked, TF32 matmuls on CUDA (float32 weights, tensor-core speed),
-    the precision for `dtype`, and the global seed (seed + rank, so ranks draw apart).
-    The TF32 settings are put back afterwards (deterministic algorithms, once asked for, stay on, as
-    CUBLAS_WORKSPACE_CONFIG must); the process group is destroyed."""
+    with `deterministic`, CUBLAS_WORKSPACE_CONFIG (before CUDA is touched); the device (under
+    torchrun, with `distributed`, the rank's device and the process group); CPU threads for `work`
+    multiply-adds per step on a CPU (see use_threads; None leaves them to the caller); deterministic
+    kernels if asked; TF32 matmuls on CUDA (float32 weights, tensor-core speed); the precision for
+    `dtype`; with `compile`, a refusal where torch.compile is not supported (check_compile); and
+    the global seed (seed + rank, so ranks draw apart). The TF32 settings are put back afterwards
+    (deterministic algorithms, once asked for, stay on, as CUBLAS_WORKSPACE_CONFIG must); the
+    process group is destroyed."""
     dist_info = detect_distributed() if distributed else Distributed()
-    chosen_threads = use_threads(work, threads) if work is not None else None
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if deterministic:
+        request_determinism()
     try:
         choice = _join_process_group(dist_info, device) if dist_info.enabled else resolve_device(device)
+        chosen_threads = use_threads(work, threads, device=choice.device) if work is not None else None
         if deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            if choice.device.type == "cuda":
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-                torch.backends.cudnn.benchmark = False
-        if choice.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            use_deterministic(choice.device)
         precision = choose_precision(choice.device, dtype)
+        if compile:
+            check_compile(choice.device)
         if seed is not None:
             torch.manual_seed(seed + dist_info.rank)
-        yield Runtime(choice.device, choice.reason, precision, dist_info, chosen_threads)
+        with fast_float32_matmuls(choice.device):
+            yield Runtime(choice.device, choice.reason, precision, dist_info, chosen_threads)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         if dist_info.enabled:
             import torch.distributed as dist
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from minigpt_cli.checkpoint import LoadedCheckpoint, load_checkpoint, run_text
 from minigpt_cli.config import UserError
 from minigpt_cli.corpus import load_corpus
-from minigpt_cli.device import DTYPES, Precision, autocast, check_inference_dtype, choose_precision, resolve_device, use_threads
+from minigpt_cli.device import (DTYPES, Precision, autocast, check_inference_dtype, choose_precision,
+                                fast_float32_matmuls, resolve_device, use_threads)
 from minigpt_cli.model import GPT
 from minigpt_cli.progress import ProgressCallback
 from minigpt_cli.scoring import bits_per_char, score_text
@@ -118,7 +119,8 @@ def evaluate(request: EvalRequest) -> EvalResult:
     check_inference_dtype(request.dtype, device, ("auto", *DTYPES))
     loaded = load_checkpoint(request.run, which=request.which)
     # auto: the precision the run was trained in (bfloat16 autocast on most CUDA GPUs, float32 elsewhere).
-    precision = choose_precision(device, loaded.config.train.dtype if request.dtype == "auto" else request.dtype)
+    precision = choose_precision(device, loaded.config.train.dtype if request.dtype == "auto" else request.dtype,
+                                 training=False)
     block_size = loaded.config.model.block_size
     stride = request.stride if request.stride is not None else max(1, block_size // 2)
     if not 1 <= stride <= block_size:
@@ -132,10 +134,11 @@ def evaluate(request: EvalRequest) -> EvalResult:
         raise UserError(f"{source} has {len(ids)} character(s); at least 2 are needed (the first is only context)")
     model = loaded.build_model(device)
     # Each batch reads every weight once per position scored.
-    threads = use_threads(model.num_parameters() * request.batch_size * block_size, request.threads)
+    threads = use_threads(model.num_parameters() * request.batch_size * block_size, request.threads, device=device)
     max_chars = loaded.config.train.eval_max_chars if request.max_chars is None else request.max_chars
     began = time.perf_counter()
-    nll, count = score(model, ids, stride, request.batch_size, device, precision, max_chars, request.progress)
+    with fast_float32_matmuls(device):  # TF32 on CUDA, as training's evaluations have
+        nll, count = score(model, ids, stride, request.batch_size, device, precision, max_chars, request.progress)
     seconds = time.perf_counter() - began
     val_loss = loaded.meta.get("val_loss")
     # math.exp overflows a float past about 709: such a perplexity is reported as infinite.
@@ -147,7 +150,7 @@ def evaluate(request: EvalRequest) -> EvalResult:
         checkpoint_val_loss=float(val_loss) if val_loss is not None else None,
         device=str(device), precision=precision.name, seconds=seconds,
         chars_per_second=count / seconds if seconds > 0 else math.nan, warnings=warnings,
-        threads=threads.to_dict(),
+        threads=threads.to_dict() if threads else None,
         vocab_size=model.vocab_size, uniform_nll=math.log(model.vocab_size), uniform_bpc=math.log2(model.vocab_size))
 
 
@@ -197,7 +200,8 @@ def surprisal(request: EvalRequest, limit: int = SHOW_CHARS) -> SurprisalResult:
     device = resolve_device(request.device).device
     check_inference_dtype(request.dtype, device, ("auto", *DTYPES))
     loaded = load_checkpoint(request.run, which=request.which)
-    precision = choose_precision(device, loaded.config.train.dtype if request.dtype == "auto" else request.dtype)
+    precision = choose_precision(device, loaded.config.train.dtype if request.dtype == "auto" else request.dtype,
+                                 training=False)
     if request.data is None:
         ids, source = _validation_ids(loaded, [])
     else:
@@ -207,7 +211,7 @@ def surprisal(request: EvalRequest, limit: int = SHOW_CHARS) -> SurprisalResult:
     shown = np.asarray(ids[:limit]).astype(np.int64)
     block_size = loaded.config.model.block_size
     model = loaded.build_model(device).eval()
-    use_threads(model.num_parameters() * block_size, request.threads)
+    use_threads(model.num_parameters() * block_size, request.threads, device=device)
     bits: list[float | None] = [None]
     context = [0]
     data = torch.from_numpy(shown)

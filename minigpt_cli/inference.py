@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_cli.kv_cache import KVCache
-from minigpt_cli.model import GPT, apply_rope, embedding_scale, mlp_activation, normalize, rms, softcap
+from minigpt_cli.model import GPT, apply_rope, input_slots, embedding_scale, mlp_activation, normalize, rms, softcap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,8 +60,8 @@ def packing_supported(dtype: torch.dtype) -> bool:
     try:
         with torch.inference_mode():
             generator = torch.Generator().manual_seed(0)
-            weight = torch.randn(24, 40, generator=generator).to(dtype)
-            x = torch.randn(3, 40, generator=generator).to(dtype)
+            weight = torch.randn(24, 40, generator=generator).to(dtype)  # CPU-only: a oneDNN probe
+            x = torch.randn(3, 40, generator=generator).to(dtype)  # CPU-only: a oneDNN probe
             got = onednn_linear()(x, pack_weight(weight), None, "none", [], "").float()
             want = F.linear(x.float(), weight.float())
     except (RuntimeError, AttributeError, NotImplementedError):
@@ -311,6 +311,13 @@ def script_step(step: DecodeStep) -> Optional[nn.Module]:
         return None
 
 
+def cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype, which attention runs in, for a decode step in `dtype`: float32 on a CPU,
+    where it was faster than bfloat16 attention, and exact; the step's own dtype elsewhere (on a
+    GPU: half the cache's bytes to read each step, and attention on tensor cores)."""
+    return torch.float32 if device.type == "cpu" else dtype
+
+
 class Decoder:
     """A trained model readied for sampling: call it as the model, `decoder(idx, kv_cache=None)`.
 
@@ -319,9 +326,10 @@ class Decoder:
     `compile` (CUDA graphs on a GPU; oneDNN's packed matrices cannot be traced, so none are packed
     then), or else as Python. With `fast` False every call runs the copy's modules.
 
-    With `dtype` bfloat16 the weight matrices, norms and residual stream of a step run in bfloat16,
-    while embeddings, attention and the KV cache stay float32 (faster on a CPU than bfloat16
-    attention, and exact). float16 (GPUs only) keeps the module path, whose residual stream stays
+    With `dtype` bfloat16 the weight matrices, norms and residual stream of a step run in bfloat16;
+    embeddings stay float32, and so do attention and the KV cache on a CPU (faster there than
+    bfloat16 attention, and exact) but not on a GPU (cache_dtype: half the bytes each step reads,
+    and attention on tensor cores). float16 (GPUs only) keeps the module path, whose residual stream stays
     float32: float16's range (65504) is one a residual stream can outgrow. Weights are copied when
     the decoder is built: later changes to the model's weights do not reach it.
     """
@@ -339,12 +347,18 @@ class Decoder:
         self.step = DecodeStep(self.model, dtype) if fast and dtype != torch.float16 else None
         self.scripted = script_step(self.step) if self.step is not None and script and on_cpu and not compile else None
         self.compiled = None
+        # CUDA graphs (reduce-overhead) return outputs in memory the next replay overwrites: such
+        # logits are copied before they are handed out, so a caller may keep them.
+        self.copy_logits = compile and self.step is not None and self.device.type == "cuda"
         if compile and self.step is not None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.compiled = torch.compile(self.step, mode=mode, fullgraph=True)
+        self.cache_dtype = cache_dtype(self.device, dtype if self.step is not None else torch.float32)
 
     def new_kv_cache(self, batch_size: int) -> KVCache:
-        return self.model.new_kv_cache(batch_size)
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.head_dim, dtype=self.cache_dtype,
+                       device=self.device, input_slots=input_slots(c))
 
     @torch.inference_mode()
     def __call__(self, idx: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -365,6 +379,8 @@ class Decoder:
                 kv_cache.static_address = True
             position = torch.full((1,), kv_cache.length, dtype=torch.long, device=idx.device)
             logits = self.compiled(idx, 0, kv_cache.kv, position, kv_cache.inputs)
+            if self.copy_logits:
+                logits = logits.clone()
         else:
             step = self.scripted if self.scripted is not None else self.step
             logits = step(idx, kv_cache.length, kv_cache.kv, None, kv_cache.inputs)

@@ -49,7 +49,8 @@ class KVCache:
         k, v = self.k_layers[layer], self.v_layers[layer]
         k[:, :, self.length:end] = k_new
         v[:, :, self.length:end] = v_new
-        return k[:, :, :end], v[:, :, :end]  # (B, n_head, end, head_dim)
+        # In the new keys' dtype: a bfloat16 cache (on a GPU) serves a float32 prefill too.
+        return k[:, :, :end].to(k_new.dtype), v[:, :, :end].to(v_new.dtype)  # (B, n_head, end, head_dim)
 
     def update_inputs(self, slot: int, x_new: torch.Tensor) -> torch.Tensor:
         """Store a sublayer's (B, T, C) inputs after the cached ones (a batch of 1 broadcast, as in
@@ -58,7 +59,7 @@ class KVCache:
         end = self.end_after(x_new.shape[1])
         inputs = self.inputs[slot]
         inputs[:, self.length:end] = x_new
-        return inputs[:, :end]
+        return inputs[:, :end].to(x_new.dtype)  # a no-op when the dtypes agree (always, on a CPU)
 
     def end_after(self, n: int) -> int:
         """The length after storing n more positions; raises if they do not fit."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from minigpt_cli.config import TrainConfig
-from minigpt_cli.device import cpu_has_fast_bfloat16
+from minigpt_cli.device import cpu_has_fast_bfloat16, native_bfloat16
 
 # Coefficients of the quintic Newton-Schulz iteration published with Muon (Keller Jordan, 2024):
 # chosen so that five steps push every singular value of the normalised matrix close to 1.
@@ -16,16 +16,17 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 as in the published method where the hardware has it, else float32.
+    """bfloat16 as in the published method where the hardware runs it natively, else float32.
 
     The iteration tolerates bfloat16's rounding, and it is about 1.5x faster than float32 on a CPU
-    with AVX512-BF16. A CPU without native bfloat16 (AVX2 only: most laptops) emulates it and runs
-    these products 10-30x slower than float32 (benchmarks/README.md), which made Muon's step most
-    of a training step there.
+    with AVX512-BF16. Hardware without native bfloat16 emulates it: a CPU with AVX2 only (most
+    laptops) runs these products 10-30x slower than float32 (benchmarks/README.md), which made
+    Muon's step most of a training step there; a CUDA GPU below compute capability 8.0 (T4, V100)
+    emulates it too, and MPS has it only from macOS 14 (device.native_bfloat16).
     """
-    if device.type == "cpu" and not cpu_has_fast_bfloat16():
-        return torch.float32
-    return torch.bfloat16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bfloat16() else torch.float32
+    return torch.bfloat16 if native_bfloat16(device) else torch.float32
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -50,9 +50,9 @@ class Ranks:
         import torch.distributed as dist
 
         host = [0.0, *(float(signum == s) for s in self.SIGNALS), float(budget.out_of_time()), progress or 0.0]
-        values = torch.tensor(host, dtype=torch.float64, device=self.device)
+        values = torch.tensor(host, dtype=torch.float64, device=self.device)  # not MPS: torchrun is CUDA or CPU
         if loss_sum is not None:
-            values[0] = loss_sum.detach().double()
+            values[0] = loss_sum.detach().double()  # not MPS (as above)
         dist.all_reduce(values)
         total, *signals, late, progress_sum = values.tolist()  # the step's one host sync
         caught = [s for s, n in zip(self.SIGNALS, signals) if n]
@@ -75,7 +75,7 @@ class Ranks:
             return values
         import torch.distributed as dist
 
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)  # not MPS: torchrun is CUDA or CPU
         dist.all_reduce(tensor)
         return tensor.tolist()
 

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import torch
 
 from minigpt_cli.config import UserError
-from minigpt_cli.device import ThreadChoice, make_generator, synchronize, use_threads
+from minigpt_cli.device import ThreadChoice, fast_float32_matmuls, make_generator, synchronize, use_threads
 from minigpt_cli.inference import Decoder
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
@@ -232,23 +232,24 @@ class SampleSession:
         generator = make_generator(self.seed, device)
         synchronize(device)
         began = time.perf_counter()
-        for i, step in enumerate(generate(self.model, self.prompt_ids, req.max_new_tokens, self.settings, generator,
-                                          req.num_samples, req.use_cache, stop_ids)):
-            if i == 0:
-                self.first_token_seconds = time.perf_counter() - began
-            tokens, active = step.tokens.tolist(), step.active.tolist()
-            for row, (token, alive) in enumerate(zip(tokens, active)):
-                if alive:
-                    texts[row].append(self.tokenizer.chars[token])
-                    self.tokens_generated += 1
-            first = "".join(texts[0]) if active[0] else None
-            if first is not None:
-                if any(first.endswith(s) for s in stops):
-                    continue
-                safe = len(first) - _held_back(first, stops)
-                if safe > shown:
-                    yield first[shown:safe]
-                    shown = safe
+        with fast_float32_matmuls(device):  # TF32 on CUDA, as training has
+            for i, step in enumerate(generate(self.model, self.prompt_ids, req.max_new_tokens, self.settings, generator,
+                                              req.num_samples, req.use_cache, stop_ids)):
+                if i == 0:
+                    self.first_token_seconds = time.perf_counter() - began
+                tokens, active = step.tokens.tolist(), step.active.tolist()
+                for row, (token, alive) in enumerate(zip(tokens, active)):
+                    if alive:
+                        texts[row].append(self.tokenizer.chars[token])
+                        self.tokens_generated += 1
+                first = "".join(texts[0]) if active[0] else None
+                if first is not None:
+                    if any(first.endswith(s) for s in stops):
+                        continue
+                    safe = len(first) - _held_back(first, stops)
+                    if safe > shown:
+                        yield first[shown:safe]
+                        shown = safe
         synchronize(device)
         self.seconds = time.perf_counter() - began
         self.samples = [self._strip_stop("".join(t), stops) for t in texts]
@@ -284,12 +285,14 @@ class SampleSession:
 def prepare(request: SampleRequest) -> SampleSession:
     """Load the run, check every setting, and encode the prompt; nothing is generated yet."""
     from minigpt_cli.checkpoint import load_checkpoint
-    from minigpt_cli.device import DTYPES, check_inference_dtype, resolve_device
+    from minigpt_cli.device import DTYPES, check_compile, check_inference_dtype, resolve_device
 
     device = resolve_device(request.device).device
     check_inference_dtype(request.dtype, device)
     if request.compile and not request.use_cache:
         raise UserError("--compile compiles the KV-cached decode step; it cannot go with --no-kv-cache")
+    if request.compile:
+        check_compile(device)
     loaded = load_checkpoint(request.run, which="best")
     tokenizer = loaded.tokenizer
     settings = check_settings(request.settings, tokenizer.vocab_size)
@@ -316,7 +319,7 @@ def prepare(request: SampleRequest) -> SampleSession:
                         "one (oneDNN's packed matrices cannot be compiled)")
     model = loaded.build_model(device)
     # A decode step reads every weight once per sample: that is the work its threads share.
-    threads = use_threads(model.num_parameters() * request.num_samples, request.threads)
+    threads = use_threads(model.num_parameters() * request.num_samples, request.threads, device=device)
     model = Decoder(model, DTYPES[request.dtype], compile=request.compile)
     seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
     return SampleSession(request, model, tokenizer, tokenizer.encode(prompt), settings, seed, loaded.path, warnings,

@@ -34,6 +34,8 @@ def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_
     after the first window sees at least block_size - stride characters of context. With
     stride == block_size the windows do not overlap and each position is scored once. Windows are
     read from ids (a memory map, usually) a batch at a time; progress is reported in characters.
+    The sum is kept in Python floats (math.fsum: exactly rounded), not in a float64 tensor, which
+    Apple's MPS lacks.
     """
     import torch
     import torch.nn.functional as F
@@ -43,7 +45,7 @@ def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_
     from minigpt_cli.progress import progress_task
 
     windows = scoring_windows(len(ids), block_size, stride, max_chars)
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    partials: list[float] = []  # each batch's fsum
     count = 0
     model.eval()
     with torch.no_grad(), autocast(device, precision), \
@@ -54,7 +56,8 @@ def score_text(model: GPT, ids: np.ndarray, block_size: int, stride: int, batch_
             nll = F.cross_entropy(logits.transpose(1, 2), xy[:, 1:], reduction="none")  # (B, T)
             skip = torch.from_numpy(skips).to(device)
             keep = torch.arange(length, device=device)[None] >= skip[:, None]  # (B, T)
-            total += nll[keep].double().sum()
-            count += int(keep.sum())
-            report.advance(int(keep.sum()))
-    return total.item(), count
+            scored = nll[keep].tolist()  # one copy to the host per batch (int(keep.sum()) waited anyway)
+            partials.append(math.fsum(scored))
+            count += len(scored)
+            report.advance(len(scored))
+    return math.fsum(partials), count

@@ -365,7 +365,7 @@ class Trainer:
         # A training step's multiply-adds: threads as many as that work and the free CPUs allow.
         work = t.batch_size * m.block_size * 12 * m.n_layer * m.n_embd ** 2
         with runtime(t.device, t.dtype, seed=t.seed, deterministic=t.deterministic, work=work,
-                     threads=t.num_threads, distributed=True) as rt:
+                     threads=t.num_threads, distributed=True, compile=t.compile) as rt:
             self.dist, self.device, self.device_reason, self.precision = rt.dist, rt.device, rt.device_reason, rt.precision
             self.ranks = Ranks(rt.dist, rt.device)
             # One writer per run: the lock is held until the last save, and refused at once to a second.

@@ -61,6 +61,7 @@ def test_newton_schulz_runs_in_float32_on_a_cpu_without_native_bfloat16(monkeypa
     assert optim.newton_schulz_dtype(torch.device("cpu")) == torch.float32
     monkeypatch.setattr(optim, "cpu_has_fast_bfloat16", lambda: True)
     assert optim.newton_schulz_dtype(torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
     assert optim.newton_schulz_dtype(torch.device("cuda")) == torch.bfloat16
 
 
