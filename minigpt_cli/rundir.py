@@ -17,6 +17,7 @@ checkpoint.py (save/load, with torch), runs.py (listing, deleting) and data.py s
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from minigpt_cli.config import UserError
+from minigpt_cli.config import Config, UserError
 
 try:
     import fcntl
@@ -364,3 +365,223 @@ def bytes_on_disk(path: Path) -> int:
     except OSError:
         return 0
     return getattr(info, "st_blocks", 0) * 512 or info.st_size
+
+
+# -- the run folder's life: claimed new, proven ours for --resume, written atomically, its records ----
+
+METRICS_LINE_MAX_CHARS = 2**16
+
+
+class CheckpointWriteError(Exception):
+    """A save that failed (a full disk, say); the previous checkpoint is untouched."""
+
+
+def new_run_dir(config_name: str, base: Path = RUNS_DIR, claim: bool = True) -> Path:
+    """A directory name under base that no run has: <config>-<date>-<time>, with -2, -3, ... after it
+    when taken. With `claim` the directory is created here, atomically, so two runs started in the
+    same second never share one."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if os.path.lexists(base) and not base.is_dir():
+        raise UserError(f"cannot keep runs in {base}: it is a file, not a folder (move it, or pick another --out)")
+    try:
+        if claim:
+            base.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while True:
+            path = base / (f"{config_name}-{stamp}" if n == 1 else f"{config_name}-{stamp}-{n}")
+            try:
+                if claim:
+                    path.mkdir()  # fails if another run took the name first
+                elif path.exists():
+                    raise FileExistsError(path)
+                return path
+            except FileExistsError:
+                n += 1
+    except OSError as exc:
+        raise UserError(f"cannot create a run directory under {base}: {exc.strerror or exc}") from None
+
+
+def newest_run(base: Path = RUNS_DIR) -> Path:
+    """The run under base whose latest checkpoint was written last."""
+    candidates = []
+    if base.is_dir():
+        for run in base.iterdir():
+            try:
+                candidates.append((os.stat(run / LATEST).st_mtime, run))
+            except OSError:
+                continue
+    if not candidates:
+        raise UserError(f"no trained run found under ./{base} (train one with `minigpt train`, or pass RUN)")
+    return max(candidates)[1]
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def data_copy(run_dir: Path) -> Path | None:
+    """The run's copy of its training text, if it has one."""
+    path = Path(run_dir) / DATA_COPY
+    return path if path.is_file() else None
+
+
+def save_config(run_dir: Path, config: Config) -> Path:
+    """Write the run's resolved config as run_dir/config.yaml (atomically), trainable as it is."""
+    from minigpt_cli.config import to_yaml
+
+    path = run_dir / CONFIG_FILE
+    header = (f"The resolved config of this run. `minigpt train {path}` trains the same thing again\n"
+              f"in a new run directory.")
+    tmp = path.with_name(f"{TMP_PREFIX}{CONFIG_FILE}.{os.getpid()}")
+    try:
+        write_bytes_synced(tmp, to_yaml(config, header).encode("utf-8"))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"could not write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        write_bytes_synced(tmp, (strict_json(value, indent=2) + "\n").encode("utf-8"))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def prepare_run_dir(out: Path | None, config_name: str, resume: bool, claim: bool = True) -> tuple[Path, bool]:
+    """The run directory of `minigpt train`, checked and claimed; returns (path, created here).
+
+    A new run goes into a new or empty folder (or one minigpt claimed for a run that never saved a
+    checkpoint); with no --out, a fresh name under ./runs. --resume takes only a folder holding a
+    run. Anything else is refused, so a run never writes among, or removes, files it did not make.
+    """
+    if out is None:
+        if resume:
+            try:
+                return newest_run(), False
+            except UserError:
+                raise UserError("no run to resume under ./runs: name one with --out RUN_DIR") from None
+        path = new_run_dir(config_name, claim=claim)
+        return path, claim
+    path = Path(out)
+    if resume:
+        if not path.exists():
+            raise CheckpointError(f"run not found: {path}")
+        if (path / CHECKPOINTS_DIR).is_symlink():
+            raise UserError(f"{path / CHECKPOINTS_DIR} is a symbolic link; minigpt keeps a run's checkpoints inside "
+                            f"its folder (replace the link with a copy of what it points to)")
+        if not path.is_dir() or not is_run(path):
+            raise CheckpointError(f"{path} holds no minigpt run to resume (no checkpoint in it); "
+                                  f"start a new run without --resume")
+        return path, False
+    if path.exists() and not path.is_dir():
+        raise UserError(f"cannot create run directory {path}: a file is in the way")
+    names = set(listing(path))
+    if is_run(path):
+        raise UserError(f"{path} already holds a run; continue it with --resume, or pick another --out")
+    if names and (LOCK_FILE not in names or run_contents(path).foreign):
+        raise UserError(f"{path} is not empty and is not a minigpt run; pick a new or empty folder for --out")
+    if not claim:
+        return path, False
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
+    return path, created
+
+
+def remove_unused_run_dir(path: Path) -> None:
+    """Remove a run directory this process created, for a run that failed before its first checkpoint:
+    the files such a run writes (lock, config, text copy, records, temporary files) go, then the folder
+    if nothing else is in it."""
+    if is_run(path) or os.path.lexists(Path(path) / CHECKPOINTS_DIR):
+        return
+    try:
+        delete_contents(path, run_contents(path))  # under the run's lock: not while another process writes
+    except (UserError, OSError):
+        pass
+
+
+def _open_nofollow(path: str, flags: int) -> int:
+    """os.open that does not follow a link at the last name: a link in a run folder is not written through."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    path = run_dir / METRICS_FILE
+    try:
+        with open(path, "a", encoding="utf-8", opener=_open_nofollow) as f:
+            f.write(strict_json(record) + "\n")
+    except OSError as exc:
+        kept = "the last checkpoint is intact" if pointer_target(run_dir, "latest") else "no checkpoint had been saved yet"
+        raise CheckpointWriteError(f"could not write {path}: {exc.strerror or exc}; {kept}") from exc
+
+
+def read_metrics(run_dir: Path, strict: bool = False) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl, skipping lines minigpt did not write whole (a crash can cut the
+    last one short). An unreadable file reads as no records, or raises OSError with `strict`."""
+    path = run_dir / METRICS_FILE
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    except OSError:
+        if strict:
+            raise
+        text = ""
+    records = []
+    for line in text.splitlines():
+        if len(line) > METRICS_LINE_MAX_CHARS or too_deep(line):
+            continue  # not a line minigpt wrote
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _step_of(record: dict[str, Any]) -> int:
+    try:
+        return int(record.get("step", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop records past the checkpoint's step so the curve has no repeated steps."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    try:
+        kept = [r for r in read_metrics(run_dir, strict=True) if _step_of(r) <= step]
+    except OSError as exc:
+        raise CheckpointWriteError(f"could not read {path}: {exc.strerror or exc}") from exc
+    tmp = path.with_name(f"{TMP_PREFIX}metrics.{os.getpid()}")
+    try:
+        tmp.write_text("".join(strict_json(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"could not rewrite {path}: {exc.strerror or exc}") from exc

@@ -109,7 +109,7 @@ def full_disk_os(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("target, failure", [("save_file", full_disk), ("_write_bytes_synced", full_disk_os),
+@pytest.mark.parametrize("target, failure", [("save_file", full_disk), ("write_bytes_synced", full_disk_os),
                                              ("atomic_write_json", full_disk_os)])
 def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, failure):
@@ -149,7 +149,9 @@ def test_full_disk_while_logging_exits_1_and_keeps_the_run(run_copy: Path, monke
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
         return real_open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "open", no_space_for_metrics, raising=False)
+    from minigpt_cli import rundir
+
+    monkeypatch.setattr(rundir, "open", no_space_for_metrics, raising=False)  # where metrics.jsonl is written
     result = invoke("train", "--resume", "--out", run_copy, "--set", "train.max_iters=8")
     assert result.exit_code == 1, result.stderr
     assert "Traceback" not in result.stderr
