@@ -32,7 +32,7 @@ COMMANDS = (
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn expected failures into one line on stderr and the exit codes of DESIGN.md."""
+    """Turn expected failures into one line on stderr and the exit codes README.md lists."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
