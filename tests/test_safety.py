@@ -532,3 +532,15 @@ def test_eval_show_runs_and_errors_make_escape_sequences_visible(tmp_path: Path,
     failed = invoke("sample", tmp_path / "nowhere\x1b]0;t\x07", "--max-new-tokens", "1")
     assert failed.exit_code == 2
     assert_shown_not_obeyed(shown.stdout, shown.stderr, listed.stdout, listed.stderr, failed.stderr)
+
+
+def test_ctrl_c_at_the_runs_rm_prompt_deletes_nothing_and_exits_130(run_copy: Path, monkeypatch):
+    import typer
+
+    def pressed_ctrl_c(*args, **kwargs):
+        raise typer.Abort()  # what click raises for a KeyboardInterrupt at its prompt
+
+    monkeypatch.setattr(typer, "confirm", pressed_ctrl_c)
+    before = snapshot(run_copy)
+    assert invoke("runs", "rm", run_copy).exit_code == 130
+    assert snapshot(run_copy) == before
