@@ -33,7 +33,8 @@ class RunInfo:
     name: str
     path: str
     state: str  # one of STATES
-    detail: str = ""  # why: the stop reason, what is damaged, which process writes it
+    detail: str = ""  # why, in words: the stop reason, what is damaged, which process writes it
+    ending: Optional[str] = None  # how training ended: max_iters, time_budget, stop_after, interrupted, terminated
     config: Optional[str] = None
     params: Optional[int] = None
     steps: Optional[int] = None
@@ -208,6 +209,12 @@ def describe_run(path: Path) -> RunInfo:
         info.modified = (folder / META).stat().st_mtime
     except OSError:
         pass
+    _read_meta(info, meta, path)
+    return info
+
+
+def _read_meta(info: RunInfo, meta: dict[str, Any], path: Path) -> None:
+    """What a run's newest checkpoint records: its figures, and how the run ended."""
     train = meta["config"].get("train") if isinstance(meta["config"].get("train"), dict) else {}
     info.config = str(meta.get("config_name", "?"))
     info.steps, info.tokens = _int(meta.get("step")), _int(meta.get("tokens"))
@@ -223,13 +230,15 @@ def describe_run(path: Path) -> RunInfo:
         info.state, info.detail = "live", f"being written by PID {info.pid}" if info.pid else "being written"
     elif meta.get("final") is True:
         info.state, info.detail = "finished", STOPPED.get(str(stopped), "")
+        info.ending = str(stopped) if stopped in STOPPED else None
     elif stopped == "stop_after":
         info.state, info.detail = "paused", f"train.stop_after; continue: minigpt train --resume --out {path}"
+        info.ending = "stop_after"
     elif stopped in ("interrupted", "terminated"):
         info.state, info.detail = "interrupted", f"by {'Ctrl-C' if stopped == 'interrupted' else 'SIGTERM'}"
+        info.ending = stopped
     else:
         info.state, info.detail = "failed", f"ended after step {info.steps} without a final checkpoint"
-    return info
 
 
 def list_runs(folder: Path) -> list[RunInfo]:

@@ -16,7 +16,7 @@ EXAMPLES = ("Examples:\n\n  minigpt runs\n\n  minigpt runs --json\n\n"
 STATE_STYLES = {"finished": "green", "live": "bold cyan", "paused": "yellow", "interrupted": "yellow",
                 "failed": "red", "damaged": "red", "not a run": "dim"}
 # How a run ended, as short as the state column allows ("" for the plain end: max_iters reached).
-SHORT_ENDINGS = {"time budget used": "budget", "max_iters reached": "", "train.stop_after": "stop_after"}
+SHORT_ENDINGS = {"time_budget": "budget", "max_iters": "", "stop_after": "stop_after"}  # by RunInfo.ending
 COLUMNS = (("run", "left"), ("config", "left"), ("params", "right"), ("steps", "right"), ("tokens", "right"),
            ("best val", "right"), ("final val", "right"), ("wall", "right"), ("state", "left"), ("size", "right"))
 
@@ -157,8 +157,8 @@ def _row(r: Any, notes: List[str], measures: set) -> List[str]:
         whole = r.best_measure == "whole val split"
         best = f"{r.best_val_loss:.4f}" + ("*" if whole else "")
         measures.add(r.best_measure)
-    # RunInfo.detail reads "<how it ended>[; more]": a known ending fits the state column, the rest is a note.
-    detail = SHORT_ENDINGS.get(r.detail.split(";")[0], None)
+    # A known ending fits the state column; any other detail is a note under the table.
+    detail = SHORT_ENDINGS.get(r.ending) if r.ending else None
     if detail is None and r.detail:
         notes.append(f"{r.name}: {r.detail}")
     elif r.state == "paused":
