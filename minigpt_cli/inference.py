@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_cli.kv_cache import KVCache
-from minigpt_cli.model import GPT, apply_rope, input_slots, embedding_scale, mlp_activation, normalize, rms, softcap
+from minigpt_cli.model import (GPT, changes_queries_and_keys, embedding_scale, input_slots, mlp_activation, normalize,
+                               queries_and_keys, residual, softcap, sublayer_input)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,18 +128,26 @@ def inference_copy(model: GPT, dtype: torch.dtype, pack: bool) -> GPT:
 # torch.compile with fixed shapes (CUDA graphs on a GPU).
 # ---------------------------------------------------------------------------------------------
 
+# oneDNN post-ops that compute model.mlp_activation inside the MLP's first product: (post-op, its algorithm,
+# square after). An activation missing here runs unfused, after the product: correct, a little slower.
+FUSED_ACTIVATIONS = {"gelu": ("gelu", "tanh", False), "relu2": ("relu", "", True)}
+
+
 class DecodeStep(nn.Module):
     """GPT.forward's arithmetic for one new position per row, reading and writing the KV cache.
 
     forward(idx (B, 1), position, kv (n_layer, B, 2, n_head, block_size, head_dim), fixed_position,
     inputs) -> logits (B, 1, vocab_size) in float32. `inputs` (2 n_layer, B, block_size, C) is the
-    cache's store of the sublayers' inputs, for a model with short convolutions (None otherwise). With fixed_position None, `position` (an int) is
-    where the new keys and values go, and attention reads the positions up to it. With a (1,)
-    tensor fixed_position instead, every shape is the same at every step (for torch.compile):
-    the keys and values go in with index_copy_ and attention reads the whole cache, masked.
+    cache's store of the sublayers' inputs, for a model with short convolutions (None otherwise).
+    With fixed_position None, `position` (an int) is where the new keys and values go, and attention
+    reads the positions up to it. With a (1,) tensor fixed_position instead, every shape is the same
+    at every step (for torch.compile): the keys and values go in with index_copy_ and attention reads
+    the whole cache, masked.
 
-    Made from the Decoder's copy (after its matrices are swapped): weight_matrices' order, four
-    per block and then the head; `packed[j]` says matrix j is in oneDNN's blocked layout.
+    The block's arithmetic is model.py's (sublayer_input, residual, queries_and_keys, mlp_activation,
+    normalize, softcap); what is this step's own is how it reads the cache and the matrices. Made from
+    the Decoder's copy (after its matrices are swapped): weight_matrices' order, four per block and
+    then the head; `packed[j]` says matrix j is in oneDNN's blocked layout.
     """
 
     positions: Optional[torch.Tensor]
@@ -183,21 +192,48 @@ class DecodeStep(nn.Module):
         self.dtype = dtype
         self.norm_kind = c.norm
         self.eps = twin.blocks[0].norm_1.eps
-        self.pre_norm = c.norm_placement == "pre"
+        self.pre_norm = twin.blocks[0].pre_norm
         self.has_final_norm = twin.norm_f is not None
         self.activation = c.activation
+        post_op = FUSED_ACTIVATIONS.get(c.activation)
+        self.post_op, self.post_op_algorithm, self.square_after = post_op if post_op else ("none", "", False)
         # oneDNN's activation post-op pays in bfloat16 but not in float32 (benchmarks/README.md).
-        self.fuse_activation = dtype != torch.float32
+        self.fuse_activation = dtype != torch.float32 and post_op is not None
         self.qk_norm = c.qk_norm
+        self.changes_qk = changes_queries_and_keys(c)
         self.logit_softcap = float(c.logit_softcap)
 
-    def _norm(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return normalize(x, self.norm_kind, self.norm_weights[i], self.norm_biases[i], self.eps)
+    def _sublayer_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return sublayer_input(x, self.pre_norm, self.norm_kind, self.norm_weights[i], self.norm_biases[i], self.eps)
+
+    def _residual(self, x: torch.Tensor, y: torch.Tensor, i: int) -> torch.Tensor:
+        return residual(x, y, self.pre_norm, self.norm_kind, self.norm_weights[i], self.norm_biases[i], self.eps, True)
 
     def _linear(self, x: torch.Tensor, j: int) -> torch.Tensor:
         if self.packed[j]:
             return torch.ops.mkldnn._linear_pointwise(x, self.weights[j], self.biases[j], "none", [], "")
         return F.linear(x, self.weights[j], self.biases[j])
+
+    def _embed(self, idx: torch.Tensor, position: int, fixed_position: Optional[torch.Tensor]) -> torch.Tensor:
+        """The residual stream's first value for the new positions: (B, C) in the step's dtype."""
+        x = torch.index_select(self.wte, 0, idx.view(idx.shape[0]))  # (B, C), a new tensor
+        positions = self.positions
+        if positions is not None:
+            if fixed_position is None:
+                x.add_(positions[position])
+            else:
+                x.add_(positions.index_select(0, fixed_position))
+        return x if x.dtype == self.dtype else x.to(self.dtype)
+
+    def _rotation(self, position: int,
+                  fixed_position: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """RoPE's cos and sin at the new position, (D,) or (1, D); None without RoPE."""
+        rope_cos, rope_sin = self.rope_cos, self.rope_sin
+        if rope_cos is None or rope_sin is None:
+            return None, None
+        if fixed_position is None:
+            return rope_cos[position], rope_sin[position]
+        return rope_cos.index_select(0, fixed_position), rope_sin.index_select(0, fixed_position)
 
     def _conv(self, a: torch.Tensor, slot: int, position: int, inputs_all: Optional[torch.Tensor],
               fixed_position: Optional[torch.Tensor]) -> torch.Tensor:
@@ -219,80 +255,61 @@ class DecodeStep(nn.Module):
             mixed = (window * weight).sum(1)
         return mixed if mixed.dtype == a.dtype else mixed.to(a.dtype)
 
+    def _attention(self, a: torch.Tensor, layer: int, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                   position: int, kv_all: torch.Tensor, fixed_position: Optional[torch.Tensor]) -> torch.Tensor:
+        """Attention's output before its projection, (B, C) in the step's dtype, for the input a (B, C);
+        the new key and value go into the layer's cache (B, 2, H, block_size, D), which attention runs in."""
+        B, H, D = a.shape[0], self.n_head, self.head_dim
+        qkv = self._linear(a, 4 * layer).view(B, 3, H, D)
+        if self.changes_qk:
+            q, k, v = qkv.unbind(1)  # (B, H, D) each
+            q, k = queries_and_keys(q, k, self.qk_norm, cos, sin)
+            new = torch.stack([k, v], dim=1)  # (B, 2, H, D)
+            q = q.unsqueeze(2)
+        else:
+            new = qkv[:, 1:]  # keys and values, stored with one copy
+            q = qkv[:, :1].transpose(1, 2)
+        kv = kv_all[layer]
+        if q.dtype != kv.dtype:
+            q = q.to(kv.dtype)  # (B, H, 1, D)
+        if fixed_position is None:
+            kv.select(3, position).copy_(new)
+            y = F.scaled_dot_product_attention(q, kv[:, 0, :, :position + 1], kv[:, 1, :, :position + 1])
+        else:
+            kv.index_copy_(3, fixed_position, new.unsqueeze(3).to(kv.dtype))
+            block_size = kv.shape[-2]
+            visible = (torch.arange(block_size, device=a.device) <= fixed_position).view(1, 1, 1, block_size)
+            y = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=visible)
+        y = y.view(B, self.n_embd)  # (B, H, 1, D) -> (B, C)
+        return y if y.dtype == self.dtype else y.to(self.dtype)
+
     def _mlp_hidden(self, x: torch.Tensor, j: int) -> torch.Tensor:
-        """mlp_activation(x @ W_fc^T), fused into the product where oneDNN can: GELU as its tanh-GELU
-        post-op; ReLU squared as its ReLU post-op, then the square."""
+        """mlp_activation(x @ W_fc^T), fused into the product as oneDNN's post-op where it can (FUSED_ACTIVATIONS)."""
         if self.fuse_activation and self.packed[j]:
-            gelu = self.activation == "gelu"
-            h = torch.ops.mkldnn._linear_pointwise(x, self.weights[j], self.biases[j], "gelu" if gelu else "relu",
-                                                   [], "tanh" if gelu else "")
-            return h if gelu else h.square_()
+            h = torch.ops.mkldnn._linear_pointwise(x, self.weights[j], self.biases[j], self.post_op, [],
+                                                   self.post_op_algorithm)
+            return h.square_() if self.square_after else h
         return mlp_activation(self._linear(x, j), self.activation, True)
 
     def forward(self, idx: torch.Tensor, position: int, kv_all: torch.Tensor,
                 fixed_position: Optional[torch.Tensor] = None, inputs_all: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B = idx.shape[0]
-        H, D, C = self.n_head, self.head_dim, self.n_embd
-        attention_dtype = kv_all.dtype  # attention and the cache run in the cache's dtype
-        x = torch.index_select(self.wte, 0, idx.view(B))  # (B, C), a new tensor
-        positions = self.positions
-        if positions is not None:
-            if fixed_position is None:
-                x.add_(positions[position])
-            else:
-                x.add_(positions.index_select(0, fixed_position))
-        if x.dtype != self.dtype:
-            x = x.to(self.dtype)
+        # Block.forward for one position: its sublayers' norms are 2 * layer + i, its matrices 4 * layer + j
+        # (attention in and out, MLP in and out) and its short convolutions' slots 2 * layer + i.
+        x = self._embed(idx, position, fixed_position)  # (B, C)
+        cos, sin = self._rotation(position, fixed_position)
         for layer in range(self.n_layer):
-            a = self._conv(self._norm(x, 2 * layer) if self.pre_norm else x, 2 * layer, position, inputs_all,
-                           fixed_position)  # attention's input
-            qkv = self._linear(a, 4 * layer).view(B, 3, H, D)
-            rope_cos, rope_sin = self.rope_cos, self.rope_sin
-            if self.qk_norm or rope_cos is not None:
-                q, k, v = qkv.unbind(1)  # (B, H, D) each
-                if self.qk_norm:
-                    q, k = rms(q), rms(k)
-                if rope_cos is not None and rope_sin is not None:
-                    if fixed_position is None:
-                        cos, sin = rope_cos[position], rope_sin[position]  # (D,)
-                    else:
-                        cos, sin = rope_cos.index_select(0, fixed_position), rope_sin.index_select(0, fixed_position)
-                    q = apply_rope(q, cos, sin)
-                    k = apply_rope(k, cos, sin)
-                new = torch.stack([k, v], dim=1)  # (B, 2, H, D)
-                q = q.unsqueeze(2)
-            else:
-                new = qkv[:, 1:]  # keys and values, stored with one copy
-                q = qkv[:, :1].transpose(1, 2)
-            if q.dtype != attention_dtype:
-                q = q.to(attention_dtype)  # (B, H, 1, D)
-            kv = kv_all[layer]  # (B, 2, H, block_size, D)
-            if fixed_position is None:
-                kv.select(3, position).copy_(new)
-                y = F.scaled_dot_product_attention(q, kv[:, 0, :, :position + 1], kv[:, 1, :, :position + 1])
-            else:
-                kv.index_copy_(3, fixed_position, new.unsqueeze(3).to(attention_dtype))
-                block_size = kv.shape[-2]
-                visible = (torch.arange(block_size, device=idx.device) <= fixed_position).view(1, 1, 1, block_size)
-                y = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=visible)
-            y = y.view(B, C)  # (B, H, 1, D) -> (B, C)
-            if y.dtype != self.dtype:
-                y = y.to(self.dtype)
-            x = self._linear(y, 4 * layer + 1).add_(x)
-            if not self.pre_norm:
-                x = self._norm(x, 2 * layer)
-            a = self._conv(self._norm(x, 2 * layer + 1) if self.pre_norm else x, 2 * layer + 1, position, inputs_all,
-                           fixed_position)  # the MLP's input
-            h = self._mlp_hidden(a, 4 * layer + 2)
-            x = self._linear(h, 4 * layer + 3).add_(x)
-            if not self.pre_norm:
-                x = self._norm(x, 2 * layer + 1)
+            a = self._conv(self._sublayer_input(x, 2 * layer), 2 * layer, position, inputs_all, fixed_position)
+            y = self._attention(a, layer, cos, sin, position, kv_all, fixed_position)
+            x = self._residual(x, self._linear(y, 4 * layer + 1), 2 * layer)
+            a = self._conv(self._sublayer_input(x, 2 * layer + 1), 2 * layer + 1, position, inputs_all, fixed_position)
+            x = self._residual(x, self._linear(self._mlp_hidden(a, 4 * layer + 2), 4 * layer + 3), 2 * layer + 1)
         if self.has_final_norm:
-            x = self._norm(x, 2 * self.n_layer)
+            x = normalize(x, self.norm_kind, self.norm_weights[2 * self.n_layer], self.norm_biases[2 * self.n_layer],
+                          self.eps)
         logits = self._linear(x, 4 * self.n_layer)
         if logits.dtype != torch.float32:
             logits = logits.float()
-        return softcap(logits, self.logit_softcap).view(B, 1, -1)
+        return softcap(logits, self.logit_softcap).view(idx.shape[0], 1, -1)
 
 
 def script_step(step: DecodeStep) -> Optional[nn.Module]:

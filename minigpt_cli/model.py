@@ -101,6 +101,42 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, visible: Optional[torch.Te
     return scores.softmax(dim=-1)
 
 
+# --- One block, as functions over tensors ------------------------------------------------------
+# Block.forward and the decode step (inference.DecodeStep, compiled by TorchScript) both call these, so
+# each model option is written once; hence TorchScript's subset of Python (typed Optional, no closures).
+
+def sublayer_input(x: torch.Tensor, pre_norm: bool, kind: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   eps: float) -> torch.Tensor:
+    """What a sublayer reads from the residual stream x: norm(x) in a pre-norm block (GPT-2), x itself in a
+    post-norm one (the original Transformer)."""
+    return normalize(x, kind, weight, bias, eps) if pre_norm else x
+
+
+def residual(x: torch.Tensor, y: torch.Tensor, pre_norm: bool, kind: str, weight: torch.Tensor,
+             bias: Optional[torch.Tensor], eps: float, inplace: bool = False) -> torch.Tensor:
+    """The residual stream after a sublayer whose output is y: x + y, normalized in a post-norm block.
+    With `inplace`, y is overwritten: a decode step's fresh product, so one allocation fewer."""
+    x = y.add_(x) if inplace else x + y
+    return x if pre_norm else normalize(x, kind, weight, bias, eps)
+
+
+def queries_and_keys(q: torch.Tensor, k: torch.Tensor, qk_norm: bool, cos: Optional[torch.Tensor],
+                     sin: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys (..., head_dim) as attention compares them: RMS-normed per head with qk_norm,
+    then rotated by RoPE's cos and sin (None without RoPE)."""
+    if qk_norm:
+        q, k = rms(q), rms(k)
+    if cos is not None and sin is not None:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k
+
+
+def changes_queries_and_keys(config: ModelConfig) -> bool:
+    """Whether queries_and_keys changes anything under this config (where it does not, a decode step
+    stores the projected keys and values as they are, with one copy)."""
+    return config.qk_norm or config.pos_encoding == "rope"
+
+
 def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Optional[torch.Tensor] = None,
                           dropout: float = 0.0) -> torch.Tensor:
     """The textbook product softmax(q k^T / sqrt(head_dim)) v, with the (T, S) scores in memory.
@@ -123,6 +159,12 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return normalize(x, self.kind, self.weight, self.bias, self.eps)
+
+    def sublayer_input(self, x: torch.Tensor, pre_norm: bool) -> torch.Tensor:
+        return sublayer_input(x, pre_norm, self.kind, self.weight, self.bias, self.eps)
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor, pre_norm: bool) -> torch.Tensor:
+        return residual(x, y, pre_norm, self.kind, self.weight, self.bias, self.eps)
 
 
 class ShortConv(nn.Module):
@@ -164,10 +206,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, T, C) -> split C into heads: each (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
-        if self.qk_norm:
-            q, k = rms(q), rms(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        cos, sin = rope if rope is not None else (None, None)
+        q, k = queries_and_keys(q, k, self.qk_norm, cos, sin)
         return q, k, v
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
@@ -221,11 +261,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope, kv_cache: Optional[KVCache], layer: int) -> torch.Tensor:
-        if self.pre_norm:
-            x = x + self.attn(convolve(self.conv_attn, self.norm_1(x), kv_cache, 2 * layer), rope, kv_cache, layer)
-            return x + self.mlp(convolve(self.conv_mlp, self.norm_2(x), kv_cache, 2 * layer + 1))
-        x = self.norm_1(x + self.attn(convolve(self.conv_attn, x, kv_cache, 2 * layer), rope, kv_cache, layer))
-        return self.norm_2(x + self.mlp(convolve(self.conv_mlp, x, kv_cache, 2 * layer + 1)))
+        a = convolve(self.conv_attn, self.norm_1.sublayer_input(x, self.pre_norm), kv_cache, 2 * layer)
+        x = self.norm_1.residual(x, self.attn(a, rope, kv_cache, layer), self.pre_norm)
+        a = convolve(self.conv_mlp, self.norm_2.sublayer_input(x, self.pre_norm), kv_cache, 2 * layer + 1)
+        return self.norm_2.residual(x, self.mlp(a), self.pre_norm)
 
 
 def convolve(conv: Optional[ShortConv], h: torch.Tensor, kv_cache: Optional[KVCache], slot: int) -> torch.Tensor:

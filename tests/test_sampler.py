@@ -155,6 +155,19 @@ def test_activation_fused_into_the_packed_product_equals_the_model(activation, m
         torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
 
 
+def test_an_activation_without_a_onednn_post_op_runs_after_the_product(monkeypatch):
+    """A model activation missing from FUSED_ACTIVATIONS is computed by model.mlp_activation, unfused."""
+    monkeypatch.setattr(inference, "FUSED_ACTIVATIONS", {})
+    options = dict(activation="relu2", pos_encoding="learned", qk_norm=False)
+    decoder = Decoder(small_model(**options), torch.bfloat16)
+    assert not decoder.step.fuse_activation
+    greedy = SamplingSettings(temperature=0.0)
+    got = [s.logits for s in generate(decoder, [1, 2, 3], 10, greedy)]
+    want = [s.logits for s in generate(small_model(**options), [1, 2, 3], 10, greedy, use_cache=False)]
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() < 0.05 * b.abs().max() + 0.02  # bfloat16's 3 digits, as above
+
+
 def test_decode_step_runs_as_python_where_torchscript_fails(monkeypatch):
     def broken(module):
         raise RuntimeError("no TorchScript here")
