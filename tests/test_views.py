@@ -68,7 +68,7 @@ def test_sample_top_for_people_streams_a_line_per_character_within_80_columns(ti
     assert len(steps) == 30
     text = _json(tiny_run, "--seed", 5, "-n", 30, "--top-k", 20)["samples"][0]
     # The text after the steps, and each step's character shown visibly: ↵ for a newline, ␣ for a space.
-    shown = "".join(line[1:line.index("'", 1)] for line in steps)
+    shown = "".join(line[1:line.index(line[0], 1)] for line in steps)  # in '' or, for an apostrophe, ""
     assert shown == text.replace("\n", "↵").replace(" ", "␣")
     assert got.stdout.endswith(PROMPT + text + "\n")
 

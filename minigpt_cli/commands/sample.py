@@ -200,8 +200,11 @@ def _weighed_line(weighed) -> str:
 
 
 def _quoted(text: str) -> str:
-    """Text in quotes with every character visible: newline, space and tab as one sign each."""
-    return "'" + "".join(SHOWN_AS.get(c) or visible(c) for c in text) + "'"
+    """Text in quotes with every character visible: newline, space and tab as one sign each; in double
+    quotes where it holds a single one and no double one, as Python's repr does."""
+    shown = "".join(SHOWN_AS.get(c) or visible(c) for c in text)
+    quote = '"' if "'" in shown and '"' not in shown else "'"
+    return quote + shown + quote
 
 
 def _prob(p: float, digits: int) -> str:
