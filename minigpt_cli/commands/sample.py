@@ -63,9 +63,8 @@ def sample(
                                      "--json).")] = None,
     threads: Threads = 0,
     top: Annotated[int, typer.Option(
-        "--top", help="For each character made, the K most likely next characters and their probabilities "
-                      "(after temperature and the filters), and the drawn one's probability and surprisal "
-                      "in bits; one sample (--json: every step).")] = 0,
+        "--top", help="Show, for each character made, the K most likely ones and their probabilities after "
+                      "temperature and the filters, and the drawn one's surprisal (one sample).")] = 0,
     json_out: JsonOut = False,
 ) -> None:
     """Generate text from a trained run (prints the prompt, then its continuation)."""
@@ -77,10 +76,7 @@ def sample(
     # enough (`| head`) ends the command; several samples, or JSON, are printed whole at the end.
     streaming = stream is not False and not json_out and num_samples == 1
     if not streaming:
-        _check_held(max_new_tokens, num_samples)
-    if top and json_out and max_new_tokens * (top + 1) > HELD_WEIGHED_MAX:
-        raise UserError(f"--top {top} --json for {max_new_tokens:,} characters is more than is held to print at the "
-                        f"end (at most {HELD_WEIGHED_MAX:,} characters and probabilities); without --json it streams")
+        _check_held(max_new_tokens, num_samples, top if json_out else 0)
     session = sampler.prepare(sampler.SampleRequest(
         run=run, prompt=text, settings=sampler.SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty),
         max_new_tokens=max_new_tokens, num_samples=num_samples, stop=stop, seed=seed, use_cache=not no_kv_cache,
@@ -88,7 +84,11 @@ def sample(
         threads=threads, top=top))
     for warning in session.warnings:
         warn(warning)
-    if top:
+    _write(session, streaming, json_out)
+
+
+def _write(session, streaming: bool, json_out: bool) -> None:
+    if session.request.top:
         _write_weighed(session, json_out)
     elif streaming:
         _write_streamed(session.prompt, session.stream())  # the prompt without what --unknown skip dropped
@@ -96,7 +96,10 @@ def sample(
         _write_whole(session, json_out)
 
 
-def _check_held(max_new_tokens: int, num_samples: int) -> None:
+def _check_held(max_new_tokens: int, num_samples: int, top: int) -> None:
+    if top and max_new_tokens * (top + 1) > HELD_WEIGHED_MAX:
+        raise UserError(f"--top {top} --json for {max_new_tokens:,} characters is more than is held to print at the "
+                        f"end (at most {HELD_WEIGHED_MAX:,} characters and probabilities); without --json it streams")
     if max_new_tokens * num_samples > HELD_TEXT_MAX_CHARS:
         raise UserError(f"--max-new-tokens {max_new_tokens:,} x --num-samples {num_samples} is more text than is held "
                         f"to print at the end (at most {HELD_TEXT_MAX_CHARS:,} characters); a single sample without "
