@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from minigpt_cli.corpus import load_corpus
 from minigpt_cli.device import (DTYPES, Precision, autocast, check_inference_dtype, choose_precision,
                                 fast_float32_matmuls, resolve_device, use_threads)
 from minigpt_cli.model import GPT
-from minigpt_cli.progress import ProgressCallback
+from minigpt_cli.progress import ProgressCallback, progress_task
 from minigpt_cli.scoring import bits_per_char, score_text
 
 
@@ -158,8 +159,47 @@ def evaluate(request: EvalRequest) -> EvalResult:
 # Surprisal per character: what the model finds hard (eval --show)
 # ---------------------------------------------------------------------------------------------
 
-# --show scores at most this many characters: enough to read on a screen.
+# --show scores at most this many characters unless told otherwise (--limit): enough to read on a screen.
 SHOW_CHARS = 1000
+# --show --limit 0 records every character of the text: at most this many.
+SHOW_MAX_CHARS = 10_000_000
+# The classes of character eval --show sums surprisal over, in the order shown.
+CHAR_CLASSES = ("letters", "capitals", "digits", "punctuation", "spaces", "newlines", "other")
+
+
+def char_class(c: str) -> str:
+    """Which of CHAR_CLASSES c is in: lowercase letters, capitals, digits, punctuation (Unicode's
+    punctuation and symbols, so $ + < = > ^ ` | ~ too), spaces (any whitespace but a newline), newlines."""
+    if c == "\n":
+        return "newlines"
+    if c.isspace():
+        return "spaces"
+    if c.isdigit():
+        return "digits"
+    if c.isalpha() and c.islower():
+        return "letters"
+    if c.isalpha() and c.isupper():
+        return "capitals"
+    if unicodedata.category(c)[0] in "PS":
+        return "punctuation"
+    return "other"
+
+
+def surprisal_by_class(text: str, bits: list[float | None]) -> list[dict[str, Any]]:
+    """For each class of CHAR_CLASSES, over the scored characters: how many, their share of the
+    characters, their mean surprisal in bits, and their share of all the bits (the shares each sum to
+    1, and the mean of the class means weighted by characters is the overall mean)."""
+    totals = {name: [0, 0.0] for name in CHAR_CLASSES}  # characters, summed bits
+    for c, b in zip(text, bits):
+        if b is not None:
+            entry = totals[char_class(c)]
+            entry[0] += 1
+            entry[1] += b
+    chars = sum(n for n, _ in totals.values())
+    all_bits = math.fsum(b for _, b in totals.values())
+    return [{"class": name, "chars": n, "share_chars": n / chars if chars else None,
+             "mean_bits": total / n if n else None, "share_bits": total / all_bits if all_bits > 0 else None}
+            for name, (n, total) in totals.items()]
 
 
 @dataclass
@@ -176,27 +216,33 @@ class SurprisalResult:
     uniform_bits: float
     checkpoint: str
     step: int
+    limit: int = SHOW_CHARS  # the characters asked for; 0: all of them
 
     def to_dict(self) -> dict[str, Any]:
         scored = [b for b in self.bits if b is not None]
         return {
-            "source": self.source, "text_chars": self.text_chars, "shown_chars": len(self.text),
+            "source": self.source, "text_chars": self.text_chars, "shown_chars": len(self.text), "limit": self.limit,
             "block_size": self.block_size, "vocab_size": self.vocab_size, "uniform_bits": self.uniform_bits,
-            "mean_bits": sum(scored) / len(scored) if scored else None,
+            "mean_bits": math.fsum(scored) / len(scored) if scored else None,
             "checkpoint": self.checkpoint, "step": self.step,
+            "classes": surprisal_by_class(self.text, self.bits),
             "chars": [{"char": c, "bits": b, "context": n} for c, b, n in zip(self.text, self.bits, self.context)],
         }
 
 
 def surprisal(request: EvalRequest, limit: int = SHOW_CHARS) -> SurprisalResult:
-    """Each character's surprisal -log2 p in the first `limit` characters of the text, scored as
-    training sees text: non-overlapping windows of block_size, so the first characters of each
-    window have almost no context (and stand out), as do characters the model rarely saw."""
+    """Each character's surprisal -log2 p in the first `limit` characters of the text (0: all of it),
+    scored as training sees text: non-overlapping windows of block_size, so the first characters of
+    each window have almost no context (and stand out), as do characters the model rarely saw."""
     if request.which not in ("best", "latest"):
         raise UserError(f"--checkpoint must be best or latest, got {request.which!r}")
     if request.stride is not None:
         raise UserError("--stride does not apply to --show, which scores non-overlapping windows of block_size "
                         "as training does")
+    if limit < 0:
+        raise UserError(f"--limit must be 0 (the whole text) or positive, got {limit}")
+    if request.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
     device = resolve_device(request.device).device
     check_inference_dtype(request.dtype, device, ("auto", *DTYPES))
     loaded = load_checkpoint(request.run, which=request.which)
@@ -208,21 +254,40 @@ def surprisal(request: EvalRequest, limit: int = SHOW_CHARS) -> SurprisalResult:
         ids, source = _text_ids(loaded, request.data)
     if len(ids) < 2:
         raise UserError(f"{source} has {len(ids)} character(s); at least 2 are needed (the first is only context)")
-    shown = np.asarray(ids[:limit]).astype(np.int64)
+    if limit == 0 and len(ids) > SHOW_MAX_CHARS:
+        raise UserError(f"{source} has {len(ids):,} characters; --show --limit 0 records every one, at most "
+                        f"{SHOW_MAX_CHARS:,} (pass --limit N for the first N)")
+    shown = np.asarray(ids[:limit or len(ids)]).astype(np.int64)
     block_size = loaded.config.model.block_size
     model = loaded.build_model(device).eval()
-    use_threads(model.num_parameters() * block_size, request.threads, device=device)
-    bits: list[float | None] = [None]
-    context = [0]
-    data = torch.from_numpy(shown)
-    with torch.no_grad(), autocast(device, precision):
-        for begin in range(0, len(shown) - 1, block_size):
-            window = data[begin:begin + block_size + 1].to(device)[None]  # (1, T + 1)
-            logits = model(window[:, :-1]).float()  # (1, T, vocab_size)
-            nll = F.cross_entropy(logits[0], window[0, 1:], reduction="none")  # (T,) nats
-            bits += [bits_per_char(n) for n in nll.tolist()]
-            context += list(range(1, nll.shape[0] + 1))
+    use_threads(model.num_parameters() * block_size * request.batch_size, request.threads, device=device)
+    bits, context = _window_surprisal(model, shown, block_size, request.batch_size, device, precision,
+                                      request.progress)
     return SurprisalResult(
         text=loaded.tokenizer.decode(shown.tolist()), bits=bits, context=context, source=source,
         text_chars=len(ids), block_size=block_size, vocab_size=loaded.tokenizer.vocab_size,
-        uniform_bits=math.log2(loaded.tokenizer.vocab_size), checkpoint=str(loaded.path), step=loaded.step)
+        uniform_bits=math.log2(loaded.tokenizer.vocab_size), checkpoint=str(loaded.path), step=loaded.step,
+        limit=limit)
+
+
+def _window_surprisal(model: GPT, ids: np.ndarray, block_size: int, batch_size: int, device: torch.device,
+                      precision: Precision, progress: ProgressCallback | None) -> tuple[list, list[int]]:
+    """Surprisal in bits of every character of ids after the first (None for the first), in
+    non-overlapping windows of block_size scored batch_size at a time, and each one's context."""
+    bits: list[float | None] = [None]
+    context = [0]
+    data = torch.from_numpy(ids)
+    full = (len(ids) - 1) // block_size  # windows of a whole block_size; one shorter one may follow
+    begins = [*range(0, len(ids) - 1, block_size)]
+    groups = [begins[i:min(i + batch_size, full)] for i in range(0, full, batch_size)] + [[b] for b in begins[full:]]
+    with torch.no_grad(), autocast(device, precision), \
+            progress_task(progress, "surprisal", total=len(ids) - 1, unit="chars") as report:
+        for group in groups:
+            length = min(block_size, len(ids) - 1 - group[0])
+            xy = torch.stack([data[b:b + length + 1] for b in group]).to(device)  # (B, T + 1)
+            logits = model(xy[:, :-1]).float()  # (B, T, vocab_size)
+            nll = F.cross_entropy(logits.transpose(1, 2), xy[:, 1:], reduction="none")  # (B, T) nats
+            bits += [bits_per_char(n) for n in nll.flatten().tolist()]
+            context += [*range(1, length + 1)] * len(group)
+            report.advance(length * len(group))
+    return bits, context

@@ -34,6 +34,14 @@ class SamplingSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def applied(self) -> tuple[list[str], list[str]]:
+        """The rules that shape the distribution drawn from, as set ("top-k 10"), and those left off."""
+        rules = [("temperature", "0 = greedy" if self.temperature == 0 else f"{self.temperature:g}", True),
+                 ("top-k", f"{self.top_k}", self.top_k is not None), ("top-p", f"{self.top_p:g}", self.top_p < 1.0),
+                 ("min-p", f"{self.min_p:g}", self.min_p > 0),
+                 ("repetition penalty", f"{self.repetition_penalty:g}", self.repetition_penalty != 1.0)]
+        return [f"{n} {v}" for n, v, on in rules if on], [n for n, _, on in rules if not on]
+
 
 def check_settings(settings: SamplingSettings, vocab_size: int) -> SamplingSettings:
     """Reject out-of-range settings with the allowed range; clamp top_k to the vocabulary."""
@@ -64,15 +72,18 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     return logits.scatter(1, history, score)
 
 
-def next_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None,
-               history: torch.Tensor | None = None) -> torch.Tensor:
-    """Choose one token per row of logits (B, vocab_size); returns (B,) token ids."""
+def _penalized(logits: torch.Tensor, settings: SamplingSettings, history: torch.Tensor | None) -> torch.Tensor:
+    """logits (B, vocab_size) in float32, with the repetition penalty applied over history (B, L)."""
     if logits.dtype != torch.float32:
         logits = logits.float()
     if settings.repetition_penalty != 1.0 and history is not None and history.numel():
         logits = apply_repetition_penalty(logits, history, settings.repetition_penalty)
-    if settings.temperature == 0:
-        return logits.argmax(dim=-1)
+    return logits
+
+
+def _filtered_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """Temperature, top-k, min-p and top-p on penalized logits (B, vocab_size), temperature > 0: the
+    probabilities drawn from, (B, vocab_size), each row summing to at most 1 (multinomial rescales)."""
     # Subtract the maximum first, so a tiny temperature cannot overflow to inf - inf = NaN.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / settings.temperature
     if settings.top_k is not None and settings.top_k < logits.shape[-1]:
@@ -88,7 +99,48 @@ def next_token(logits: torch.Tensor, settings: SamplingSettings, generator: torc
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= settings.top_p * sorted_probs.sum(-1, keepdim=True)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+    return probs
+
+
+def sampling_probs(logits: torch.Tensor, settings: SamplingSettings,
+                   history: torch.Tensor | None = None) -> torch.Tensor:
+    """What next_token draws from, (B, vocab_size), not yet rescaled to sum to 1 (multinomial's input).
+    Temperature 0: all of it on the argmax."""
+    logits = _penalized(logits, settings, history)
+    if settings.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    return _filtered_probs(logits, settings)
+
+
+def draw(probs: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of sampling_probs (B, vocab_size); returns (B,) token ids."""
+    if settings.temperature == 0:
+        return probs.argmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def next_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None,
+               history: torch.Tensor | None = None) -> torch.Tensor:
+    """Choose one token per row of logits (B, vocab_size); returns (B,) token ids."""
+    logits = _penalized(logits, settings, history)
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)  # no distribution needed: the cheap path of greedy decoding
+    return draw(_filtered_probs(logits, settings), settings, generator)
+
+
+@dataclass
+class Weighing:
+    """What the model weighed before a step: the distribution's most likely tokens, and the drawn one."""
+    probs: torch.Tensor  # (B, K) the K highest probabilities of the distribution drawn from, highest first
+    ids: torch.Tensor  # (B, K) their token ids
+    chosen: torch.Tensor  # (B,) the probability of the token drawn
+
+
+def weigh(probs: torch.Tensor, tokens: torch.Tensor, top: int) -> Weighing:
+    """The top tokens of sampling_probs (B, vocab_size), rescaled to sum to 1, and the drawn tokens' share."""
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    values, ids = torch.topk(probs, min(top, probs.shape[-1]), dim=-1)  # (B, K) each
+    return Weighing(values, ids, probs.gather(1, tokens[:, None]).squeeze(1))
 
 
 @dataclass
@@ -96,6 +148,8 @@ class GenerationStep:
     tokens: torch.Tensor  # (B,) the token chosen for each sample
     active: torch.Tensor  # (B,) bool: the token belongs to its sample (the sample had not stopped)
     logits: torch.Tensor  # (B, vocab_size) the logits the token was chosen from
+    # With generate(top=K): the distribution's K most likely tokens, and the drawn one's probability.
+    weighing: Weighing | None = None
 
 
 def slide_keep(block_size: int) -> int:
@@ -106,7 +160,7 @@ def slide_keep(block_size: int) -> int:
 @torch.inference_mode()
 def generate(model: GPT | Decoder, prompt: Sequence[int], max_new_tokens: int, settings: SamplingSettings,
              generator: torch.Generator | None = None, num_samples: int = 1, use_cache: bool = True,
-             stop: Sequence[Sequence[int]] = ()) -> Iterator[GenerationStep]:
+             stop: Sequence[Sequence[int]] = (), top: int = 0) -> Iterator[GenerationStep]:
     """Yield one GenerationStep per new position for num_samples samples of the same prompt.
 
     The context window is the same with and without the cache: it grows to block_size, then keeps
@@ -114,7 +168,9 @@ def generate(model: GPT | Decoder, prompt: Sequence[int], max_new_tokens: int, s
     shared by every sample) and each step feeds one token; a full window is prefilled again after
     the slide. Without it, every step runs the whole window, which is the reference the cached
     path matches. Generation stops early once every sample has ended with one of `stop`. `model`
-    is a GPT or the Decoder built from one (which is called the same way).
+    is a GPT or the Decoder built from one (which is called the same way). With top > 0 each step
+    also carries the top tokens of the distribution its token was drawn from (the same draw: the
+    text is the one top=0 gives); only then is the distribution kept and sorted.
     """
     block_size = model.config.block_size
     device = model.device
@@ -135,10 +191,10 @@ def generate(model: GPT | Decoder, prompt: Sequence[int], max_new_tokens: int, s
     generated = torch.empty(num_samples, 0, dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
         history = window if settings.repetition_penalty != 1.0 else None
-        tokens = next_token(logits, settings, generator, history)  # (B,)
+        tokens, weighing = _choose(logits, settings, generator, history, top)  # (B,), Weighing or None
         column = tokens.view(num_samples, 1)
         # `active` only changes where there are stop texts, so only then is a copy needed.
-        yield GenerationStep(tokens, active.clone() if stops else active, logits)
+        yield GenerationStep(tokens, active.clone() if stops else active, logits, weighing)
         if stops:
             generated = torch.cat([generated, column], dim=1)[:, -max(len(s) for s in stops):]
             for s in stops:
@@ -161,6 +217,16 @@ def generate(model: GPT | Decoder, prompt: Sequence[int], max_new_tokens: int, s
             logits = _last(model(column, cache))
         else:
             logits = _last(model(window))
+
+
+def _choose(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None,
+            history: torch.Tensor | None, top: int) -> tuple[torch.Tensor, Weighing | None]:
+    """next_token's choice; with top > 0, drawn from the distribution it also returns the top of."""
+    if not top:
+        return next_token(logits, settings, generator, history), None
+    probs = sampling_probs(logits, settings, history)  # (B, vocab_size)
+    tokens = draw(probs, settings, generator)  # (B,)
+    return tokens, weigh(probs, tokens, top)
 
 
 def _last(logits: torch.Tensor) -> torch.Tensor:
@@ -189,6 +255,23 @@ class SampleRequest:
     compile: bool = False
     # CPU threads per operation; 0: chosen from the step's size and the CPUs free now (use_threads).
     threads: int = 0
+    # 0: off. Otherwise, for each character of the first sample, the top most likely characters of
+    # the distribution it was drawn from (SampleSession.stream_weighed).
+    top: int = 0
+
+
+@dataclass(frozen=True)
+class WeighedChar:
+    """One generated character and what the model weighed before it, after temperature and the filters."""
+    char: str
+    prob: float  # its probability in the distribution it was drawn from
+    bits: float  # its surprisal, -log2 prob
+    # The most likely characters and their probabilities, highest first: at most request.top of them,
+    # fewer where the filters left fewer (temperature 0 leaves one).
+    top: list[tuple[str, float]]
+
+    def to_dict(self) -> dict:
+        return {"char": self.char, "prob": self.prob, "bits": self.bits, "top": [[c, p] for c, p in self.top]}
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -221,6 +304,7 @@ class SampleSession:
         self.tokens_generated = 0
         self.seconds = 0.0
         self.first_token_seconds = math.nan
+        self._weighed: list[WeighedChar] = []  # made but not yet shown (request.top only)
 
     def stream(self) -> Iterator[str]:
         """Generate every sample; yield the first sample's text as soon as it is safe to show."""
@@ -234,7 +318,7 @@ class SampleSession:
         began = time.perf_counter()
         with fast_float32_matmuls(device):  # TF32 on CUDA, as training has
             for i, step in enumerate(generate(self.model, self.prompt_ids, req.max_new_tokens, self.settings, generator,
-                                              req.num_samples, req.use_cache, stop_ids)):
+                                              req.num_samples, req.use_cache, stop_ids, req.top)):
                 if i == 0:
                     self.first_token_seconds = time.perf_counter() - began
                 tokens, active = step.tokens.tolist(), step.active.tolist()
@@ -242,6 +326,8 @@ class SampleSession:
                     if alive:
                         texts[row].append(self.tokenizer.chars[token])
                         self.tokens_generated += 1
+                if active[0] and step.weighing is not None:
+                    self._weighed.append(self._weighed_char(step.weighing, tokens[0]))
                 first = "".join(texts[0]) if active[0] else None
                 if first is not None:
                     if any(first.endswith(s) for s in stops):
@@ -255,6 +341,20 @@ class SampleSession:
         self.samples = [self._strip_stop("".join(t), stops) for t in texts]
         if len(self.samples[0]) > shown:
             yield self.samples[0][shown:]
+
+    def stream_weighed(self) -> Iterator[WeighedChar]:
+        """With request.top: the first sample's characters as they are shown (stream's text, one
+        character at a time), each with what the model weighed before drawing it."""
+        for piece in self.stream():
+            yield from self._weighed[:len(piece)]
+            del self._weighed[:len(piece)]
+
+    def _weighed_char(self, weighing: Weighing, token: int) -> WeighedChar:
+        chars = self.tokenizer.chars
+        prob = weighing.chosen[0].item()
+        # Characters the filters removed (probability 0) are not among the likely ones, whatever K is.
+        top = [(chars[i], p) for i, p in zip(weighing.ids[0].tolist(), weighing.probs[0].tolist()) if p > 0]
+        return WeighedChar(chars[token], prob, max(0.0, -math.log2(prob)) if prob > 0 else math.inf, top)
 
     @staticmethod
     def _strip_stop(text: str, stops: Sequence[str]) -> str:
@@ -275,7 +375,7 @@ class SampleSession:
             "seed": self.seed,
             "settings": {**self.settings.to_dict(), "max_new_tokens": req.max_new_tokens,
                          "num_samples": req.num_samples, "stop": list(req.stop), "kv_cache": req.use_cache,
-                         "dtype": req.dtype, "compile": req.compile},
+                         "dtype": req.dtype, "compile": req.compile, "top": req.top},
             "checkpoint": str(self.checkpoint),
             "device": str(self.model.device),
             "threads": self.threads.to_dict() if self.threads else None,
@@ -284,6 +384,11 @@ class SampleSession:
 
 def prepare(request: SampleRequest) -> SampleSession:
     """Load the run, check every setting, and encode the prompt; nothing is generated yet."""
+    if request.top < 0:
+        raise UserError(f"--top must be at least 1 (0 is off), got {request.top}")
+    if request.top and request.num_samples != 1:
+        raise UserError(f"--top shows what the model weighed for one sample; it cannot go with --num-samples "
+                        f"{request.num_samples}")
     from minigpt_cli.checkpoint import load_checkpoint
     from minigpt_cli.device import DTYPES, check_compile, check_inference_dtype, resolve_device
 

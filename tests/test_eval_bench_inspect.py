@@ -630,3 +630,63 @@ def test_eval_show_bad_input_exits_2(tiny, tmp_path: Path):
     assert_usage_error(invoke("eval", tiny["run"], "--show", "--data", tmp_path / "one.txt"), "at least 2")
     (tmp_path / "odd.txt").write_text("Fé☃", encoding="utf-8")
     assert invoke("eval", tiny["run"], "--show", "--data", tmp_path / "odd.txt").exit_code == 2
+
+
+def test_eval_show_sums_surprisal_up_by_class_of_character(tiny, tmp_path: Path):
+    # Characters of the run's vocabulary (the small corpus has no digits or tabs).
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak!\n"
+    path = tmp_path / "mixed.txt"
+    path.write_text(text * 3, encoding="utf-8")
+    data = invoke("eval", tiny["run"], "--data", path, "--show", "--json").json()
+    classes = {c["class"]: c for c in data["classes"]}
+    assert list(classes) == ["letters", "capitals", "digits", "punctuation", "spaces", "newlines", "other"]
+    scored = [c for c in data["chars"] if c["bits"] is not None]
+    # Every scored character in exactly one class; the first (unscored) one in none.
+    assert sum(c["chars"] for c in classes.values()) == len(scored) == len(text) * 3 - 1
+    assert classes["newlines"]["chars"] == sum(c["char"] == "\n" for c in scored)
+    assert classes["spaces"]["chars"] == sum(c["char"] == " " for c in scored)
+    assert classes["digits"]["chars"] == 0 and classes["other"]["chars"] == 0
+    assert classes["other"]["mean_bits"] is None and classes["other"]["share_chars"] == 0.0
+    # The shares add up, and the mean weighted by characters is the overall mean.
+    used = [c for c in classes.values() if c["chars"]]
+    assert sum(c["share_bits"] for c in used) == pytest.approx(1.0, abs=1e-12)
+    assert sum(c["share_chars"] for c in used) == pytest.approx(1.0, abs=1e-12)
+    assert sum(c["chars"] * c["mean_bits"] for c in used) / len(scored) == pytest.approx(data["mean_bits"], rel=1e-12)
+    members = {"letters": str.islower, "capitals": str.isupper, "newlines": lambda ch: ch == "\n",
+               "spaces": lambda ch: ch == " ", "punctuation": lambda ch: ch in ":,.!"}
+    for c in used:
+        mine = [s["bits"] for s in scored if members[c["class"]](s["char"])]
+        assert c["mean_bits"] == pytest.approx(sum(mine) / len(mine), rel=1e-12), c["class"]
+    people = invoke("eval", tiny["run"], "--data", path, "--show")
+    assert people.exit_code == 0, people.stderr
+    for fragment in ("by class of character", "capitals", "punctuation", "% of all bits", "100.0%"):
+        assert fragment in people.stdout, fragment
+
+
+def test_char_class_names_one_class_for_each_kind_of_character():
+    from minigpt_cli.evaluate import char_class
+
+    expected = {"a": "letters", "é": "letters", "Q": "capitals", "É": "capitals", "7": "digits", ",": "punctuation",
+                "$": "punctuation", "—": "punctuation", " ": "spaces", "\t": "spaces", "\n": "newlines",
+                "中": "other", "\x1b": "other"}
+    assert {c: char_class(c) for c in expected} == expected
+
+
+def test_eval_show_limit_reads_more_or_all_of_the_text(tiny, tmp_path: Path):
+    text = BUNDLED_TEXT.read_text(encoding="utf-8")[:2500]
+    path = tmp_path / "longer.txt"
+    path.write_text(text, encoding="utf-8")
+    default = invoke("eval", tiny["run"], "--data", path, "--show", "--json").json()
+    assert default["shown_chars"] == 1000 and default["limit"] == 1000 and default["text_chars"] == 2500
+    more = invoke("eval", tiny["run"], "--data", path, "--show", "--limit", 1800, "--json").json()
+    assert "".join(c["char"] for c in more["chars"]) == text[:1800]
+    whole = invoke("eval", tiny["run"], "--data", path, "--show", "--limit", 0, "--json").json()
+    assert "".join(c["char"] for c in whole["chars"]) == text and whole["limit"] == 0
+    # Windows scored in batches give each character the bits they gave it one window at a time.
+    assert whole["chars"][0]["bits"] is None
+    assert [c["bits"] for c in whole["chars"][1:1000]] == pytest.approx([c["bits"] for c in default["chars"][1:]],
+                                                                        rel=1e-4, abs=1e-4)
+    nll = invoke("eval", tiny["run"], "--data", path, "--stride", BLOCK_SIZE, "--json").json()["nll"]
+    assert whole["mean_bits"] == pytest.approx(nll / math.log(2), rel=1e-4)
+    assert_usage_error(invoke("eval", tiny["run"], "--limit", 10), "--limit", "--show")
+    assert_usage_error(invoke("eval", tiny["run"], "--show", "--limit", -1), "--limit", "-1")

@@ -436,3 +436,70 @@ def test_several_samples_are_separated_by_a_line_a_shell_can_split_on(run_copy):
 
 def test_compile_needs_the_kv_cache(run_copy):
     assert_usage_error(invoke("sample", run_copy, "--compile", "--no-kv-cache"), "--compile", "--no-kv-cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# generate(top=K): what the model weighed, from the distribution the token was drawn from
+# ---------------------------------------------------------------------------------------------
+
+WEIGHED_SETTINGS = [SamplingSettings(temperature=0.9), SamplingSettings(temperature=1.3, top_k=5),
+                    SamplingSettings(temperature=0.7, top_p=0.8, min_p=0.05),
+                    SamplingSettings(temperature=1.0, repetition_penalty=1.5)]
+
+
+@pytest.mark.parametrize("settings", WEIGHED_SETTINGS, ids=str)
+def test_the_top_list_is_the_distribution_the_token_was_drawn_from(settings):
+    from minigpt_cli.sampler import sampling_probs
+
+    model = small_model()
+    steps = list(generate(model, [1, 2, 3], 25, settings, torch.Generator().manual_seed(3), num_samples=2, top=4))
+    history = torch.tensor([[1, 2, 3]] * 2)
+    for step in steps:
+        w = step.weighing
+        # The distribution again, from the step's logits: what the sampler drew from, rescaled to sum to 1.
+        probs = sampling_probs(step.logits, settings, history)
+        probs = probs / probs.sum(-1, keepdim=True)
+        assert w.probs.shape == w.ids.shape == (2, 4)
+        assert (w.probs[:, :-1] >= w.probs[:, 1:]).all() and (w.probs <= 1).all() and (w.probs >= 0).all()
+        assert (w.probs.sum(-1) <= 1 + 1e-6).all()
+        torch.testing.assert_close(w.probs, probs.gather(1, w.ids))
+        torch.testing.assert_close(w.chosen, probs.gather(1, step.tokens[:, None]).squeeze(1))
+        assert (w.chosen > 0).all()  # a token the filters removed is never drawn
+        history = torch.cat([history, step.tokens[:, None]], dim=1)
+        if history.shape[1] > model.config.block_size:  # the window slides as generate's does
+            history = history[:, -slide_keep(model.config.block_size):]
+
+
+def test_the_whole_vocabulary_weighed_sums_to_one_and_greedy_draws_the_top_with_probability_one():
+    model = small_model()
+    for step in generate(model, [4, 5], 20, SamplingSettings(temperature=0.8), torch.Generator().manual_seed(0),
+                         top=VOCAB):
+        assert step.weighing.probs.sum().item() == pytest.approx(1.0, abs=1e-5)
+    for step in generate(model, [4, 5], 20, SamplingSettings(temperature=0.0), top=3):
+        assert torch.equal(step.tokens, step.weighing.ids[:, 0])
+        assert step.weighing.chosen.tolist() == [1.0] and step.weighing.probs[0, 0].item() == 1.0
+        assert step.weighing.probs[0, 1:].sum().item() == 0.0
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("settings", [*WEIGHED_SETTINGS, SamplingSettings(temperature=0.0)], ids=str)
+def test_weighing_draws_the_same_tokens_as_plain_sampling(settings, use_cache):
+    model = small_model()
+
+    def tokens(top: int) -> list[list[int]]:
+        return [s.tokens.tolist() for s in generate(model, [1, 2], 30, settings, torch.Generator().manual_seed(7),
+                                                     num_samples=3, use_cache=use_cache, top=top)]
+
+    assert tokens(0) == tokens(5)
+
+
+def test_plain_generation_weighs_nothing():
+    steps = list(generate(small_model(), [1], 3, SamplingSettings(), torch.Generator().manual_seed(0)))
+    assert all(s.weighing is None for s in steps)
+
+
+def test_the_settings_name_what_shapes_the_distribution():
+    assert SamplingSettings(temperature=0.8).applied() == (
+        ["temperature 0.8"], ["top-k", "top-p", "min-p", "repetition penalty"])
+    assert SamplingSettings(temperature=0.0, top_k=5, repetition_penalty=1.2).applied() == (
+        ["temperature 0 = greedy", "top-k 5", "repetition penalty 1.2"], ["top-p", "min-p"])

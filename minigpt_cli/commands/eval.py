@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from minigpt_cli.config import UserError
 from minigpt_cli.options import AUTO_DEVICE, Device, JsonOut, RunDir, Threads
 from minigpt_cli.output import emit_json, key_value_table, out, visible, warn
 from minigpt_cli.views import ProgressView, Starting
@@ -37,21 +38,31 @@ def eval_(
                             "characters; 0 scores all of it (default: the run's train.eval_max_chars, "
                             "2,000,000).")] = None,
     show: Annotated[bool, typer.Option(
-        "--show", help="Print the text's first 1,000 characters coloured by each one's surprisal in bits "
-                       "(--json: the values).")] = False,
+        "--show", help="Print the text's first 1,000 characters (--limit) coloured by each one's surprisal in "
+                       "bits, and a table of surprisal by class of character (--json: the values).")] = False,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", help="With --show: how many characters from the start; 0 is the whole text (default: "
+                        "1,000).")] = None,
     json_out: JsonOut = False,
 ) -> None:
     """Score a text with a trained run: NLL per character, bits per character, perplexity."""
     starting = Starting(False)
     try:
-        from minigpt_cli.evaluate import EvalRequest, evaluate, surprisal
+        from minigpt_cli.evaluate import SHOW_CHARS, EvalRequest, evaluate, surprisal
     finally:
         starting.done()
 
     common = dict(run=run, data=data, stride=stride, batch_size=batch_size, device=device or AUTO_DEVICE, dtype=dtype,
                   which=which, threads=threads)
+    if limit is not None and not show:
+        raise UserError("--limit applies to --show (how many characters it shows); eval without --show scores "
+                        "the whole text (--max-chars bounds that)")
     if show:
-        shown = surprisal(EvalRequest(**common))
+        progress = ProgressView(quiet=False)
+        try:
+            shown = surprisal(EvalRequest(**common, progress=progress), SHOW_CHARS if limit is None else limit)
+        finally:
+            progress.close()
         if json_out:
             emit_json(shown.to_dict())
         else:
@@ -130,6 +141,7 @@ def _surprisal_summary(result: dict) -> None:
     out.print()
     out.print(f"mean {result['mean_bits']:.3f} bits per character; a uniform guess over the {result['vocab_size']} "
               f"characters costs {result['uniform_bits']:.3f}", markup=False)
+    out.print(_class_table(result))
     if early and later:
         out.print(f"with at most 4 characters of context (each window's start): {sum(early) / len(early):.2f} bits "
                   f"on average over {len(early)}; with more: {sum(later) / len(later):.2f} over {len(later)}",
@@ -139,3 +151,22 @@ def _surprisal_summary(result: dict) -> None:
         f"{visible_char(chars[i]['char'])!r} after {''.join(visible_char(c['char']) for c in chars[max(0, i - 8):i])!r} "
         f"({chars[i]['bits']:.1f} bits, context {chars[i]['context']})" for i in hardest if chars[i]["bits"] is not None),
         markup=False, highlight=False)
+
+
+def _class_table(result: dict) -> object:
+    """Surprisal summed up by class of character: which kinds of character the bits go to."""
+    from minigpt_cli.output import titled_table
+
+    table = titled_table("where the bits go, by class of character", [
+        "class", "characters", "% of characters", "mean bits", "% of all bits"])
+    table.columns[0].justify = "left"
+    for row in result["classes"]:
+        if not row["chars"]:
+            table.add_row(row["class"], "0", "-", "-", "-")
+            continue
+        table.add_row(row["class"], f"{row['chars']:,}", f"{row['share_chars']:.1%}", f"{row['mean_bits']:.2f}",
+                      "-" if row["share_bits"] is None else f"{row['share_bits']:.1%}")
+    scored = sum(row["chars"] for row in result["classes"])
+    table.add_section()
+    table.add_row("all", f"{scored:,}", "100.0%", f"{result['mean_bits']:.2f}", "100.0%")
+    return table

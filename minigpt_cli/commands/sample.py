@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from typing import Annotated, Callable, List, Optional
 
 import typer
@@ -13,10 +14,16 @@ from minigpt_cli.output import emit_json, visible, warn
 
 EXAMPLES = ("Examples:\n\n  minigpt sample --prompt \"ROMEO:\"\n\n"
             "  minigpt sample runs/default-20261124-101500 --temperature 0 --max-new-tokens 200\n\n"
-            "  echo \"JULIET:\" | minigpt sample --prompt - --json")
+            "  echo \"JULIET:\" | minigpt sample --prompt - --json\n\n"
+            "  minigpt sample --prompt \"ROMEO:\" --top 5 --max-new-tokens 20")
 SAMPLE_SEPARATOR = "-----"
 # Text that cannot be streamed (several samples, --json, --no-stream) is held until the end: bounded.
 HELD_TEXT_MAX_CHARS = 10_000_000
+# --top --json holds every step's top list until the end: at most this many (character, probability) pairs.
+HELD_WEIGHED_MAX = 2_000_000
+WIDTH = 80  # --top's lines are wrapped to this many columns
+# Characters that would not show in --top's lines, as one visible column each.
+SHOWN_AS = {"\n": "↵", " ": "␣", "\t": "⇥"}
 
 
 def sample(
@@ -55,6 +62,9 @@ def sample(
         "--stream/--no-stream", help="Print text as it is made (default: on, for one sample without "
                                      "--json).")] = None,
     threads: Threads = 0,
+    top: Annotated[int, typer.Option(
+        "--top", help="Show, for each character made, the K most likely ones and their probabilities after "
+                      "temperature and the filters, and the drawn one's surprisal (one sample).")] = 0,
     json_out: JsonOut = False,
 ) -> None:
     """Generate text from a trained run (prints the prompt, then its continuation)."""
@@ -66,21 +76,30 @@ def sample(
     # enough (`| head`) ends the command; several samples, or JSON, are printed whole at the end.
     streaming = stream is not False and not json_out and num_samples == 1
     if not streaming:
-        _check_held(max_new_tokens, num_samples)
+        _check_held(max_new_tokens, num_samples, top if json_out else 0)
     session = sampler.prepare(sampler.SampleRequest(
         run=run, prompt=text, settings=sampler.SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty),
         max_new_tokens=max_new_tokens, num_samples=num_samples, stop=stop, seed=seed, use_cache=not no_kv_cache,
         dtype=dtype, device=device or AUTO_DEVICE, skip_unknown=unknown == "skip", compile=compile_step,
-        threads=threads))
+        threads=threads, top=top))
     for warning in session.warnings:
         warn(warning)
-    if streaming:
+    _write(session, streaming, json_out)
+
+
+def _write(session, streaming: bool, json_out: bool) -> None:
+    if session.request.top:
+        _write_weighed(session, json_out)
+    elif streaming:
         _write_streamed(session.prompt, session.stream())  # the prompt without what --unknown skip dropped
     else:
         _write_whole(session, json_out)
 
 
-def _check_held(max_new_tokens: int, num_samples: int) -> None:
+def _check_held(max_new_tokens: int, num_samples: int, top: int) -> None:
+    if top and max_new_tokens * (top + 1) > HELD_WEIGHED_MAX:
+        raise UserError(f"--top {top} --json for {max_new_tokens:,} characters is more than is held to print at the "
+                        f"end (at most {HELD_WEIGHED_MAX:,} characters and probabilities); without --json it streams")
     if max_new_tokens * num_samples > HELD_TEXT_MAX_CHARS:
         raise UserError(f"--max-new-tokens {max_new_tokens:,} x --num-samples {num_samples} is more text than is held "
                         f"to print at the end (at most {HELD_TEXT_MAX_CHARS:,} characters); a single sample without "
@@ -144,3 +163,53 @@ def _write_streamed(prompt: str, pieces) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def _write_weighed(session, json_out: bool) -> None:
+    """--top: a line per character, as it is made, with what the model weighed; or one JSON object."""
+    if json_out:
+        steps = [w.to_dict() for w in session.stream_weighed()]
+        emit_json({**session.result(), "steps": steps})
+        return
+    applied, off = session.settings.applied()
+    header = (f"what the model weighed before each character: the {session.request.top} most likely next "
+              f"characters and their probabilities after {', '.join(applied)}"
+              + (f" (off: {', '.join(off)})" if off else "")
+              + "; first, the character drawn, its probability and its surprisal -log2 p in bits")
+    sys.stdout.write(textwrap.fill(header, WIDTH) + "\n")
+    sys.stdout.write(textwrap.fill(f"prompt: {_quoted(session.prompt)}", WIDTH) + "\n")
+    for weighed in session.stream_weighed():
+        sys.stdout.write(_weighed_line(weighed) + "\n")
+        sys.stdout.flush()
+    sys.stdout.write("\n" + visible(session.prompt + session.samples[0]) + "\n")
+    sys.stdout.flush()
+
+
+def _weighed_line(weighed) -> str:
+    """'R' 0.412 ( 1.28 bits)  top: 'R' 0.41  'M' 0.12 ..., wrapped under the first entry."""
+    from rich.cells import cell_len
+
+    head = f"{_quoted(weighed.char)} {_prob(weighed.prob, 3)} ({weighed.bits:5.2f} bits)  top:"
+    indent = " " * (cell_len(head) + 1)
+    lines, line = [], head
+    for c, p in weighed.top:
+        entry = f"{_quoted(c)} {_prob(p, 2)}"
+        gap = " " if line == head else "  "
+        if line not in (head, indent) and cell_len(line) + len(gap) + cell_len(entry) > WIDTH:
+            lines.append(line)
+            line, gap = indent, ""
+        line += gap + entry
+    return "\n".join([*lines, line])
+
+
+def _quoted(text: str) -> str:
+    """Text in quotes with every character visible: newline, space and tab as one sign each; in double
+    quotes where it holds a single one and no double one, as Python's repr does."""
+    shown = "".join(SHOWN_AS.get(c) or visible(c) for c in text)
+    quote = '"' if "'" in shown and '"' not in shown else "'"
+    return quote + shown + quote
+
+
+def _prob(p: float, digits: int) -> str:
+    """A probability to `digits` places, or in scientific notation when it would read as zero."""
+    return f"{p:.{digits}f}" if p == 0 or p >= 10 ** -digits else f"{p:.0e}"
