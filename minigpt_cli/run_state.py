@@ -7,6 +7,7 @@ checkpoint.py owns the files' format; this module owns what the trainer puts in 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from minigpt_cli.corpus import Corpus, keep_in_run, run_copy
 from minigpt_cli.device import Distributed, Precision
 from minigpt_cli.model import GPT
 from minigpt_cli.ranks import Ranks
+from minigpt_cli.rundir import pointer_target
 
 # Model keys a resumed run may change: they change training, not the model its weights are.
 RESUMABLE_MODEL_KEYS = ("dropout",)
@@ -164,6 +166,7 @@ class Saver:
         self.config, self.run_dir, self.model, self.corpus = config, run_dir, model, corpus
         self.optimizers, self.precision, self.ranks, self.budget = optimizers, precision, ranks, budget
         self.state, self.emit = state, emit
+        self.latest: Path | None = None  # the newest checkpoint this invocation wrote
 
     @property
     def dist(self) -> Distributed:
@@ -212,10 +215,25 @@ class Saver:
                         stopped=state.stopped)
             if state.parent:
                 meta["parent"] = state.parent
-            saved = ckpt.save_checkpoint(self.run_dir, model, self.config, self.corpus.tokenizer, meta,
-                                         tensors, plain, is_best)
-            self.emit("checkpoint", state.step, path=str(saved), is_best=is_best)
+            self.latest = ckpt.save_checkpoint(self.run_dir, model, self.config, self.corpus.tokenizer, meta,
+                                               tensors, plain, is_best)
+            self.emit("checkpoint", state.step, path=str(self.latest), is_best=is_best)
         state.saved_step = state.step
         # The other ranks wait here for the save (the process group's timeout must cover one).
         self.ranks.barrier()
         self.budget.saved(self.budget.now() - began)
+
+    def mark_stopped(self, signum: int) -> None:
+        """A second signal ends the invocation at once, without the save the first one asks for: the
+        newest checkpoint it wrote (the trained weights, saved before the final evaluation, say) is
+        marked with how the run ended, so that `minigpt runs` lists it as interrupted, not failed.
+        Only meta.json changes (a rename into place): the weights and training state are as saved."""
+        folder = self.latest
+        if not self.dist.is_main or folder is None or pointer_target(self.run_dir, "latest") != folder:
+            return
+        try:
+            meta = json.loads((folder / ckpt.META_FILE).read_text(encoding="utf-8"))
+            if meta.get("final") is not True:  # a final checkpoint is a finished run, however it exits
+                ckpt.atomic_write_json(folder / ckpt.META_FILE, {**meta, "stopped": stopped_by(signum)})
+        except (OSError, ValueError):
+            pass  # the run stays listed as it was; the checkpoint itself is whole either way

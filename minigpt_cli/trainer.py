@@ -303,10 +303,15 @@ class Trainer:
         self._set_up()
         self.evaluator.start_budget()
         with _SignalCatcher() as signals:
-            stopped = self._loop(signals)
-            if stopped == "stop_after":
-                return self._result(math.nan, 0, stopped)
-            final_loss, scored = self._finish(stopped, signals)
+            try:
+                stopped = self._loop(signals)
+                if stopped == "stop_after":
+                    return self._result(math.nan, 0, stopped)
+                final_loss, scored = self._finish(stopped, signals)
+            except SecondSignal as second:
+                # No save follows a second signal: the newest checkpoint records how the run ended.
+                self.saver.mark_stopped(second.signum)
+                raise
             # A signal during the final evaluation: it finished and saved, so stop as a signal stops.
             # (Each rank's own signal: no collective is left to agree on, and none should run this
             # close to the process group's teardown.)
