@@ -23,8 +23,8 @@ from minigpt_cli.batches import batch_indices, epoch_batch_indices, get_batch
 from minigpt_cli.budget import TimeBudget
 from minigpt_cli.config import Config, UserError, absolute_data_path, apply_overrides, load_config, option_overrides
 from minigpt_cli.corpus import Corpus, check_split_lengths, load_corpus
-from minigpt_cli.device import Precision, detect_distributed, resolve_device, runtime
-from minigpt_cli.model import GPT
+from minigpt_cli.device import Precision, available_memory, detect_distributed, resolve_device, runtime
+from minigpt_cli.model import GPT, training_bytes
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
 from minigpt_cli.optim import build_optimizers, lr_factor, set_lr
 from minigpt_cli.progress import Progress
@@ -190,6 +190,26 @@ def parent_corpus(config: Config, parent: ckpt.LoadedCheckpoint,
 
 
 
+def check_memory(config: Config, vocab_size: int, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model whose training step needs more memory than the
+    device has free: allocating it would take minutes before the kernel killed the process. Where
+    the platform does not say what is free (None), nothing is checked."""
+    free = available_memory(device)
+    if free is None:
+        return
+    need = training_bytes(config.model, vocab_size, config.train.batch_size)  # counted on the meta device
+    if need["total"] > free:
+        raise UserError(
+            f"the model is too big to train on {device.type}: it needs about {_size(need['total'])} (weights and "
+            f"optimizer {_size(need['weights_and_optimizer'])}, activations {_size(need['activations'])}); "
+            f"{_size(free)} free: try a smaller model.n_embd, n_layer or batch_size")
+
+
+def _size(n: float) -> str:
+    if n >= 10 * 2**30:
+        return f"{n / 2**30:.0f} GiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
 
 class Stepper:
     """One optimizer step, as training runs it: over grad_accum_steps micro-batches of this rank's
@@ -341,6 +361,7 @@ class Trainer:
                 f"{loaded.meta['data_fingerprint'][:12]} vs {corpus.fingerprint[:12]}); continuing on the new "
                 f"data. To keep runs apart, train a new run with a different --out instead of --resume."))
         self.corpus = corpus
+        check_memory(cfg, corpus.tokenizer.vocab_size, self.device)
         lineage = self._build_model(loaded, parent, added)
         self.state = RunState(fingerprint=corpus.fingerprint, parent=lineage, val_chars=len(corpus.val),
                               data_seconds=corpus.seconds, data_cache=corpus.cache)
