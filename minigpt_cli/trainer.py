@@ -33,6 +33,7 @@ from minigpt_cli.run_state import NonFiniteLoss, RunState, Saver, load_resume, s
 from minigpt_cli.scoring import bits_per_char
 from minigpt_cli.train_eval import Evaluator, training_loss
 
+
 @dataclass
 class TrainEvent:
     kind: str  # start | step | eval | checkpoint | warning | notice | progress | final_eval
