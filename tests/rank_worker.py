@@ -34,7 +34,7 @@ def main() -> None:
     resume = "--resume" in rest
     overrides = [a for a in rest if a != "--resume"]
     out_dir, rank = Path(out), int(os.environ["RANK"])
-    clock, real_step, began = SkewedClock(), trainer.Trainer._train_step, []
+    clock, real_step, began = SkewedClock(), trainer.Stepper.step, []
 
     def recorded_step(self, *args, **kwargs):
         if not began:
@@ -45,7 +45,7 @@ def main() -> None:
         torch.save([p.detach().clone() for p in self.model.parameters()], out_dir / f"params.{rank}.pt")
         return loss
 
-    trainer.Trainer._train_step = recorded_step
+    trainer.Stepper.step = recorded_step
     config = apply_overrides(load_config("tiny"), overrides)
     trainer.train(config, Path(run_dir), resume=resume, started_at=0.0, clock=clock)
 

@@ -107,11 +107,28 @@ def test_absurd_sizes_and_seeds_are_refused_before_any_work(key: str, value: str
     assert_usage_error(invoke("train", "tiny", "--set", f"{key}={value}"), key)
 
 
-def test_running_out_of_memory_is_one_line_and_leaves_no_run_behind(tmp_path: Path):
+def test_a_batch_too_big_for_memory_is_one_line_and_leaves_no_run_behind(tmp_path: Path):
+    # Refused by the memory estimate before anything is allocated (issue 25.8); it ran out of memory before.
     result = run_cli("train", "tiny", *set_flags("train.batch_size=100000000", "train.max_iters=1",
                                                  "train.device=cpu"), cwd=tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and "too big" in lines[0] and "batch_size" in lines[0]
+    assert not any((tmp_path / "runs").glob("*"))
+
+
+def test_running_out_of_memory_is_one_line_and_leaves_no_run_behind(tmp_path: Path, small_corpus: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    """The estimate is a lower bound: an allocation can still fail in training."""
+    from minigpt_cli import trainer
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes.")
+
+    monkeypatch.setattr(trainer, "training_loss", out_of_memory)
+    result = invoke("train", "tiny", "--data", small_corpus, *set_flags(*FAST, "train.max_iters=1"))
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert len(lines) == 1 and "out of memory" in lines[0] and "batch_size" in lines[0]
     assert not any((tmp_path / "runs").glob("*"))
 

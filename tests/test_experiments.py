@@ -30,9 +30,9 @@ def charge_fake_clock(monkeypatch, clock: FakeClock, step: float, window: float 
     """Make the trainer's work cost fake-clock time: each training step `step` seconds (the first
     `first_step`), each scored validation window `window` seconds, and with `estimate` each window of
     the sampled evaluation batches too. The work itself still runs."""
-    from minigpt_cli import trainer
+    from minigpt_cli import train_eval, trainer
 
-    real_step, real_score, real_estimate = trainer.Trainer._train_step, trainer.score_text, trainer.Trainer._estimate
+    real_step, real_score, real_estimate = trainer.Stepper.step, train_eval.score_text, train_eval.Evaluator.estimate
     taken = []
 
     def timed_step(self, *args, **kwargs):
@@ -49,11 +49,11 @@ def charge_fake_clock(monkeypatch, clock: FakeClock, step: float, window: float 
         clock.now += window * self.config.train.eval_iters * self.config.train.batch_size * len(splits)
         return real_estimate(self, splits)
 
-    monkeypatch.setattr(trainer.Trainer, "_train_step", timed_step)
+    monkeypatch.setattr(trainer.Stepper, "step", timed_step)
     if window is not None:
-        monkeypatch.setattr(trainer, "score_text", timed_score)
+        monkeypatch.setattr(train_eval, "score_text", timed_score)
     if estimate:
-        monkeypatch.setattr(trainer.Trainer, "_estimate", timed_estimate)
+        monkeypatch.setattr(train_eval.Evaluator, "estimate", timed_estimate)
 
 
 def simulate_budget(budget: float, startup: float, first_step: float, step: float, final_eval: float,

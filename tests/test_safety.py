@@ -303,10 +303,10 @@ def test_weights_are_saved_before_the_final_evaluation_and_a_ctrl_c_during_it_is
     import signal
 
     from conftest import train_in_process
-    from minigpt_cli import trainer
+    from minigpt_cli import train_eval, trainer
 
     run = tmp_path / "run"
-    real_score_text = trainer.score_text
+    real_score_text = train_eval.score_text
     seen: list[int] = []
 
     def ctrl_c_during_the_final_evaluation(*args, **kwargs):
@@ -315,7 +315,7 @@ def test_weights_are_saved_before_the_final_evaluation_and_a_ctrl_c_during_it_is
             os.kill(os.getpid(), signal.SIGINT)
         return real_score_text(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "score_text", ctrl_c_during_the_final_evaluation)
+    monkeypatch.setattr(train_eval, "score_text", ctrl_c_during_the_final_evaluation)
     events: list = []
     with pytest.raises(trainer.TrainingStopped):
         train_in_process([*FAST, f"data.path={small_corpus}", "train.max_iters=5", "train.eval_interval=100"],

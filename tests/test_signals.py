@@ -8,6 +8,7 @@ process stopped (compared with a run that was never interrupted).
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (FAST, assert_same_weights, cli_command, cli_env, latest_weights, set_flags,
+from conftest import (FAST, assert_same_weights, cli_command, cli_env, invoke, latest_weights, set_flags,
                       train_in_process, train_losses)
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli.progress import FINAL_EVAL_TASK
 
 # Long enough that no test ever reaches the end; the schedule depends on it, so the reference
 # runs below use the same value and stop early with train.stop_after.
@@ -163,3 +165,38 @@ def test_a_second_signal_raises_for_the_cli_to_exit_and_never_exits_the_process_
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=cli_env())
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"raised {int(signal.SIGTERM)}"
+
+
+@pytest.mark.parametrize("signum, code, stopped, detail", [(signal.SIGINT, 130, "interrupted", "by Ctrl-C"),
+                                                           (signal.SIGTERM, 143, "terminated", "by SIGTERM")],
+                         ids=["SIGINT", "SIGTERM"])
+def test_two_signals_in_the_final_evaluation_leave_the_run_interrupted_with_its_weights(
+        tmp_path: Path, small_corpus: Path, monkeypatch: pytest.MonkeyPatch, signum: int, code: int, stopped: str,
+        detail: str):
+    """Issue 25.17b: the second signal stops at once, so the trained weights saved before the final
+    evaluation are the run's last checkpoint; it must say how the run ended (it said "max_iters" and
+    was not final, so `minigpt runs` listed the run as failed)."""
+    from minigpt_cli import train_eval
+
+    real_score_text = train_eval.score_text
+
+    def twice_during_the_final_evaluation(*args, **kwargs):
+        if kwargs.get("task", args[8] if len(args) > 8 else None) == FINAL_EVAL_TASK:
+            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), signum)  # the handler raises SecondSignal here
+        return real_score_text(*args, **kwargs)
+
+    monkeypatch.setattr(train_eval, "score_text", twice_during_the_final_evaluation)
+    run, overrides = tmp_path / "runs" / "twice", [*FAST, f"data.path={small_corpus}", "train.max_iters=4",
+                                                   "train.eval_interval=100"]
+    result = invoke("train", "tiny", "--out", run, *set_flags(*overrides))
+    assert result.exit_code == code, result.stderr
+    assert "Traceback" not in result.stderr
+    latest = ckpt.load_checkpoint(run, "latest")
+    assert (latest.step, latest.meta["final"], latest.meta["stopped"]) == (4, False, stopped)
+    listed = invoke("runs", run.parent, "--json").json()["runs"]
+    assert [(r["state"], r["detail"], r["steps"]) for r in listed] == [("interrupted", detail, 4)]
+    # Resumed, it runs the final evaluation it skipped and finishes.
+    monkeypatch.setattr(train_eval, "score_text", real_score_text)
+    assert train_in_process(overrides, run, resume=True).stopped == "max_iters"
+    assert ckpt.load_checkpoint(run, "latest").meta["final"] is True

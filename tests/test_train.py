@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (BUNDLED_TEXT, FAST, assert_same_weights, invoke, latest_weights, run_cli, set_flags,
-                      train_in_process, train_losses)
+from conftest import (BUNDLED_TEXT, FAST, assert_same_weights, assert_usage_error, invoke, latest_weights, run_cli,
+                      set_flags, train_in_process, train_losses)
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.checkpoint import read_metrics
 
@@ -207,3 +207,50 @@ def test_the_final_evaluation_of_a_large_split_is_a_stated_sample(tmp_path: Path
     whole = invoke("train", "tiny", "--data", small_corpus, "--out", "whole", "--json",
                    *flags, "--set", "train.eval_max_chars=0").json()
     assert whole["val_tokens_scored"] == 1_999
+
+
+# -- issue 25.8: a model too big for memory is refused before anything is allocated ---------------
+
+def test_a_model_too_big_for_memory_is_refused_before_it_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from minigpt_cli import trainer
+    from minigpt_cli.config import apply_overrides, load_config
+    from minigpt_cli.device import available_memory
+    from minigpt_cli.model import training_bytes
+
+    big = ("model.n_embd=8192", "model.n_layer=64", "model.n_head=64")
+    config = apply_overrides(load_config("default"), list(big))
+    needed = training_bytes(config.model, 65, config.train.batch_size)["total"]  # the bundled text: 65 characters
+    free = available_memory(torch.device("cpu"))
+    if free is None or free >= needed:
+        pytest.skip("this machine does not say what memory is free, or has more than the big model needs")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the memory check")
+
+    monkeypatch.setattr(trainer, "GPT", never)
+    # Before the check, this allocated for 95 s until the kernel killed it, leaving a lock-only folder.
+    result = invoke("train", *set_flags(*big))
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(r"needs about \d+ GiB \(weights and optimizer \d+ GiB, activations \d+ GiB\); [\d.]+ GiB free: "
+                     r"try a smaller model.n_embd, n_layer or batch_size", line), line
+    runs = tmp_path / "runs"
+    assert not runs.exists() or list(runs.iterdir()) == []  # the claimed run folder was removed again
+
+
+def test_the_memory_check_uses_the_devices_figure(tmp_path: Path, small_corpus: Path, monkeypatch: pytest.MonkeyPatch):
+    from minigpt_cli import trainer
+
+    flags = set_flags(*FAST, f"data.path={small_corpus}", "train.max_iters=2", "train.eval_interval=100")
+    seen = []
+    monkeypatch.setattr(trainer, "available_memory", lambda device: seen.append(device.type) or 2**20)
+    line = assert_usage_error(invoke("train", "tiny", "--out", tmp_path / "small", *flags),
+                              "the model is too big to train on cpu", "1.0 MiB free")
+    assert seen == ["cpu"] and "needs about" in line
+    assert not (tmp_path / "small").exists()
+    # Where the device does not say what is free, nothing is checked: even a huge estimate trains.
+    monkeypatch.setattr(trainer, "available_memory", lambda device: None)
+    monkeypatch.setattr(trainer, "training_bytes", lambda *args: {"total": 2**60, "weights_and_optimizer": 2**60,
+                                                                  "activations": 0})
+    result = invoke("train", "tiny", "--out", tmp_path / "unknown", *flags)
+    assert result.exit_code == 0, result.stderr

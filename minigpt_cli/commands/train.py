@@ -47,7 +47,7 @@ def train(
     """Train a model on text and save checkpoints in a run directory."""
     starting = Starting(quiet)
     try:
-        from minigpt_cli.trainer import TrainOptions, plan_run
+        from minigpt_cli.plan import TrainOptions, plan_run
 
         plan = plan_run(TrainOptions(config, resume, out_dir, set_, data, time_budget, device, seed, deterministic,
                                      init_from, extend_vocab))
