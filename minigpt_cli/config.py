@@ -317,6 +317,32 @@ def option_overrides(data: str | None = None, time_budget: float | None = None, 
     return flags
 
 
+# train.max_iters of a run whose time budget governs: no step limit a run could reach, so the budget
+# ends it and the schedule's progress is the budget's (`minigpt train --time-budget 300` alone).
+UNTIL_BUDGET = 10**9
+
+
+def keys_set_by_file(name_or_path: str | None) -> set[str]:
+    """The section.key names a user's own config file sets (none for a shipped config, whose values
+    are a recipe's defaults, not the user's choice)."""
+    path = resolve_config_path(name_or_path or "default")
+    if path.parent == bundled_dir("configs"):
+        return set()
+    raw = yaml.safe_load(_read_config_text(path)) or {}
+    return {f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict) for key in values}
+
+
+def budget_governs(config: Config, flags: typing.Sequence[str], config_name: str | None) -> Config:
+    """A time budget with no step count of the user's (a --set, or their own config file) governs: the
+    run trains until the budget and plans its schedule to end there. With both, the first reached ends
+    the run. config_name: the config the user named (None: not a file of theirs)."""
+    if not config.train.time_budget or any(f.strip().startswith("train.max_iters=") for f in flags):
+        return config
+    if config_name is not None and "train.max_iters" in keys_set_by_file(config_name):
+        return config
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, max_iters=UNTIL_BUDGET))
+
+
 def shipped_configs() -> list[str]:
     return sorted(p.stem for p in bundled_dir("configs").glob("*.yaml"))
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.config import Config, UserError, absolute_data_path, apply_overrides, load_config, option_overrides
+from minigpt_cli.config import (Config, UserError, absolute_data_path, apply_overrides, budget_governs, load_config,
+                                option_overrides)
 from minigpt_cli.device import detect_distributed, resolve_device
 
 
@@ -54,6 +55,7 @@ def plan_run(options: TrainOptions) -> TrainPlan:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, deterministic=True))
     created = False
     if not o.resume:
+        config = budget_governs(config, flags, None if o.init_from is not None else o.config_name)
         config = dataclasses.replace(config, data=dataclasses.replace(
             config.data, path=absolute_data_path(config.data.path)))
         # Only the process that writes (rank 0 under torchrun) claims a directory.

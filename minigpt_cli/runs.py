@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from minigpt_cli.config import Config, UserError, apply_overrides, load_config
+from minigpt_cli.config import Config, UserError, apply_overrides, budget_governs, load_config
 from minigpt_cli.rundir import LATEST, META_FILE as META, META_MAX_BYTES as JSON_MAX_BYTES, MODEL_FILE as MODEL
 from minigpt_cli.rundir import (RunContents, bytes_on_disk, complete_checkpoints, delete_contents, is_run,
                                 live_runs_below, live_writer, run_contents)
@@ -423,7 +423,7 @@ def plan_variants(config_name: str, varies: Sequence[str], overrides: Sequence[s
     variants = []
     for combo in itertools.product(*[[(k, v) for v in values] for k, values in varied]):
         settings = [f"{k}={v}" for k, v in combo]
-        config = apply_overrides(base, settings)
+        config = budget_governs(apply_overrides(base, settings), [*overrides, *settings], config_name)
         same = next((v for v in variants if v.config == config), None)
         if same is not None:
             raise UserError(f"--vary gives the same config twice: {same.label} and {', '.join(settings)}; "

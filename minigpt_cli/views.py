@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any, Optional
 
+from minigpt_cli.config import UNTIL_BUDGET
 from minigpt_cli.output import err, fmt_seconds
 from minigpt_cli.progress import FINAL_EVAL_TASK
 
@@ -91,6 +92,14 @@ class Starting:
             self.status = None
 
 
+def stop_rule(time_budget: float, max_iters: int) -> str:
+    """What ends a run with a time budget, in the training header."""
+    if max_iters >= UNTIL_BUDGET:
+        return (f"stops at {time_budget:g} s: the time budget plans the schedule (set train.max_iters too to stop "
+                f"at a step count first)")
+    return f"stops at {time_budget:g} s or {max_iters:,} steps, whichever comes first"
+
+
 class TrainView:
     """Renders TrainEvents: a tqdm bar on a terminal, plain lines (every few seconds) otherwise."""
 
@@ -146,6 +155,8 @@ class TrainView:
         err.print(f"data {read} in {d['data_seconds']:.1f}s{sampled}", markup=False)
         if d["data_kept"]:
             err.print(f"the run keeps {d['data_kept']}", markup=False)
+        if d["time_budget"]:
+            err.print(stop_rule(d["time_budget"], d["max_iters"]), markup=False)
         if self.live:
             from tqdm.auto import tqdm
 
@@ -158,7 +169,8 @@ class TrainView:
                                 dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
 
     def _step(self, step: int, d: dict) -> None:
-        text = (f"step {step}/{d['max_iters']}  loss {d['loss']:.4f}  lr {d['lr']:.2e}  "
+        of = "" if d["max_iters"] >= UNTIL_BUDGET else f"/{d['max_iters']}"
+        text = (f"step {step}{of}  loss {d['loss']:.4f}  lr {d['lr']:.2e}  "
                 f"{d['tokens_per_sec'] / 1000:.1f}k tok/s  ETA {fmt_seconds(d['eta'])}")
         if self.bar is not None:
             done = min(d["elapsed"], self.bar.total) if self.budget_mode else step

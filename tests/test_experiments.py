@@ -517,3 +517,45 @@ def test_compare_stopped_by_sigterm_exits_143(small_corpus: Path, monkeypatch):
     result = invoke("compare", "tiny", "--vary", "model.n_layer=1,2", "--data", small_corpus, *COMPARE_FLAGS,
                     "--quiet")
     assert result.exit_code == 143 and "stopped by SIGTERM" in result.stderr
+
+
+# -- a time budget means what it says (issue 30) ------------------------------------------------------
+
+def test_a_time_budget_alone_governs_and_a_step_count_of_the_users_stops_first(tmp_path: Path):
+    from minigpt_cli.config import UNTIL_BUDGET
+    from minigpt_cli.plan import TrainOptions, plan_run
+
+    def planned(**options) -> int:
+        return plan_run(TrainOptions(out_dir=tmp_path / f"run{len(list(tmp_path.iterdir()))}", **options)).config.train.max_iters
+
+    assert planned(config_name="tiny") == 100  # no budget: the config's steps
+    assert planned(config_name="tiny", time_budget=30) == UNTIL_BUDGET  # the shipped recipe's steps are no choice
+    assert planned(config_name="tiny", time_budget=30, overrides=["train.max_iters=50"]) == 50
+    own = tmp_path / "mine.yaml"
+    own.write_text("train:\n  max_iters: 70\n")
+    assert planned(config_name=str(own), time_budget=30) == 70
+    own.write_text("train:\n  time_budget: 30\n")
+    assert planned(config_name=str(own)) == UNTIL_BUDGET
+
+
+def test_training_under_a_governing_budget_runs_past_the_configs_steps(small_corpus: Path, tmp_path: Path, monkeypatch):
+    """tiny's recipe is 100 steps; a 6 s budget of 0.02 s steps (fake clock) trains until the budget."""
+    from minigpt_cli import trainer
+    from minigpt_cli.config import apply_overrides, budget_governs, load_config
+
+    clock = FakeClock(0.0)
+    charge_fake_clock(monkeypatch, clock, step=0.02, window=0.001)
+    flags = [*FAST, f"data.path={small_corpus}", "train.eval_interval=100000", "train.time_budget=6"]
+    config = budget_governs(apply_overrides(load_config("tiny"), flags), flags, "tiny")
+    events = []
+    result = trainer.train(config, tmp_path / "run", started_at=0.0, clock=clock, callback=events.append)
+    assert result.stopped == "time_budget" and result.steps > 150
+    lrs = [e.data["lr"] for e in events if e.kind == "step"]
+    assert lrs[-1] < 0.2 * max(lrs)  # the schedule decayed by the budget's end, not by step 100's
+
+
+def test_the_training_header_says_what_ends_a_budgeted_run(small_corpus: Path):
+    result = invoke("train", "tiny", "--data", small_corpus, "--time-budget", "60", "--out", "run",
+                    *set_flags(*FAST, "train.max_iters=3"))
+    assert result.exit_code == 0, result.stderr
+    assert "stops at 60 s or 3 steps, whichever comes first" in result.stderr

@@ -9,7 +9,7 @@ from typing import Annotated, Any, List, Optional
 
 import typer
 
-from minigpt_cli.config import UserError
+from minigpt_cli.config import UNTIL_BUDGET, UserError
 from minigpt_cli.options import Device, JsonOut, Overrides, Plot, Quiet, Seed, TimeBudget
 from minigpt_cli.output import EXIT_FAILURE, count, emit_json, err, loss, out
 from minigpt_cli.views import Starting, TrainView
@@ -148,7 +148,8 @@ def _what_each_gets(variants: List[Any]) -> str:
     if len(budgets) > 1 or len(steps) > 1:
         length = "length varied"
     elif trains[0].time_budget:
-        length = f"{trains[0].time_budget:g}s each"
+        steps_too = f" or {trains[0].max_iters:,} steps" if trains[0].max_iters < UNTIL_BUDGET else ""
+        length = f"{trains[0].time_budget:g}s{steps_too} each"
     else:
         length = f"{trains[0].max_iters:,} step{'s' if trains[0].max_iters != 1 else ''} each"
     seeds = {t.seed for t in trains}
