@@ -109,6 +109,17 @@ def _text_ids(loaded: LoadedCheckpoint, path: str) -> tuple[np.ndarray, str]:
     return corpus.train, corpus.source
 
 
+def _load_for_scoring(request: Any) -> tuple[torch.device, LoadedCheckpoint, Precision]:
+    """The device, the checkpoint and the precision a scoring request runs in: with dtype auto, the
+    precision the run was trained in (bfloat16 autocast on most CUDA GPUs, float32 elsewhere)."""
+    device = resolve_device(request.device).device
+    check_inference_dtype(request.dtype, device, ("auto", *DTYPES))
+    loaded = load_checkpoint(request.run, which=request.which)
+    precision = choose_precision(device, loaded.config.train.dtype if request.dtype == "auto" else request.dtype,
+                                 training=False)
+    return device, loaded, precision
+
+
 def evaluate(request: EvalRequest) -> EvalResult:
     if request.which not in ("best", "latest"):
         raise UserError(f"--checkpoint must be best or latest, got {request.which!r}")
@@ -116,12 +127,7 @@ def evaluate(request: EvalRequest) -> EvalResult:
         raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
     if request.max_chars is not None and request.max_chars < 0:
         raise UserError(f"--max-chars must be 0 (score everything) or positive, got {request.max_chars}")
-    device = resolve_device(request.device).device
-    check_inference_dtype(request.dtype, device, ("auto", *DTYPES))
-    loaded = load_checkpoint(request.run, which=request.which)
-    # auto: the precision the run was trained in (bfloat16 autocast on most CUDA GPUs, float32 elsewhere).
-    precision = choose_precision(device, loaded.config.train.dtype if request.dtype == "auto" else request.dtype,
-                                 training=False)
+    device, loaded, precision = _load_for_scoring(request)
     block_size = loaded.config.model.block_size
     stride = request.stride if request.stride is not None else max(1, block_size // 2)
     if not 1 <= stride <= block_size:
@@ -243,11 +249,7 @@ def surprisal(request: EvalRequest, limit: int = SHOW_CHARS) -> SurprisalResult:
         raise UserError(f"--limit must be 0 (the whole text) or positive, got {limit}")
     if request.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
-    device = resolve_device(request.device).device
-    check_inference_dtype(request.dtype, device, ("auto", *DTYPES))
-    loaded = load_checkpoint(request.run, which=request.which)
-    precision = choose_precision(device, loaded.config.train.dtype if request.dtype == "auto" else request.dtype,
-                                 training=False)
+    device, loaded, precision = _load_for_scoring(request)
     if request.data is None:
         ids, source = _validation_ids(loaded, [])
     else:
