@@ -62,6 +62,7 @@ class TrainResult:
     data_seconds: float = 0.0  # reading (hashing, encoding on a cache miss) the text before the first step
     data_cache: str = ""  # encoded: read and encoded now | cached: from the encoded cache | run: the run's copy
     vocab_size: int = 0  # a uniform guess over it scores ln(vocab_size): the loss of a model that knows nothing
+    prompt: str = ""  # the start of the run's own text, a prompt its vocabulary surely holds (the next: hint)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -522,7 +523,18 @@ class Trainer:
             stopped=stopped, device=str(self.device), precision=self.precision.name,
             n_params=model.num_parameters(), val_tokens_scored=scored, val_chars=state.val_chars,
             data_kept=state.data_kept, data_seconds=state.data_seconds, data_cache=state.data_cache,
-            vocab_size=model.vocab_size)
+            vocab_size=model.vocab_size, prompt=opening_words(self.corpus))
+
+
+def opening_words(corpus: Corpus, max_chars: int = 20) -> str:
+    """The first words of the text's first line (at most max_chars, cut at a space): a prompt made of
+    characters the model knows, whatever text it was trained on."""
+    text = corpus.tokenizer.decode(corpus.train[:4 * max_chars].tolist())
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if len(line) > max_chars:
+        cut = line[:max_chars].rfind(" ")
+        line = line[:cut if cut > 0 else max_chars]
+    return line
 
 
 def train(config: Config, run_dir: Path, resume: bool = False,

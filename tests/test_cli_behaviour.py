@@ -85,3 +85,17 @@ def test_a_terminal_that_cannot_show_a_character_gets_an_escape_not_a_traceback(
     proc = subprocess.run(cli_command("sample", tiny_run, "--prompt", "\u4e00\u4e01"), capture_output=True,
                           text=True, env=env, timeout=180)
     assert_usage_error(proc, "\\u4e00")
+
+
+def test_the_next_hint_after_training_suggests_a_prompt_the_model_knows(tmp_path: Path):
+    """Issue 28: after a text without 'ROMEO:' the hint's prompt is taken from the run's own text."""
+    import shlex
+
+    text = tmp_path / "numbers.txt"
+    text.write_text("one two three four five six seven\n" * 300)
+    result = invoke("train", "tiny", "--data", text, "--out", "run", *set_flags(*FAST, "train.max_iters=2"))
+    assert result.exit_code == 0, result.stderr
+    hint = next(line for line in result.stderr.splitlines() if line.startswith("next: minigpt sample"))
+    assert hint == "next: minigpt sample run --prompt 'one two three four'"
+    args = shlex.split(hint.removeprefix("next: minigpt "))
+    assert invoke(*args, "--max-new-tokens", "3").exit_code == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -72,7 +73,8 @@ def train(
     _render(result, plan.config)
     if not quiet:
         if result.stopped != "stop_after":
-            err.print(f"next: minigpt sample {result.run_dir} --prompt \"ROMEO:\"", markup=False)
+            prompt = shlex.quote(result.prompt) if result.prompt else '""'
+            err.print(f"next: minigpt sample {shlex.quote(result.run_dir)} --prompt {prompt}", markup=False)
         else:
             err.print(f"next: minigpt train --resume --out {result.run_dir}", markup=False)
 
