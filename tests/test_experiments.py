@@ -559,3 +559,19 @@ def test_the_training_header_says_what_ends_a_budgeted_run(small_corpus: Path):
                     *set_flags(*FAST, "train.max_iters=3"))
     assert result.exit_code == 0, result.stderr
     assert "stops at 60 s or 3 steps, whichever comes first" in result.stderr
+
+
+def test_compare_at_80_columns_folds_and_never_cuts_a_key(small_corpus: Path, tmp_path: Path):
+    import subprocess
+
+    from conftest import cli_command, cli_env
+
+    for name, interval in (("a", 1), ("b", 2)):
+        train_in_process([*FAST, f"data.path={small_corpus}", "train.max_iters=2", f"train.log_interval={interval}",
+                          f"train.eval_interval={interval + 1}"], tmp_path / name)
+    proc = subprocess.run(cli_command("compare", "a", "b", "a", "b"), capture_output=True, text=True,
+                          env={**cli_env(), "COLUMNS": "80"}, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "…" not in proc.stdout and max(len(line) for line in proc.stdout.splitlines()) <= 80
+    first_column = "".join(line.split("│")[1].strip() for line in proc.stdout.splitlines() if line.startswith("│"))
+    assert "train.eval_interval" in first_column and "train.log_interval" in first_column  # folded, whole

@@ -169,7 +169,7 @@ def _render(result: dict) -> None:
         out.print("no run finished a checkpoint: nothing to compare")
         return
     table = Table(title="runs side by side", title_justify="left", title_style="bold")
-    table.add_column("")
+    table.add_column("", overflow="fold")  # a config key folded, never cut: "train.max_it…" hides which key
     for r in rows:
         table.add_column(escape(r["label"]), justify="right", overflow="fold")
     for key in result["differences"]:
