@@ -99,3 +99,20 @@ def test_the_next_hint_after_training_suggests_a_prompt_the_model_knows(tmp_path
     assert hint == "next: minigpt sample run --prompt 'one two three four'"
     args = shlex.split(hint.removeprefix("next: minigpt "))
     assert invoke(*args, "--max-new-tokens", "3").exit_code == 0
+
+
+def test_inspect_at_80_columns_wraps_the_blocks_formula_and_never_cuts_it():
+    """Issue 28: piped at 80 columns the module tree cut its own formula ('...mlp(conv_mlp(norm_')."""
+    proc = subprocess.run(cli_command("inspect", "default"), capture_output=True, text=True,
+                          env={**cli_env(), "COLUMNS": "80"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("GPT "))
+    tree = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith(("│", "├", "└")):  # the tree ends where the next view begins
+            break
+        tree.append(line)
+    assert all(len(line) <= 80 for line in tree)
+    joined = " ".join(" ".join(line.strip("│ ├└─").split()) for line in tree)
+    assert "x = x + mlp(conv_mlp(norm_2(x)))" in joined

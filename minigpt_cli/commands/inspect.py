@@ -92,7 +92,7 @@ def _render_inspect(result: dict) -> None:
     config = f"config {escape(target['config'])}, " if target["kind"] == "run" else ""
     out.print(f"[bold]{target['kind']}[/] {escape(target['name'])} ({config}vocabulary {target['vocab_size']}: "
               f"{escape(vocab_source(target))})")
-    out.print(_tree(params["tree"]))
+    out.print(_tree(params["tree"]), soft_wrap=False)  # a long label wraps under its branch, never cut
     table = Table(title="parameters", title_justify="left", title_style="bold")
     table.add_column("module")
     table.add_column("parameters", justify="right")
