@@ -15,6 +15,7 @@ import typer
 from minigpt_cli import __version__
 from minigpt_cli.commands import bench, compare, eval, inspect, runs, sample, train
 from minigpt_cli.config import UserError
+from minigpt_cli.rundir import CheckpointWriteError
 from minigpt_cli.output import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, err, fail, is_output_error,
                                 outlives_readers, output_failed, reader_went_away, use_our_broken_pipe_policy)
 
@@ -40,6 +41,8 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except UserError as exc:
             fail(str(exc), EXIT_USAGE)
+        except CheckpointWriteError as exc:  # a full disk, a file-size limit: not the user's input
+            fail(str(exc), EXIT_FAILURE)
         except BrokenPipeError:
             raise typer.Exit(reader_went_away())
         except OSError as exc:

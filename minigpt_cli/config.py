@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import reprlib
 import stat
 import typing
@@ -336,6 +337,9 @@ def budget_governs(config: Config, flags: typing.Sequence[str], config_name: str
     """A time budget with no step count of the user's (a --set, or their own config file) governs: the
     run trains until the budget and plans its schedule to end there. With both, the first reached ends
     the run. config_name: the config the user named (None: not a file of theirs)."""
+    if config.train.max_iters >= UNTIL_BUDGET and not config.train.time_budget:
+        raise UserError(f"train.max_iters {config.train.max_iters:,} stands for 'until the time budget' (a budgeted "
+                        f"run's config.yaml), but no train.time_budget is set: give --time-budget S or a step count")
     if not config.train.time_budget or any(f.strip().startswith("train.max_iters=") for f in flags):
         return config
     if config_name is not None and "train.max_iters" in keys_set_by_file(config_name):
@@ -416,17 +420,28 @@ def _read_config_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
 
 
+_NOT_STRUCTURE = re.compile(r"""'[^']*'|"(?:[^"\\]|\\.)*"|(?:^|\s)#.*$""")  # quoted text, comments
+
+
 def _nesting(text: str) -> int:
-    """An upper bound on the YAML's nesting: indentation steps and open brackets, whichever is more."""
-    indents = {len(line) - len(line.lstrip(" ")) for line in text.splitlines() if line.strip()}
-    brackets = depth = 0
-    for char in text:
-        if char in "[{":
-            depth += 1
-            brackets = max(brackets, depth)
-        elif char in "]}":
-            depth -= 1
-    return max(len(indents), brackets)
+    """An upper bound on the YAML's nesting, without parsing: rising indentation (a stack, so aligned
+    lines at many columns are not many levels) or open brackets, whichever is deeper; quoted text and
+    comments do not count."""
+    deepest = brackets = 0
+    indents: list[int] = []
+    for line in text.splitlines():
+        code = _NOT_STRUCTURE.sub("", line)
+        if not code.strip():
+            continue
+        indent = len(code) - len(code.lstrip(" "))
+        while indents and indents[-1] >= indent:
+            indents.pop()
+        indents.append(indent)
+        for char in code:
+            brackets += (char in "[{") - (char in "]}")
+            deepest = max(deepest, brackets)
+        deepest = max(deepest, len(indents))
+    return deepest
 
 
 def load_config(name_or_path: str | None = None) -> Config:

@@ -60,8 +60,8 @@ class _OutlivesReader:
     def _guard(self, action: Callable[[], Any], fallback: Any) -> Any:
         try:
             return action()
-        except OSError as exc:
-            if not isinstance(exc, BrokenPipeError) and exc.errno != errno.EPIPE:
+        except OSError as exc:  # the reader went away, or the log's disk is full: the training goes on
+            if not isinstance(exc, BrokenPipeError) and exc.errno != errno.EPIPE and not is_output_error(exc):
                 raise
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)

@@ -55,7 +55,7 @@ def plan_run(options: TrainOptions) -> TrainPlan:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, deterministic=True))
     created = False
     if not o.resume:
-        config = budget_governs(config, flags, None if o.init_from is not None else o.config_name)
+        config = budget_governs(config, flags, o.config_name)  # None: no file of the user's was named
         config = dataclasses.replace(config, data=dataclasses.replace(
             config.data, path=absolute_data_path(config.data.path)))
         # Only the process that writes (rank 0 under torchrun) claims a directory.

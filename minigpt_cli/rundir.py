@@ -262,10 +262,18 @@ class RunContents:
     files: list[str] = field(default_factory=list)
     folders: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)
+    # (device, inode) of the folder itself (".") and of each folder in `folders`, as planned: a folder
+    # swapped for another (or for a link) before the deletion is not deleted from.
+    identity: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def minigpt_wrote_any(self) -> bool:
         return bool(self.files or self.folders)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    info = os.lstat(path)
+    return info.st_dev, info.st_ino
 
 
 def _checkpoint_contents(folder: Path, rel: str, found: RunContents) -> None:
@@ -275,6 +283,7 @@ def _checkpoint_contents(folder: Path, rel: str, found: RunContents) -> None:
         else:
             found.foreign.append(f"{rel}/{name}")
     found.folders.append(rel)
+    found.identity[rel] = _identity(folder)
 
 
 def run_contents(path: Path) -> RunContents:
@@ -292,8 +301,10 @@ def run_contents(path: Path) -> RunContents:
                 else:
                     found.foreign.append(f"{CHECKPOINTS_DIR}/{sub}")
             found.folders.append(CHECKPOINTS_DIR)
+            found.identity[CHECKPOINTS_DIR] = _identity(entry)
         else:
             found.foreign.append(name)
+    found.identity["."] = _identity(path)
     return found
 
 
@@ -320,43 +331,119 @@ def live_runs_below(path: Path, skip_top: bool = True) -> Iterator[tuple[Path, i
         stack += [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
 
 
+class _Moved(Exception):
+    pass
+
+
+def _open_folder(name: str, dir_fd: int | None, expected: tuple[int, int] | None) -> int:
+    """A descriptor on the folder `name` (relative to dir_fd), never through a link at its last name,
+    and only if it is still the folder that was planned (expected identity)."""
+    fd = os.open(name, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0), dir_fd=dir_fd)
+    info = os.fstat(fd)
+    if expected is not None and (info.st_dev, info.st_ino) != expected:
+        os.close(fd)
+        raise _Moved(name)
+    return fd
+
+
 def delete_contents(path: Path, contents: RunContents) -> list[str]:
     """Delete the files and (emptied) folders run_contents found minigpt wrote, holding the run's lock
     meanwhile so no writer starts in a half-deleted run; then the folder itself if nothing is left.
-    Returns what stays (the foreign entries, and any of minigpt's that could not be removed)."""
-    path = Path(path)
-    kept = list(contents.foreign)
+    Every step works through descriptors of the folders as planned (a folder since replaced, by a link
+    or anything else, is refused) and unlinks only regular files. Returns what stays: the foreign
+    entries, and any of minigpt's that could not be removed."""
+    path = Path(os.path.realpath(path.parent)) / path.name if path.name not in ("", ".", "..") else \
+        Path(os.path.realpath(path))
+    parent_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        lock = RunLock(path, holder="a live process").__enter__()
-    except RunLockedError:
-        raise UserError(f"{path} started being written meanwhile; nothing was deleted") from None
+        try:
+            run_fd = _open_folder(path.name, parent_fd, contents.identity.get("."))
+        except (_Moved, OSError):
+            raise UserError(f"{path} changed since it was listed; nothing was deleted") from None
+        try:
+            kept = _delete_in(run_fd, path, contents)
+        finally:
+            os.close(run_fd)
+        if not kept:
+            try:
+                os.rmdir(path.name, dir_fd=parent_fd)
+            except OSError:
+                kept.append(".")
+    finally:
+        os.close(parent_fd)
+    return kept
+
+
+def _delete_in(run_fd: int, path: Path, contents: RunContents) -> list[str]:
+    kept = list(contents.foreign)
+    lock_fd = _lock_for_deletion(run_fd, path)
+    folders = {".": run_fd}
     try:
         for rel in contents.files:
             if rel == LOCK_FILE:
                 continue  # last, while still held
+            parent, name = os.path.split(rel)
             try:
-                (path / rel).unlink()
-            except FileNotFoundError:
-                pass
-            except OSError:
-                kept.append(rel)
+                if _unlink_file(name, _folder_fd(folders, parent or ".", contents)):
+                    continue
+            except (OSError, _Moved):
+                pass  # its folder is gone or was replaced: nothing in it is touched
+            kept.append(rel)
         for rel in contents.folders:  # deepest first, each only if now empty
+            parent, name = os.path.split(rel)
+            if rel in folders:
+                os.close(folders.pop(rel))
             try:
-                (path / rel).rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError:
+                os.rmdir(name, dir_fd=_folder_fd(folders, parent or ".", contents))
+            except (OSError, _Moved):
                 if not any(k.startswith(rel + "/") for k in kept):
                     kept.append(rel)
-        (path / LOCK_FILE).unlink(missing_ok=True)  # held until closed below: no writer slips in
+        _unlink_file(LOCK_FILE, run_fd)  # still held until closed below: no writer slips in
     finally:
-        lock.__exit__(None, None, None)
-    if not kept:
-        try:
-            path.rmdir()
-        except OSError:
-            kept.append(".")
+        for rel, fd in folders.items():
+            if rel != ".":
+                os.close(fd)
+        if lock_fd is not None:
+            os.close(lock_fd)
     return kept
+
+
+def _folder_fd(folders: dict[str, int], rel: str, contents: RunContents) -> int:
+    """The descriptor of a planned folder inside the run, opened once (and checked) on first use."""
+    if rel not in folders:
+        parent, name = os.path.split(rel)
+        folders[rel] = _open_folder(name, _folder_fd(folders, parent or ".", contents), contents.identity.get(rel))
+    return folders[rel]
+
+
+def _unlink_file(name: str, dir_fd: int) -> bool:
+    """Unlink name in dir_fd if it is a regular file (never a link or folder); False if it stays."""
+    try:
+        if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            return False
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def _lock_for_deletion(run_fd: int, path: Path) -> int | None:
+    """The run's lock, taken (created if missing) through the folder's descriptor; UserError if a
+    writer holds it."""
+    try:
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0), 0o644, dir_fd=run_fd)
+    except OSError as exc:
+        raise UserError(f"cannot lock {path} ({LOCK_FILE}: {exc.strerror or exc}); nothing was deleted") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(f"{path} started being written meanwhile; nothing was deleted") from None
+    return fd
 
 
 def bytes_on_disk(path: Path) -> int:
@@ -516,8 +603,8 @@ def remove_unused_run_dir(path: Path) -> None:
     """Remove a run directory this process created, for a run that failed before its first checkpoint:
     the files such a run writes (lock, config, text copy, records, temporary files) go, then the folder
     if nothing else is in it."""
-    if is_run(path) or os.path.lexists(Path(path) / CHECKPOINTS_DIR):
-        return
+    if is_run(path):
+        return  # a save completed after all: the run is kept
     try:
         delete_contents(path, run_contents(path))  # under the run's lock: not while another process writes
     except (UserError, OSError):

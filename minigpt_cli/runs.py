@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from minigpt_cli.config import Config, UserError, apply_overrides, budget_governs, load_config
-from minigpt_cli.rundir import LATEST, META_FILE as META, META_MAX_BYTES as JSON_MAX_BYTES, MODEL_FILE as MODEL
+from minigpt_cli.rundir import LATEST, LOCK_FILE, META_FILE as META, META_MAX_BYTES as JSON_MAX_BYTES, MODEL_FILE as MODEL
 from minigpt_cli.rundir import (RunContents, bytes_on_disk, complete_checkpoints, delete_contents, is_run,
                                 live_runs_below, live_writer, run_contents)
 from minigpt_cli.scoring import bits_per_char
@@ -191,6 +191,8 @@ def describe_run(path: Path) -> RunInfo:
             info.state, info.detail = "live", "no checkpoint yet"
         elif contents.foreign:
             info.detail = f"no checkpoint, and files minigpt did not write ({_some(contents.foreign)})"
+        elif LOCK_FILE not in contents.files:  # a run claims its folder with the lock before writing anything
+            info.detail = "no checkpoint and no minigpt lock: files named like a run's, not a run"
         else:
             info.state, info.detail = "failed", "stopped before its first checkpoint"
         return info
@@ -272,6 +274,8 @@ class Removal:
 
 
 def _plan_one(path: Path, cwd: str) -> Removal:
+    if path.name in ("", ".", ".."):  # runs/b/checkpoints/..: the folder it names, by its own name
+        path = Path(os.path.realpath(path))
     if not os.path.lexists(path):
         raise UserError(f"run not found: {path}")
     info = describe_run(path)
@@ -290,9 +294,12 @@ def _plan_one(path: Path, cwd: str) -> Removal:
         raise UserError(f"{path} holds a run being written below it ({folder}"
                         f"{f', PID {pid}' if pid else ''}); nothing was deleted")
     contents = run_contents(path)
-    if contents.foreign and not is_run(path):
+    if not is_run(path) and contents.foreign:
         raise UserError(f"{path} has no whole checkpoint and holds files minigpt did not write "
                         f"({_some(contents.foreign)}); nothing was deleted")
+    if not is_run(path) and LOCK_FILE not in contents.files:
+        raise UserError(f"{path} has no whole checkpoint and no minigpt lock: its files are named like a run's "
+                        f"but minigpt did not claim the folder; nothing was deleted")
     return Removal(info, contents, sum(bytes_on_disk(path / rel) for rel in contents.files))
 
 
@@ -470,7 +477,7 @@ def train_variants(variants: Sequence[Variant], base: Path,
             ckpt.remove_unused_run_dir(run_dir)
             yield variant
             return
-        except (UserError, NonFiniteLoss) as exc:  # this variant failed; the others still train
+        except (UserError, NonFiniteLoss, ckpt.CheckpointWriteError) as exc:  # this one failed; the others train
             variant.state, variant.error = "failed", str(exc)
             ckpt.remove_unused_run_dir(run_dir)
         yield variant

@@ -226,3 +226,12 @@ def test_a_fifo_config_is_refused_not_waited_on(tmp_path: Path):
 
     os.mkfifo(tmp_path / "pipe.yaml")
     assert_usage_error(run_cli("train", tmp_path / "pipe.yaml", timeout=60), "not a regular file")
+
+
+def test_comments_and_aligned_lines_are_not_nesting(tmp_path: Path):
+    text = (CONFIGS_DIR / "tiny.yaml").read_text()
+    text += "".join(f"# a fraction in [0, 1) {i}\n" for i in range(20))
+    text += "".join(" " * i + f"# aligned at column {i}\n" for i in range(20))
+    path = tmp_path / "commented.yaml"
+    path.write_text(text)
+    assert load_config(str(path)).model == load_config("tiny").model

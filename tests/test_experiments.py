@@ -575,3 +575,35 @@ def test_compare_at_80_columns_folds_and_never_cuts_a_key(small_corpus: Path, tm
     assert "…" not in proc.stdout and max(len(line) for line in proc.stdout.splitlines()) <= 80
     first_column = "".join(line.split("│")[1].strip() for line in proc.stdout.splitlines() if line.startswith("│"))
     assert "train.eval_interval" in first_column and "train.log_interval" in first_column  # folded, whole
+
+
+def test_compare_reports_a_variant_whose_save_fails_and_leaves_no_folder(small_corpus: Path, tmp_path: Path,
+                                                                          monkeypatch):
+    """A full disk (or a file-size limit) in one variant's first save: that variant failed, one line, the
+    others kept, exit 1, and the failed variant's claimed folder removed."""
+    from minigpt_cli import checkpoint as ckpt
+    from minigpt_cli import run_state
+
+    real_save, saves = run_state.ckpt.save_checkpoint, []
+
+    def second_variant_fails(run_dir, *args, **kwargs):
+        saves.append(run_dir)
+        if "n_layer-2" in str(run_dir):
+            raise ckpt.CheckpointWriteError(f"could not write {run_dir}: File too large")
+        return real_save(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(run_state.ckpt, "save_checkpoint", second_variant_fails)
+    result = invoke("compare", "tiny", "--vary", "model.n_layer=1,2", "--data", small_corpus, *COMPARE_FLAGS,
+                    "--json", "--quiet")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert [v["state"] for v in result.json()["variants"]] == ["finished", "failed"]
+    assert [p.name for p in (tmp_path / "runs").iterdir() if "n_layer-2" in p.name] == []
+
+
+def test_init_from_keeps_the_step_count_of_the_users_own_config(tiny_run: Path, tmp_path: Path):
+    from minigpt_cli.plan import TrainOptions, plan_run
+
+    own = tmp_path / "mine.yaml"
+    own.write_text("train:\n  max_iters: 70\n")
+    plan = plan_run(TrainOptions(config_name=str(own), init_from=tiny_run, time_budget=30, out_dir=tmp_path / "r"))
+    assert plan.config.train.max_iters == 70

@@ -544,3 +544,46 @@ def test_ctrl_c_at_the_runs_rm_prompt_deletes_nothing_and_exits_130(run_copy: Pa
     before = snapshot(run_copy)
     assert invoke("runs", "rm", run_copy).exit_code == 130
     assert snapshot(run_copy) == before
+
+
+# -- 8. what an independent review of the deletion found (issue 25) --------------------------------
+
+def test_runs_rm_refuses_a_users_folder_whose_files_only_look_like_a_runs(tmp_path: Path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "data.txt").write_text("precious")
+    (notes / "config.yaml").write_text("a: 1\n")
+    before = snapshot(notes)
+    assert_usage_error(invoke("runs", "rm", notes, "--yes"), "nothing was deleted")
+    assert snapshot(notes) == before
+    assert {r["name"]: r["state"] for r in invoke("runs", tmp_path, "--json").json()["runs"]}["notes"] == "not a run"
+
+
+@pytest.mark.parametrize("swapped", [".", "checkpoints"])
+def test_runs_rm_deletes_nothing_from_a_folder_swapped_after_it_was_planned(run_copy: Path, tmp_path: Path,
+                                                                            swapped: str):
+    """The y/N prompt is a human-length gap: a run folder (or its checkpoints/) replaced by a link to a
+    folder of the user's meanwhile must not lose that folder's files."""
+    from minigpt_cli.runs import plan_removal, remove_run
+
+    project = tmp_path / "project"
+    step = sorted((run_copy / "checkpoints").iterdir())[-1].name
+    (project / step).mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl", f"{step}/meta.json", f"{step}/model.safetensors"):
+        (project / name).write_text("the user's")  # named as minigpt's files, where the swap would put them
+    [plan] = plan_removal([run_copy])
+    target = run_copy if swapped == "." else run_copy / "checkpoints"
+    target.rename(tmp_path / "moved")
+    target.symlink_to(project, target_is_directory=True)
+    before = snapshot(project)
+    try:
+        remove_run(plan)
+    except Exception as exc:  # refusing is right too
+        assert "nothing was deleted" in str(exc) or "changed" in str(exc)
+    assert snapshot(project) == before
+
+
+def test_runs_rm_of_a_path_ending_in_dotdot_removes_the_run_it_names(run_copy: Path):
+    result = invoke("runs", "rm", str(run_copy / "checkpoints" / ".."), "--yes")
+    assert result.exit_code == 0, result.stderr
+    assert not run_copy.exists()
