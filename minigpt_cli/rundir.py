@@ -218,9 +218,11 @@ class RunLock:
         except OSError as exc:
             raise UserError(f"cannot lock the run directory {self.run_dir} ({path.name}: "
                             f"{exc.strerror or exc})") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:  # writing our PID would change another file
             os.close(fd)
-            raise UserError(f"cannot lock the run directory {self.run_dir}: {path.name} is not a regular file")
+            raise UserError(f"cannot lock the run directory {self.run_dir}: {path.name} is not a regular file of "
+                            f"its own (a special file or a hard link); remove it")
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

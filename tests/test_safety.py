@@ -587,3 +587,15 @@ def test_runs_rm_of_a_path_ending_in_dotdot_removes_the_run_it_names(run_copy: P
     result = invoke("runs", "rm", str(run_copy / "checkpoints" / ".."), "--yes")
     assert result.exit_code == 0, result.stderr
     assert not run_copy.exists()
+
+
+def test_a_lock_file_hard_linked_to_a_users_file_is_refused_not_overwritten(tmp_path: Path):
+    mine = tmp_path / "diary.txt"
+    mine.write_text("dear diary")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.link(mine, run / ".minigpt.lock")
+    with pytest.raises(Exception, match="hard link"):
+        with ckpt.RunLock(run):
+            pass
+    assert mine.read_text() == "dear diary"
