@@ -45,7 +45,25 @@ def main() -> None:
         torch.save([p.detach().clone() for p in self.model.parameters()], out_dir / f"params.{rank}.pt")
         return loss
 
-    trainer.Stepper.step = recorded_step
+    # Collectives the trainer asks for between one step and the next (DDP's own gradient all-reduces run
+    # in C++ and are not counted): the loop's agreement should be one all-reduce a step.
+    import torch.distributed as dist
+
+    counted, per_step, real_all_reduce = [0], [], dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        counted[0] += 1
+        return real_all_reduce(*args, **kwargs)
+
+    def counted_step(self, *args, **kwargs):
+        per_step.append(counted[0])
+        counted[0] = 0
+        loss = recorded_step(self, *args, **kwargs)
+        (out_dir / f"collectives.{rank}.txt").write_text(" ".join(map(str, per_step[1:])))
+        return loss
+
+    dist.all_reduce = counting_all_reduce
+    trainer.Stepper.step = counted_step
     config = apply_overrides(load_config("tiny"), overrides)
     trainer.train(config, Path(run_dir), resume=resume, started_at=0.0, clock=clock)
 

@@ -133,3 +133,13 @@ def test_ranks_resumed_with_dropout_draw_different_masks(tmp_path: Path):
     _ranks(tmp_path, tmp_path / "resumed", "run", *flags, "train.stop_after=0", resume=True)
     zero, one = torch.load(tmp_path / "resumed" / "rng.0.pt"), torch.load(tmp_path / "resumed" / "rng.1.pt")
     assert not torch.equal(zero, one), "every rank resumed with rank 0's random state"
+
+
+def test_a_training_step_under_torchrun_agrees_in_one_all_reduce(tmp_path: Path):
+    """Issue 27.12: every step synced the ranks 2-4 times (the loss, the mean, the agreement, the budget);
+    the loss, a signal and the budget now travel in one all-reduce a step."""
+    out = tmp_path / "out"
+    _ranks(tmp_path, out, "sync", "train.max_iters=8", "train.eval_interval=100000", "train.time_budget=60")
+    for rank in (0, 1):
+        per_step = [int(n) for n in (out / f"collectives.{rank}.txt").read_text().split()]
+        assert len(per_step) >= 6 and set(per_step) == {1}, per_step
