@@ -34,20 +34,15 @@ from minigpt_cli.config import Config, UserError, config_from_checkpoint_dict
 from minigpt_cli.corpus import run_copy
 from minigpt_cli.device import shapes_only
 from minigpt_cli.model import GPT
-from minigpt_cli.rundir import (  # noqa: F401 (names re-exported for the modules that save and load)
-                                CheckpointWriteError, append_metrics, atomic_write_json, data_copy, fsync_dir,
-                                new_run_dir, newest_run, prepare_run_dir, read_metrics, remove_unused_run_dir,
-                                save_config, truncate_metrics, write_bytes_synced,
-                                BEST, CHECKPOINT_FILES, CHECKPOINT_NAME, CHECKPOINTS_DIR, CONFIG_FILE, DATA_COPY,
-                                LATEST, LOCK_FILE, META_FILE, META_MAX_BYTES, METRICS_FILE, MODEL_FILE,
-                                POINTER_MAX_BYTES, RUN_DATA_JSON, RUN_IDS, RUNS_DIR, SAFETENSORS_TMP_NAME, STATE_FILE,
-                                STATE_JSON, TMP_CHECKPOINT_NAME, TMP_FILE_NAME, TMP_PREFIX, CheckpointError, RunLock,
-                                RunLockedError, complete_checkpoints, finite_or_none, is_run, listing, loads_bounded,
-                                pointer_target, read_bounded, strict_json, too_deep)
+from minigpt_cli.rundir import (BEST, CHECKPOINT_FILES, CHECKPOINT_NAME, CHECKPOINTS_DIR, LATEST, META_FILE,
+                                META_MAX_BYTES, MODEL_FILE, SAFETENSORS_TMP_NAME, STATE_FILE, STATE_JSON,
+                                TMP_CHECKPOINT_NAME, TMP_FILE_NAME, TMP_PREFIX, CheckpointError, CheckpointWriteError,
+                                atomic_write_json, complete_checkpoints, data_copy, finite_or_none, fsync_dir,
+                                loads_bounded, newest_run, pointer_target, read_bounded, strict_json,
+                                write_bytes_synced)
 from minigpt_cli.tokenizer import CharTokenizer
 
 FORMAT_VERSION = 1
-METRICS_LINE_MAX_CHARS = 2**16
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import rundir
 from minigpt_cli.config import UserError
 from minigpt_cli.device import shapes_only
 from minigpt_cli.model import (GPT, MLP, Block, CausalSelfAttention, Norm, ShortConv, attention_probs,
@@ -265,7 +265,7 @@ def batch_shapes(model: GPT, batch_size: int) -> list[dict[str, Any]]:
 def loss_curves(run_dir: Path) -> dict[str, list[list[float]]]:
     """train: [step, loss] at every log line; val: [step, val_loss] at every evaluation."""
     train, val = [], []
-    for record in ckpt.read_metrics(run_dir):
+    for record in rundir.read_metrics(run_dir):
         kind, step = record.get("kind"), record.get("step")
         value = record.get("loss") if kind == "train" else record.get("val_loss") if kind == "eval" else None
         if not (isinstance(step, int) and isinstance(value, (int, float))):

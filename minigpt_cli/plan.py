@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import rundir
 from minigpt_cli.config import (Config, UserError, absolute_data_path, apply_overrides, budget_governs, load_config,
                                 option_overrides)
 from minigpt_cli.device import detect_distributed, resolve_device
@@ -59,7 +60,7 @@ def plan_run(options: TrainOptions) -> TrainPlan:
         config = dataclasses.replace(config, data=dataclasses.replace(
             config.data, path=absolute_data_path(config.data.path)))
         # Only the process that writes (rank 0 under torchrun) claims a directory.
-        run_dir, created = ckpt.prepare_run_dir(o.out_dir, config.name, resume=False,
+        run_dir, created = rundir.prepare_run_dir(o.out_dir, config.name, resume=False,
                                                 claim=detect_distributed().is_main)
     return TrainPlan(config, Path(run_dir), note, created)
 
@@ -79,7 +80,7 @@ def _base_config(o: TrainOptions) -> tuple[Config, Path | None, str | None, list
     elif o.extend_vocab:
         raise UserError("--extend-vocab goes with --init-from RUN (it adds characters to that run's vocabulary)")
     elif o.resume:
-        run_dir, _ = ckpt.prepare_run_dir(o.out_dir, "", resume=True)
+        run_dir, _ = rundir.prepare_run_dir(o.out_dir, "", resume=True)
         if o.config_name is None:
             config = ckpt.load_checkpoint(run_dir, which="latest").config
             # stop_after pauses one invocation; it is not part of the recipe a plain --resume continues.

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import rundir
 from minigpt_cli.budget import TimeBudget
 from minigpt_cli.config import Config, UserError
 from minigpt_cli.corpus import Corpus, keep_in_run, run_copy
@@ -185,7 +186,7 @@ class Saver:
         if not self.dist.is_main:
             return
         # Resumed: drop records past the checkpoint. New: drop those of an attempt killed before its first save.
-        ckpt.truncate_metrics(self.run_dir, state.step)
+        rundir.truncate_metrics(self.run_dir, state.step)
         # The bundled text ships with minigpt; any other is kept in the run (its encoded ids, linked
         # from the cache where possible), so the run needs nothing outside itself to be evaluated
         # or resumed. A run resumed on other text (--resume --data NEW) keeps the new text.
@@ -196,7 +197,7 @@ class Saver:
             # Text from stdin cannot be read again: the config names the run's copy of it instead.
             written = dataclasses.replace(cfg, data=dataclasses.replace(
                 cfg.data, path=str(run_copy(self.run_dir).resolve())))
-        ckpt.save_config(self.run_dir, written)
+        rundir.save_config(self.run_dir, written)
 
     def save(self, is_best: bool, val_loss: float | None = None, final: bool = False) -> None:
         model, state, device = self.model, self.state, self.ranks.device

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from minigpt_cli.config import Config, UserError, apply_overrides, budget_governs, load_config
-from minigpt_cli.rundir import LATEST, LOCK_FILE, META_FILE as META, META_MAX_BYTES as JSON_MAX_BYTES, MODEL_FILE as MODEL
-from minigpt_cli.rundir import (RunContents, bytes_on_disk, complete_checkpoints, delete_contents, is_run,
-                                live_runs_below, live_writer, run_contents)
+from minigpt_cli.rundir import LATEST, LOCK_FILE, META_FILE as META, META_MAX_BYTES as JSON_MAX_BYTES
+from minigpt_cli.rundir import MODEL_FILE as MODEL
+from minigpt_cli.rundir import (CheckpointWriteError, RunContents, bytes_on_disk, complete_checkpoints, delete_contents,
+                                is_run, live_runs_below, live_writer, new_run_dir, read_metrics, remove_unused_run_dir,
+                                run_contents)
 from minigpt_cli.scoring import bits_per_char
 
 STATES = ("live", "finished", "paused", "interrupted", "failed", "damaged", "not a run")
@@ -364,7 +366,7 @@ def run_summary(path: Path, label: Optional[str] = None) -> dict[str, Any]:
     if info.params is None:
         raise UserError(f"{path}: no checkpoint to compare yet ({info.detail})")
     loaded = ckpt.load_checkpoint(Path(path), which="latest")
-    records = ckpt.read_metrics(Path(path))
+    records = read_metrics(Path(path))
     rates = [r.get("tokens_per_sec") for r in records if r.get("kind") == "train"]
     final = info.final_val_loss
     last = next((r for r in reversed(records) if r.get("kind") == "eval" and r.get("final")), {})
@@ -458,14 +460,13 @@ def train_variants(variants: Sequence[Variant], base: Path,
     marked interrupted and the ones after it stay pending."""
     import torch
 
-    from minigpt_cli import checkpoint as ckpt
     from minigpt_cli.trainer import NonFiniteLoss, TrainingStopped
 
     # The first optimizer a process makes imports torch._dynamo (seconds, more on a busy machine):
     # paid here, once, and not inside the first variant's time budget and wall time.
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     for variant in variants:
-        run_dir = ckpt.new_run_dir(variant_dir_name(variant.config, variant.settings), base=base)
+        run_dir = new_run_dir(variant_dir_name(variant.config, variant.settings), base=base)
         variant.run_dir = str(run_dir)
         try:
             run(variant, run_dir)
@@ -474,12 +475,12 @@ def train_variants(variants: Sequence[Variant], base: Path,
             variant.state, variant.signal = "interrupted", getattr(exc, "signum", 2)
             if isinstance(exc, TrainingStopped):
                 variant.error = str(exc)
-            ckpt.remove_unused_run_dir(run_dir)
+            remove_unused_run_dir(run_dir)
             yield variant
             return
-        except (UserError, NonFiniteLoss, ckpt.CheckpointWriteError) as exc:  # this one failed; the others train
+        except (UserError, NonFiniteLoss, CheckpointWriteError) as exc:  # this one failed; the others train
             variant.state, variant.error = "failed", str(exc)
-            ckpt.remove_unused_run_dir(run_dir)
+            remove_unused_run_dir(run_dir)
         yield variant
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import rundir
 from minigpt_cli.batches import ScoringWindows, batch_indices, get_batch, scoring_windows
 from minigpt_cli.budget import TimeBudget
 from minigpt_cli.config import Config
@@ -172,7 +172,7 @@ class Evaluator:
         state.best_val = min(state.best_val, losses["val"])
         state.evaluated_at = step = state.step
         if self.ranks.dist.is_main:
-            ckpt.append_metrics(self.run_dir, dict(kind="eval", step=step, train_loss=losses["train"],
+            rundir.append_metrics(self.run_dir, dict(kind="eval", step=step, train_loss=losses["train"],
                                                    val_loss=losses["val"], elapsed=self.budget.elapsed(),
                                                    scope="full" if t.eval_full else "sampled",
                                                    eval_seconds=state.eval_seconds))
@@ -217,6 +217,6 @@ class Evaluator:
                                           eval_seconds=state.eval_seconds, final=True)
             if not t.eval_full and math.isfinite(candidate):
                 record["sampled_val_loss"] = candidate  # the measure the best checkpoint is chosen by
-            ckpt.append_metrics(self.run_dir, record)
+            rundir.append_metrics(self.run_dir, record)
         self.emit("final_eval", state.step, val_loss=loss, bpc=bits_per_char(loss), tokens=count, seconds=seconds,
                   best_val_loss=state.best_val, val_chars=val_chars, scope=self.describe_scope(count, val_chars))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import rundir
 from minigpt_cli.batches import batch_indices, epoch_batch_indices, get_batch
 from minigpt_cli.budget import TimeBudget
 from minigpt_cli.config import Config, TrainConfig, UserError
@@ -324,7 +325,7 @@ class Trainer:
             self.dist, self.device, self.device_reason, self.precision = rt.dist, rt.device, rt.device_reason, rt.precision
             self.ranks = Ranks(rt.dist, rt.device)
             # One writer per run: the lock is held until the last save, and refused at once to a second.
-            with ckpt.RunLock(self.run_dir) if self.dist.is_main else contextlib.nullcontext():
+            with rundir.RunLock(self.run_dir) if self.dist.is_main else contextlib.nullcontext():
                 return self._run()
 
     def _run(self) -> TrainResult:
@@ -508,7 +509,7 @@ class Trainer:
         t, elapsed = self.config.train, self.budget.elapsed()
         eta = self.budget.eta(step, t.max_iters)
         if self.dist.is_main:
-            ckpt.append_metrics(self.run_dir, dict(kind="train", step=step, loss=loss, lr=lr, tokens_per_sec=rate,
+            rundir.append_metrics(self.run_dir, dict(kind="train", step=step, loss=loss, lr=lr, tokens_per_sec=rate,
                                                    elapsed=elapsed, tokens=self.state.tokens))
         self.emit("step", step, loss=loss, lr=lr, tokens_per_sec=rate, eta=eta, elapsed=elapsed,
                   tokens=self.state.tokens, max_iters=t.max_iters)

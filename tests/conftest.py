@@ -140,7 +140,7 @@ def train_in_process(overrides: Sequence[str], run_dir: Path, config: str = "tin
 
 
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
-    from minigpt_cli.checkpoint import read_metrics
+    from minigpt_cli.rundir import read_metrics
 
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if r["kind"] == "train"]
 

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 
 from conftest import assert_usage_error, invoke
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import rundir
 from minigpt_cli.config import Config, ModelConfig, UserError
 from minigpt_cli.model import GPT
 from minigpt_cli.tokenizer import CharTokenizer
@@ -55,7 +56,7 @@ def test_a_run_holds_everything_needed(tiny_run: Path):
     assert len(meta["data_fingerprint"]) == 64
     assert "chars" in meta["vocab"] and "model" in meta["config"]
     assert (tiny_run / "best.json").is_file()
-    kinds = {r["kind"] for r in ckpt.read_metrics(tiny_run)}
+    kinds = {r["kind"] for r in rundir.read_metrics(tiny_run)}
     assert kinds == {"train", "eval"}
     # Only the newest and the best checkpoints are kept, and no leftovers of saves.
     assert len(list((tiny_run / "checkpoints").iterdir())) <= 2
@@ -148,8 +149,6 @@ def test_full_disk_while_logging_exits_1_and_keeps_the_run(run_copy: Path, monke
         if str(file).endswith("metrics.jsonl") and "a" in mode:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
         return real_open(file, mode, *args, **kwargs)
-
-    from minigpt_cli import rundir
 
     monkeypatch.setattr(rundir, "open", no_space_for_metrics, raising=False)  # where metrics.jsonl is written
     result = invoke("train", "--resume", "--out", run_copy, "--set", "train.max_iters=8")
@@ -288,7 +287,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Pat
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(8) as pool:
-        dirs = list(pool.map(lambda _: ckpt.new_run_dir("tiny", tmp_path / "runs"), range(16)))
+        dirs = list(pool.map(lambda _: rundir.new_run_dir("tiny", tmp_path / "runs"), range(16)))
     assert len(set(dirs)) == 16 and all(d.is_dir() for d in dirs)  # each claimed, none shared
 
 
@@ -351,7 +350,7 @@ def test_damaged_metrics_lines_do_not_stop_inspect_or_resume(tmp_path: Path):
     assert inspected.exit_code == 0, inspected.stderr
     assert [step for step, _ in inspected.json()["run"]["curves"]["train"]] == [1, 2, 3, 4]
     train_in_process([*FAST, "train.max_iters=6"], run, resume=True)
-    steps = [r["step"] for r in ckpt.read_metrics(run) if r.get("kind") == "train" and isinstance(r.get("loss"), float)]
+    steps = [r["step"] for r in rundir.read_metrics(run) if r.get("kind") == "train" and isinstance(r.get("loss"), float)]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 

@@ -391,7 +391,7 @@ def test_a_vocabulary_of_thousands_of_characters_trains_samples_and_is_inspected
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_leaves_no_encoded_copy(tmp_path: Path):
-    from minigpt_cli import checkpoint as ckpt
+    from minigpt_cli import rundir
 
     path = tmp_path / "text.txt"
     path.write_text("to be or not to be\n" * 100, encoding="utf-8")
@@ -399,5 +399,5 @@ def test_a_run_that_failed_before_its_first_checkpoint_leaves_no_encoded_copy(tm
     run = tmp_path / "run"
     run.mkdir()
     assert "hard link" in corpus_module.keep_in_run(run, corpus)
-    ckpt.remove_unused_run_dir(run)
+    rundir.remove_unused_run_dir(run)
     assert not run.exists() and corpus.ids_path.is_file()  # the cache's own link stays

@@ -279,7 +279,7 @@ def test_runs_names_how_a_run_ended(small_corpus: Path, tmp_path: Path):
 
 
 def test_runs_rm_refuses_a_live_run_and_deletes_a_finished_one(run_copy: Path):
-    from minigpt_cli.checkpoint import RunLock
+    from minigpt_cli.rundir import RunLock
 
     with RunLock(run_copy):  # what a live `minigpt train` holds while it writes the run
         assert _runs_json()[0]["state"] == "live"

@@ -10,6 +10,7 @@ import pytest
 from conftest import (FAST, assert_same_weights, assert_usage_error, invoke, latest_weights, set_flags,
                       train_in_process, write_small_corpus)
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import rundir
 
 # Dropout on, evaluations (with saves) and extra checkpoints at steps that do not line up with the
 # stops, and a warm-up that the first stop falls inside: everything that must be restored is in play.
@@ -25,7 +26,7 @@ def resume_flags(corpus: Path, optimizer: str) -> list[str]:
 def curve(run_dir: Path) -> list[tuple]:
     """Everything that must match: per-step loss and learning rate, and every evaluation."""
     out = []
-    for r in ckpt.read_metrics(run_dir):
+    for r in rundir.read_metrics(run_dir):
         if r["kind"] == "train":
             out.append(("train", r["step"], r["loss"], r["lr"], r["tokens"]))
         else:
@@ -78,7 +79,7 @@ def test_resuming_several_times_never_replays_or_skips(uninterrupted, tmp_path: 
     assert result.exit_code == 0, result.stderr
     steps.append(result.json()["steps"])
     assert steps == [3, 6, 9, 12, TOTAL]
-    logged = [r["step"] for r in ckpt.read_metrics(run) if r["kind"] == "train"]
+    logged = [r["step"] for r in rundir.read_metrics(run) if r["kind"] == "train"]
     assert logged == list(range(1, TOTAL + 1))
     assert curve(run) == curve(reference)
     assert_same_weights(latest_weights(run), latest_weights(reference))

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import FAST, assert_usage_error, invoke, set_flags
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import rundir
 from test_checkpoint import save_random_model
 
 
@@ -135,7 +136,7 @@ def test_a_second_writer_is_refused_at_once_naming_the_first(run_copy: Path):
                                          "--set", "train.max_iters=1000000"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(), text=True)
     try:
-        _wait_for(lambda: any(r.get("step", 0) > 6 for r in ckpt.read_metrics(run_copy)), first)
+        _wait_for(lambda: any(r.get("step", 0) > 6 for r in rundir.read_metrics(run_copy)), first)
         second = run_cli("train", "--resume", "--out", run_copy, "--set", "train.stop_after=1")
         assert_usage_error(second, "being written by another minigpt train", f"PID {first.pid}")
     finally:
@@ -148,11 +149,11 @@ def test_a_second_writer_is_refused_at_once_naming_the_first(run_copy: Path):
 
 
 def test_the_run_lock_is_exclusive_and_names_its_holder(tmp_path: Path):
-    with ckpt.RunLock(tmp_path / "run"):
-        with pytest.raises(ckpt.RunLockedError, match=f"PID {os.getpid()}"):
-            with ckpt.RunLock(tmp_path / "run"):
+    with rundir.RunLock(tmp_path / "run"):
+        with pytest.raises(rundir.RunLockedError, match=f"PID {os.getpid()}"):
+            with rundir.RunLock(tmp_path / "run"):
                 pass
-    with ckpt.RunLock(tmp_path / "run"):
+    with rundir.RunLock(tmp_path / "run"):
         pass
 
 
@@ -418,7 +419,7 @@ def test_runs_rm_refuses_a_folder_with_a_live_run_at_any_depth(run_copy: Path, t
     shutil.copytree(run_copy, outer)
     shutil.copytree(run_copy, outer / "nested" / "live")
     before = snapshot(tmp_path)
-    with ckpt.RunLock(runs2 / "live"), ckpt.RunLock(outer / "nested" / "live"):
+    with rundir.RunLock(runs2 / "live"), rundir.RunLock(outer / "nested" / "live"):
         assert_usage_error(invoke("runs", "rm", runs2, "--yes"), "nothing was deleted")
         assert_usage_error(invoke("runs", "rm", outer, "--yes"), "being written", "nothing was deleted")
         assert {k: v for k, v in snapshot(tmp_path).items() if ".minigpt.lock" not in k} == \
@@ -596,6 +597,6 @@ def test_a_lock_file_hard_linked_to_a_users_file_is_refused_not_overwritten(tmp_
     run.mkdir()
     os.link(mine, run / ".minigpt.lock")
     with pytest.raises(Exception, match="hard link"):
-        with ckpt.RunLock(run):
+        with rundir.RunLock(run):
             pass
     assert mine.read_text() == "dear diary"

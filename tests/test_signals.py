@@ -20,6 +20,7 @@ import pytest
 from conftest import (FAST, assert_same_weights, cli_command, cli_env, invoke, latest_weights, set_flags,
                       train_in_process, train_losses)
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import rundir
 from minigpt_cli.progress import FINAL_EVAL_TASK
 
 # Long enough that no test ever reaches the end; the schedule depends on it, so the reference
@@ -67,7 +68,7 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 60.0
 
 
 def logged_steps(run: Path) -> int:
-    return len([r for r in ckpt.read_metrics(run) if r["kind"] == "train"])
+    return len([r for r in rundir.read_metrics(run) if r["kind"] == "train"])
 
 
 def latest_step(run: Path) -> int:

@@ -13,7 +13,8 @@ import torch
 from conftest import (BUNDLED_TEXT, FAST, assert_same_weights, assert_usage_error, invoke, latest_weights, run_cli,
                       set_flags, train_in_process, train_losses)
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.checkpoint import read_metrics
+from minigpt_cli import rundir
+from minigpt_cli.rundir import read_metrics
 
 
 def test_tiny_model_learns_the_bundled_text(tmp_path: Path):
@@ -134,7 +135,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     for folder in Path("runs/nan/checkpoints").iterdir():
         weights = ckpt.load_checkpoint(folder).model_state
         assert all(torch.isfinite(w).all() for w in weights.values()), folder
-    assert all(math.isfinite(r.get("loss", 0.0)) for r in ckpt.read_metrics(Path("runs/nan")) if r["kind"] == "train")
+    assert all(math.isfinite(r.get("loss", 0.0)) for r in rundir.read_metrics(Path("runs/nan")) if r["kind"] == "train")
 
 
 def test_a_new_run_never_overwrites_an_old_one(run_copy: Path, small_corpus: Path):
@@ -150,7 +151,7 @@ def test_a_run_killed_before_its_first_save_can_be_started_again(tmp_path: Path,
     # minigpt's) and metrics of steps that were never saved.
     run = tmp_path / "runs" / "again"
     run.mkdir(parents=True)
-    (run / ckpt.LOCK_FILE).write_text("4242\n")
+    (run / rundir.LOCK_FILE).write_text("4242\n")
     (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 9.0}\n{"kind": "train", "st')
     result = invoke("train", "tiny", "--data", small_corpus, "--out", run, "--json",
                     *set_flags(*FAST, "train.max_iters=3", "train.eval_interval=100"))

@@ -81,7 +81,7 @@ def train(
 
 def _run(plan: Any, resume: bool, view: TrainView, is_main: bool, json_out: bool) -> Any:
     """Train; a signal saves and exits 128 + its number, a failure to go on exits 1 with one line."""
-    from minigpt_cli.checkpoint import CheckpointWriteError, remove_unused_run_dir
+    from minigpt_cli.rundir import CheckpointWriteError, remove_unused_run_dir
     from minigpt_cli.trainer import NonFiniteLoss, TrainingStopped
     from minigpt_cli.trainer import train as run_training
 
