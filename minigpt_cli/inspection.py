@@ -17,6 +17,7 @@ from torch import nn
 from minigpt_cli import rundir
 from minigpt_cli.config import UserError
 from minigpt_cli.device import shapes_only
+from minigpt_cli.heads import PATTERN_RULE, head_profile, induction_baseline
 from minigpt_cli.model import (GPT, MLP, Block, CausalSelfAttention, Norm, ShortConv, attention_probs,
                                count_parameters, flops_per_token, kv_bytes_per_token, visible_keys)
 from minigpt_cli.scoring import bits_per_char
@@ -466,17 +467,6 @@ def attention_probabilities(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]
     return maps
 
 
-def _head_summary(weights: torch.Tensor) -> dict[str, float | None]:
-    """Where a head looks, averaged over the positions that have a choice (1 .. T-1): at itself,
-    at the previous character, at the first one; and how sharp it is (the largest weight)."""
-    T = weights.shape[0]
-    if T < 2:
-        return {"to_self": None, "to_previous": None, "to_first": None, "max": None}
-    rows = torch.arange(1, T)
-    return {"to_self": float(weights[rows, rows].mean()), "to_previous": float(weights[rows, rows - 1].mean()),
-            "to_first": float(weights[rows, 0].mean()), "max": float(weights[rows].max(dim=-1).values.mean())}
-
-
 def attention(arg: str | None, text: str) -> dict[str, Any]:
     """Every layer's and head's attention weights over `text` for a trained run (its latest checkpoint)."""
     target = resolve_target(arg, which="latest")
@@ -497,20 +487,21 @@ def attention(arg: str | None, text: str) -> dict[str, Any]:
         raise UserError(f"--attention text has {len(unknown)} character(s) not in this run's vocabulary: "
                         f"{describe_chars(unknown)}")
     model = loaded.build_model("cpu").eval()
-    idx = torch.tensor([loaded.tokenizer.encode(text)], dtype=torch.long)  # (1, T)
-    maps = attention_probabilities(model, idx)
+    ids = loaded.tokenizer.encode(text)
+    maps = attention_probabilities(model, torch.tensor([ids], dtype=torch.long))  # idx (1, T)
     layers = []
     for layer, weights in enumerate(maps):
         heads = []
         for head in range(weights.shape[0]):
             w = weights[head]
-            heads.append({"head": head, **_head_summary(w),
+            heads.append({"head": head, **head_profile(w, ids),
                           "weights": [[round(float(v), 5) for v in row[:i + 1]] for i, row in enumerate(w)]})
         layers.append({"layer": layer, "heads": heads})
+    c = model.config
     return {"target": target.describe(), "checkpoint": str(loaded.path), "step": loaded.step, "text": text,
-            "chars": list(text), "n_layer": len(maps), "n_head": model.config.n_head,
-            "norm_placement": model.config.norm_placement, "pos_encoding": model.config.pos_encoding,
-            "layers": layers}
+            "chars": list(text), "n_layer": len(maps), "n_head": c.n_head, "norm_placement": c.norm_placement,
+            "pos_encoding": c.pos_encoding, "qk_norm": c.qk_norm, "short_conv": c.short_conv,
+            "pattern_rule": PATTERN_RULE, "induction_baseline": induction_baseline(ids), "layers": layers}
 
 
 def visible_char(c: str) -> str:

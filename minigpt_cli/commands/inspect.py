@@ -247,6 +247,48 @@ def _attention_map(head: dict, chars: List[str]) -> Any:
     return text
 
 
+def _attention_notes(result: dict) -> List[str]:
+    """What the heat maps show, and where this model's attention departs from the textbook's."""
+    qk = ("Q and K are each RMS-normalised per head before the product (qk_norm; the textbook has no norm "
+          "there), so a score is a cosine scaled by sqrt(head_dim); " if result.get("qk_norm") else "")
+    positions = {"rope": "positions: RoPE rotates Q and K by their positions (nothing is added to the input), "
+                         "so a score depends on how far apart two characters are",
+                 "learned": "positions: a learned vector per position is added to the input (GPT-2)",
+                 "sinusoidal": "positions: the fixed sinusoidal table is added to the input (the original "
+                               "Transformer)"}
+    notes = [f"softmax(QK^T/sqrt(head_dim)) of every layer and head: {qk}row = the character attending, "
+             f"columns = the characters up to it (the causal mask hides the rest); weight · under 0.05, "
+             f"░ under 0.25, ▒ under 0.5, ▓ under 0.75, █ 0.75 to 1",
+             positions.get(result.get("pos_encoding", ""), f"positions: {result.get('pos_encoding')}")]
+    k = result.get("short_conv") or 0
+    if k:
+        notes.append(f"short_conv = {k}: each attention input also mixes its own last {k} positions, so a "
+                     f"query or key already carries the {k - 1} characters before its own")
+    return notes
+
+
+def _head_table(result: dict) -> Any:
+    """Each head summed up: its mean weight by offset, on the first character, on induction targets."""
+    table = titled_table("what each head does: mean weight on the character itself, 1 to 3 back, the first "
+                         "character and the induction targets (over the positions 1..T-1 where each exists)",
+                         ["layer", "head", "self", "-1", "-2", "-3", "first", "induction", "pattern"])
+    for layer in result["layers"]:
+        for head in layer["heads"]:
+            offsets = head["offsets"]
+            cells = [offsets["0"], offsets["-1"], offsets["-2"], offsets["-3"], head["first"], head["induction"]]
+            table.add_row(str(layer["layer"]), str(head["head"]), *("-" if v is None else f"{v:.2f}" for v in cells),
+                          head["pattern"] or "-")
+    return table
+
+
+def _induction_line(baseline: dict) -> str:
+    if not baseline["positions"]:
+        return "induction: no character of this text repeats an earlier one (-: nothing to measure)"
+    return (f"induction: the weight a position gives to the characters that followed earlier occurrences of its "
+            f"own character (not itself or the one before it); {baseline['positions']} positions here have "
+            f"one, where uniform attention would score {baseline['uniform']:.2f}")
+
+
 def _render_attention(result: dict) -> None:
     from rich.columns import Columns
     from rich.markup import escape
@@ -256,20 +298,12 @@ def _render_attention(result: dict) -> None:
     chars = [visible_char(c) for c in result["chars"]]
     out.print(f"[bold]attention[/] of {escape(result['target']['name'])} (step {result['step']:,}) over "
               f"{len(chars)} characters: {escape(''.join(chars))}")
-    out.print("softmax(QK^T/sqrt(head_dim)) of every layer and head: row = the character attending, columns = the "
-              "characters up to it (the causal mask hides the rest); weight · under 0.05, ░ under 0.25, ▒ under 0.5, "
-              "▓ under 0.75, █ 0.75 to 1", markup=False)
+    for note in _attention_notes(result):
+        out.print(note, markup=False, soft_wrap=False)  # wrapped at the terminal's width, piped too
     for layer in result["layers"]:
         out.print(f"\n[bold]layer {layer['layer']}[/]")
         out.print(Columns([_attention_map(head, chars) for head in layer["heads"]], padding=(0, 3)))
-    table = titled_table("where each head looks: its mean weight on the character itself, the previous one and the "
-                         "first one, and its mean largest weight (over positions 1..T-1)",
-                         ["layer", "head", "itself", "previous", "first", "largest"])
-    for layer in result["layers"]:
-        for head in layer["heads"]:
-            cells = [head[k] for k in ("to_self", "to_previous", "to_first", "max")]
-            table.add_row(str(layer["layer"]), str(head["head"]), *("-" if v is None else f"{v:.2f}" for v in cells))
     out.print()
-    out.print(table)
-
-
+    out.print(_head_table(result), soft_wrap=False)
+    out.print(_induction_line(result["induction_baseline"]), markup=False, soft_wrap=False)
+    out.print(result["pattern_rule"], markup=False, soft_wrap=False)
