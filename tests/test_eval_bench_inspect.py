@@ -568,7 +568,7 @@ def test_inspect_attention_json_and_heat_map(tiny):
         for head in layer["heads"]:
             assert [len(row) for row in head["weights"]] == list(range(1, 14))  # row i reads positions 0..i
             assert all(abs(sum(row) - 1) < 1e-3 for row in head["weights"])
-            assert 0 <= head["to_previous"] <= 1 and head["max"] >= 1 / 13
+            assert 0 <= head["offsets"]["-1"] <= 1 and head["max"] >= 1 / 13
     people = invoke("inspect", tiny["run"], "--attention", "To be, or not")
     assert people.exit_code == 0, people.stderr
     for fragment in ("layer 1", "head 1", "To␣be,␣or␣not", "previous", "█"):

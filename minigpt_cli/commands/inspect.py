@@ -297,7 +297,7 @@ def _render_attention(result: dict) -> None:
 
     chars = [visible_char(c) for c in result["chars"]]
     out.print(f"[bold]attention[/] of {escape(result['target']['name'])} (step {result['step']:,}) over "
-              f"{len(chars)} characters: {escape(''.join(chars))}")
+              f"{len(chars)} characters: {escape(''.join(chars))}", soft_wrap=False)
     for note in _attention_notes(result):
         out.print(note, markup=False, soft_wrap=False)  # wrapped at the terminal's width, piped too
     for layer in result["layers"]:
