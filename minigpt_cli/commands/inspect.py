@@ -250,18 +250,19 @@ def _attention_map(head: dict, chars: List[str]) -> Any:
 def _attention_notes(result: dict) -> List[str]:
     """What the heat maps show, and where this model's attention departs from the textbook's."""
     qk = ("Q and K are each RMS-normalised per head before the product (qk_norm; the textbook has no norm "
-          "there), so a score is a cosine scaled by sqrt(head_dim); " if result.get("qk_norm") else "")
-    positions = {"rope": "positions: RoPE rotates Q and K by their positions (nothing is added to the input), "
-                         "so a score depends on how far apart two characters are",
-                 "learned": "positions: a learned vector per position is added to the input (GPT-2)",
-                 "sinusoidal": "positions: the fixed sinusoidal table is added to the input (the original "
-                               "Transformer)"}
-    notes = [f"softmax(QK^T/sqrt(head_dim)) of every layer and head: {qk}row = the character attending, "
-             f"columns = the characters up to it (the causal mask hides the rest); weight · under 0.05, "
-             f"░ under 0.25, ▒ under 0.5, ▓ under 0.75, █ 0.75 to 1",
-             positions.get(result.get("pos_encoding", ""), f"positions: {result.get('pos_encoding')}")]
-    k = result.get("short_conv") or 0
-    if k:
+          "there), so a score is a cosine scaled by sqrt(head_dim); " if result["qk_norm"] else "")
+    positions = {
+        "rope": ("positions: RoPE rotates Q and K by their positions (nothing is added to the input), so a "
+                 "score depends on how far apart two characters are"),
+        "learned": "positions: a learned vector per position is added to the input (GPT-2)",
+        "sinusoidal": "positions: the fixed sinusoidal table is added to the input (the original Transformer)",
+    }
+    notes = [(f"softmax(QK^T/sqrt(head_dim)) of every layer and head: {qk}row = the character attending, "
+              f"columns = the characters up to it (the causal mask hides the rest); weight · under 0.05, "
+              f"░ under 0.25, ▒ under 0.5, ▓ under 0.75, █ 0.75 to 1"),
+             positions[result["pos_encoding"]]]
+    k = result["short_conv"]
+    if k > 1:  # a width of 1 only scales each channel: nothing from other positions
         notes.append(f"short_conv = {k}: each attention input also mixes its own last {k} positions, so a "
                      f"query or key already carries the {k - 1} characters before its own")
     return notes
