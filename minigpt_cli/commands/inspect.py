@@ -110,6 +110,12 @@ def _render_inspect(result: dict) -> None:
         _render_run(result["run"])
 
 
+def _counter_note(flops: dict, counted: dict) -> str:
+    if not flops.get("short_conv_forward") or counted["train"] <= 1.001 * flops["train"]:
+        return ""
+    return " (more than 3 x forward: it counts the short convolutions' backward as if they mixed every channel)"
+
+
 def _render_costs(result: dict) -> None:
     """FLOPs per token and the KV cache's size."""
     flops, kv = result["flops_per_token"], result["kv_cache"]
@@ -118,16 +124,15 @@ def _render_costs(result: dict) -> None:
     rows = [
         ("N (matmul weights)", f"{flops['matmul_params']:,} (attention, MLP and lm_head; not the embeddings)"),
         ("forward", f"{count(flops['forward'])}FLOP per token = 2N + {count(flops['attention_forward'])} "
-                    f"attention at T = {flops['seq_len']} (causal: 2 x n_layer x T x n_embd)"
+                    f"attention at T = {flops['seq_len']} (4 x n_layer x T x n_embd)"
                     + (f" + {count(flops['short_conv_forward'])} short convolutions"
                        if flops.get("short_conv_forward") else "")),
         ("training", f"{count(flops['train'])}FLOP per token (3 x forward: backward costs twice the forward)"),
-        ("full attention", f"{count(flops['forward_full_attention'])} forward, {count(flops['train_full_attention'])} "
-                           f"training (the masked half computed too, as kernels often do)"),
+        ("counted as", flops["convention"]),
     ]
     if counted:
         rows.append(("torch's FLOP counter", f"{count(counted['forward'])} forward, {count(counted['train'])} "
-                                             f"training per token (counts full attention)"))
+                                             f"training per token" + _counter_note(flops, counted)))
     out.print(key_value_table("FLOPs per token", rows))
     out.print(key_value_table("KV cache", [
         ("per token", f"{kv['bytes_per_token']:,} bytes: keys and values of every layer"
