@@ -746,7 +746,9 @@ def test_bench_measures_an_impossible_attention_row_again_and_flags_it_if_it_sta
     people = invoke(*args)
     lines = people.stdout.splitlines()
     assert any(line.lstrip("│ ").startswith("128 !") for line in lines), people.stdout
-    assert any(line.startswith("! T = 128: not to be trusted: ") for line in lines), people.stdout
+    # A reason shared by the two rows that disagree is said once, naming both.
+    assert any(line.startswith("! T = 128, 256: not to be trusted: the written-out product took about the same")
+               for line in lines), people.stdout
 
 
 def test_decode_rows_faster_than_their_flops_or_their_floor_allow_are_doubted():

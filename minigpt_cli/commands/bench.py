@@ -170,9 +170,14 @@ def _mark(row: dict) -> str:
 
 
 def _footnotes(rows: list[dict], key: str, label: str) -> None:
+    """Each reason once, with the rows it puts in doubt (a pair of rows that disagree share one)."""
+    doubted: dict[str, list[str]] = {}
     for row in rows:
         if row.get("trusted") is False:
-            out.print(f"! {label} {row[key]}: not to be trusted: {row['reason']}", markup=False)
+            for reason in row["reason"].split("; "):
+                doubted.setdefault(reason, []).append(str(row[key]))
+    for reason, which in doubted.items():
+        out.print(f"! {label} {', '.join(which)}: not to be trusted: {reason}", markup=False)
 
 
 def _render_attention(attention: dict) -> None:
