@@ -365,6 +365,9 @@ def _render_lens(result: dict) -> None:
               f"if it stopped there. Layer 0 is the embeddings alone, layer {last} (out) the model's own output. "
               f"A cell is the layer's top guess for the next character and the probability it gives the true "
               f"next one (in bold where the guess is right).", markup=False, soft_wrap=False)
+    if result["tie_weights"]:
+        out.print("The head shares the token embedding's weights (tied), so layer 0 mostly guesses the character "
+                  "itself.", markup=False, soft_wrap=False)
     groups = _lens_layer_groups(last + 1, len(text), out.width)
     for group in groups:
         if len(groups) > 1:
