@@ -101,6 +101,11 @@ def test_inspect_lens_json_gives_every_position_and_layer(runs: dict):
     scored = [p["layers"][1]["bits"] for p in data["positions"][:-1]]
     assert summary["positions"] == len(text) - 1
     assert summary["mean_bits"] == pytest.approx(sum(scored) / len(scored))
+    one = invoke("inspect", runs["default"], "--lens", "F", "--json").json()  # nothing to score, a guess each layer
+    assert [layer["mean_bits"] for layer in one["layers"]] == [None] * 3
+    assert all(len(cell["top"]) == 3 for cell in one["positions"][0]["layers"])
+    people = invoke("inspect", runs["default"], "--lens", "F")
+    assert people.exit_code == 0 and "no next character" in people.stdout
 
 
 def test_inspect_lens_table_names_the_layers_and_their_means(runs: dict):

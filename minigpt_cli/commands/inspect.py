@@ -378,14 +378,15 @@ def _render_lens(result: dict) -> None:
 
 def _render_lens_summary(result: dict) -> None:
     """One line per layer: what the true next characters cost there, falling layer by layer."""
+    if not result["layers"][0]["positions"]:
+        out.print("A text of one character has no next character to score: give two or more to see what each "
+                  "layer gives the true next one.", markup=False, soft_wrap=False)
+        return
     table = titled_table(f"per layer, over the {result['layers'][0]['positions']} positions with a next "
                          f"character (a uniform guess costs {result['uniform_bits']:.2f} bits)",
                          ["layer", "after", "mean p(next)", "mean bits", "top = next"])
     table.columns[1].justify = "left"
     for layer in result["layers"]:
-        if layer["mean_bits"] is None:
-            table.add_row(str(layer["layer"]), layer["after"], "-", "-", "-")
-            continue
         after = layer["after"] + (" (output)" if layer["layer"] == result["n_layer"] else "")
         table.add_row(str(layer["layer"]), after, f"{layer['mean_p_next']:.3f}", f"{layer['mean_bits']:.2f}",
                       f"{layer['top_is_next']}/{layer['positions']}")
