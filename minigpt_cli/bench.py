@@ -27,7 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from minigpt_cli.bench_sample import time_sampling
-from minigpt_cli.bench_state import MEMORY_FRACTION, UNSTEADY, BenchOptions, BenchState, Progress
+from minigpt_cli.bench_state import (MEMORY_FRACTION, UNSTEADY, BenchOptions, BenchState, Doubts, Progress,
+                                     growth_doubts, merge_doubts, settle, spread_doubts)
 from minigpt_cli.config import UserError
 from minigpt_cli.device import DTYPES, Runtime, available_memory, runtime, synchronize, use_threads
 from minigpt_cli.inference import Decoder
@@ -228,6 +229,7 @@ class Bench:
             "threads": torch.get_num_threads(),
             "quick": s.options.quick,
             "load_average": _load_average(),
+            "flops_convention": s.flops["convention"],
         }
         cores = os.cpu_count() or 1
         if s.device.type == "cpu" and result["load_average"] is not None and result["load_average"] > cores / 2:
@@ -238,35 +240,46 @@ class Bench:
         result["model"] = {"n_params": count_parameters(s.m, s.V), "matmul_params": s.flops["matmul_params"],
                            "n_layer": s.m.n_layer, "n_head": s.m.n_head, "n_embd": s.m.n_embd,
                            "block_size": s.m.block_size, "vocab_size": s.V, "flops_per_token": s.flops}
+        choices = result["thread_choice"] = {}
+
+        def threads_for(section: str, work: float) -> None:
+            # Every section chooses its threads for its own work and the CPUs free now: all of them on a
+            # busy machine make each small operation wait at a barrier for a thread the OS has not run.
+            chosen = use_threads(work, s.options.threads, device=s.device)
+            if chosen is not None:
+                choices[section] = chosen.to_dict()
+
         with preserved_global_state(s.device):
             # Sampling times the decoder `minigpt sample` builds from the model (inference.Decoder).
             if "attention" in sections:
+                T = s.options.max_seq  # multiply-adds of the longest length's QK^T and AV
+                threads_for("attention", 2 * s.m.n_head * T * T * s.m.head_dim)
                 result["attention"] = attention(s)
             if "sample" in sections or "train" in sections:
                 model = self.build_model()
                 params = model.num_parameters()
-                choices = result["thread_choice"] = {}
                 if "train" in sections:
-                    B = s.options.batch_size or s.cfg.train.batch_size
-                    chosen = use_threads(params * B * s.m.block_size, s.options.threads, device=s.device)
-                    if chosen is not None:
-                        choices["train"] = chosen.to_dict()
+                    threads_for("train", params * (s.options.batch_size or s.cfg.train.batch_size) * s.m.block_size)
                     result["train"] = time_training(s, model)
                 if "sample" in sections:
-                    # As minigpt sample chooses for one sample: the weights a decode step reads.
-                    chosen = use_threads(params, s.options.threads, device=s.device)
-                    if chosen is not None:
-                        choices["sample"] = chosen.to_dict()
+                    threads_for("sample", params)  # as minigpt sample chooses: the weights a step reads
                     result["sample"] = time_sampling(s, Decoder(model, DTYPES[s.options.dtype]))
-                result["threads"] = torch.get_num_threads()
                 del model
+        result["threads"] = torch.get_num_threads()
         result["memory"] = memory(s)
-        if s.unsteady:
-            s.notes.append(f"{s.unsteady} timing(s) varied by more than {UNSTEADY:.0%} between repeats: "
-                           f"another program may be using the {s.device.type}; rerun for steadier numbers")
+        _closing_notes(s)
         result["notes"] = s.notes
         result["seconds"] = time.perf_counter() - began
         return result
+
+
+def _closing_notes(s: BenchState) -> None:
+    if s.unsteady:
+        s.notes.append(f"{s.unsteady} timing(s) varied by more than {UNSTEADY:.0%} between repeats: "
+                       f"another program may be using the {s.device.type}; rerun for steadier numbers")
+    if s.untrusted:
+        s.notes.append(f"{s.untrusted} row(s) marked ! were still implausible when measured again (reasons "
+                       f"under their tables): do not quote them; rerun on a quieter {s.device.type}")
 
 
 def time_training(s: BenchState, model: GPT) -> dict[str, Any]:
@@ -349,18 +362,29 @@ def _utilisation(s: BenchState, achieved: float) -> dict[str, Any]:
             "peak_memory_bytes": torch.cuda.max_memory_allocated(s.device)}
 
 
+# The fused kernel does at least half the written-out product's FLOPs (a causal kernel may skip the
+# masked half); what it saves is the written-out (T, T) scores' memory traffic. Even where that product
+# is bound by memory bandwidth and the kernel by compute, the ratio stays within about 8 x (peak FLOP/s
+# / bandwidth) / head_dim: 40-80x on today's GPUs, far less on CPUs. A larger speed-up is a stall.
+MAX_SDPA_SPEEDUP = 100.0
+
+
+def attention_lengths(max_seq: int) -> list[int]:
+    """64, 128, ... doubling below max_seq, then max_seq itself."""
+    lengths, T = [], 64
+    while T < max_seq:
+        lengths.append(T)
+        T *= 2
+    return lengths + [max_seq]
+
+
 @torch.inference_mode()
 def attention(s: BenchState) -> dict[str, Any]:
     """softmax(QK^T / sqrt(head_dim)) V written out, next to F.scaled_dot_product_attention."""
     m = s.m
     dtype = s.precision.autocast_dtype or torch.float32
-    lengths = []
-    T = 64
-    while T < s.options.max_seq:
-        lengths.append(T)
-        T *= 2
-    lengths.append(s.options.max_seq)
-    rows = []
+    lengths = attention_lengths(s.options.max_seq)
+    rows: list[dict] = []
     method = None
     for i, T in enumerate(lengths):
         s.progress(f"attention: sequence length {T} ({i + 1}/{len(lengths)})")
@@ -369,26 +393,52 @@ def attention(s: BenchState) -> dict[str, Any]:
             s.notes.append(f"attention at length {T} skipped: the written-out scores need "
                            f"{3 * scores / 2**30:.1f} GiB")
             break
-        q, k, v = (torch.randn(1, m.n_head, T, m.head_dim, generator=s.generator, device=s.device,
-                               dtype=dtype) for _ in range(3))  # (B, n_head, T, head_dim)
-        # Made once, as a model would keep it in a buffer: True on and below the diagonal.
-        visible = visible_keys(T, 0, s.device)
+        row, method = _attention_row(s, T, dtype)
+        rows.append(row)
 
-        def plain() -> torch.Tensor:
-            return written_out_attention(q, k, v, visible)
+    def remeasure(i: int) -> dict:
+        s.progress(f"attention: measuring length {rows[i]['seq_len']} again (its numbers were implausible)")
+        with s.measuring_again():
+            return _attention_row(s, rows[i]["seq_len"], dtype)[0]
 
-        def fused() -> torch.Tensor:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-        flops = 4 * m.n_head * T * T * m.head_dim
-        plain_t, fused_t = s.time(plain, flops), s.time(fused, flops)
-        plain_b, method = peak_bytes(plain, s.device)
-        fused_b, method = peak_bytes(fused, s.device)
-        rows.append({"seq_len": T, "plain_ms": plain_t.to_dict(), "sdpa_ms": fused_t.to_dict(),
-                     "plain_peak_bytes": plain_b, "sdpa_peak_bytes": fused_b,
-                     "speedup": plain_t.median / fused_t.median})
+    s.untrusted += settle(rows, attention_doubts, remeasure)
     return {"batch_size": 1, "n_head": m.n_head, "head_dim": m.head_dim, "dtype": str(dtype).removeprefix("torch."),
             "causal": True, "memory_method": method, "rows": rows}
+
+
+def _attention_row(s: BenchState, T: int, dtype: torch.dtype) -> tuple[dict[str, Any], str]:
+    m = s.m
+    q, k, v = (torch.randn(1, m.n_head, T, m.head_dim, generator=s.generator, device=s.device,
+                           dtype=dtype) for _ in range(3))  # (B, n_head, T, head_dim)
+    # Made once, as a model would keep it in a buffer: True on and below the diagonal.
+    visible = visible_keys(T, 0, s.device)
+
+    def plain() -> torch.Tensor:
+        return written_out_attention(q, k, v, visible)
+
+    def fused() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    flops = 4 * m.n_head * T * T * m.head_dim
+    plain_t, fused_t = s.time(plain, flops), s.time(fused, flops)
+    plain_b, method = peak_bytes(plain, s.device)
+    fused_b, method = peak_bytes(fused, s.device)
+    return {"seq_len": T, "flops": flops, "plain_ms": plain_t.to_dict(), "sdpa_ms": fused_t.to_dict(),
+            "plain_peak_bytes": plain_b, "sdpa_peak_bytes": fused_b,
+            "speedup": plain_t.median / fused_t.median}, method
+
+
+def attention_doubts(rows: list[dict]) -> Doubts:
+    """Why each row of the attention table cannot be trusted (see bench_state.settle)."""
+    found = [growth_doubts([(f"T={r['seq_len']}", r["flops"], r[key]) for r in rows], name)
+             for key, name in (("plain_ms", "the written-out product"), ("sdpa_ms", "SDPA"))]
+    for i, row in enumerate(rows):
+        reasons = spread_doubts(row["plain_ms"], "the written-out product") + spread_doubts(row["sdpa_ms"], "SDPA")
+        if row["speedup"] > MAX_SDPA_SPEEDUP:
+            reasons.append(f"SDPA's speed-up of {row['speedup']:.0f}x is beyond what the same FLOPs allow "
+                           f"(at most about {MAX_SDPA_SPEEDUP:.0f}x)")
+        found.append({i: reasons})
+    return merge_doubts(*found)
 
 
 def memory(s: BenchState) -> dict[str, Any]:

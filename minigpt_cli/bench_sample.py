@@ -9,11 +9,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minigpt_cli.bench_state import BenchState
+from minigpt_cli.bench_state import MAX_FALL, BenchState, Doubts, growth_doubts, merge_doubts, settle, spread_doubts
 from minigpt_cli.device import DTYPES
 from minigpt_cli.inference import Decoder
 from minigpt_cli.kv_cache import KVCache
-from minigpt_cli.model import GPT, kv_bytes_per_token
+from minigpt_cli.model import GPT, attention_flops, kv_bytes_per_token
 
 
 @torch.inference_mode()
@@ -58,19 +58,46 @@ def _time_to_first_token(s: BenchState, model: Decoder, cache: KVCache) -> dict[
 
 def _decode_rows(s: BenchState, model: Decoder, cache: KVCache, contexts: list[int], floor: dict) -> list[dict]:
     """One decode step at each context, with the cache and without; contexts past block_size on a
-    model of the same shape with room for them."""
+    model of the same shape with room for them. Implausible rows are measured again, then flagged."""
     bs = s.m.block_size
-    long_model = long_cache = None
-    rows = []
-    for L in contexts:
+    long: list[tuple[Decoder, KVCache]] = []
+
+    def measure(L: int) -> dict:
         s.progress(f"sampling: one decode step after {L} tokens, with and without the KV cache")
-        step_model, step_cache = model, cache
-        if L >= bs:
-            if long_model is None:
-                long_model, long_cache = _long_model(s, contexts[-1] + 1)
-            step_model, step_cache = long_model, long_cache
-        rows.append(_decode_row(s, step_model, step_cache, L, floor))
+        if L < bs:
+            return _decode_row(s, model, cache, L, floor)
+        if not long:
+            long.append(_long_model(s, contexts[-1] + 1))
+        return _decode_row(s, *long[0], L, floor)
+
+    def again(i: int) -> dict:
+        s.progress(f"sampling: decode at context {rows[i]['context']} again (its numbers were implausible)")
+        with s.measuring_again():
+            return measure(rows[i]["context"])
+
+    rows = [measure(L) for L in contexts]
+    s.untrusted += settle(rows, decode_doubts, again)
     return rows
+
+
+def decode_doubts(rows: list[dict]) -> Doubts:
+    """Why each row of the decode table cannot be trusted (see bench_state.settle)."""
+    found = [growth_doubts([(f"context {r['context']}", r[flops], r[key]) for r in rows], name)
+             for key, flops, name in (("cached_ms", "cached_flops", "the cached step"),
+                                      ("uncached_ms", "uncached_flops", "the uncached step"))]
+    for i, row in enumerate(rows):
+        reasons = spread_doubts(row["cached_ms"], "the cached step") + spread_doubts(row["uncached_ms"],
+                                                                                     "the uncached step")
+        allowed = row["uncached_flops"] / row["cached_flops"]
+        # The uncached step does `allowed` times the FLOPs in one batched pass, no less efficient per FLOP.
+        if row.get("cache_speedup") and row["cache_speedup"] > allowed / (1 - MAX_FALL):
+            reasons.append(f"the cache's speed-up of {row['cache_speedup']:.1f}x is beyond the {allowed:.1f}x "
+                           f"fewer FLOPs it computes")
+        if row["floor_pct"] > 100 / (1 - MAX_FALL):
+            reasons.append(f"the cached step beat the weight-read floor ({row['floor_pct']:.0f}% of it "
+                           f"reached): less time than reading its weights takes")
+        found.append({i: reasons})
+    return merge_doubts(*found)
 
 
 def _decode_row(s: BenchState, model: Decoder, cache: KVCache, L: int, floor: dict) -> dict[str, Any]:
@@ -83,6 +110,10 @@ def _decode_row(s: BenchState, model: Decoder, cache: KVCache, L: int, floor: di
 
     row: dict[str, Any] = {"context": L, "past_block_size": L >= s.m.block_size,
                            "cached_flops": s.forward_flops(1, L + 1),
+                           # The cached step's parts: the weights' cost is the same at every context,
+                           # attention's (one query, L + 1 keys) grows with it.
+                           "weights_flops": 2 * s.flops["matmul_params"],
+                           "cached_attention_flops": attention_flops(s.m, 1, L + 1),
                            "uncached_flops": s.forward_flops(L + 1, L + 1)}
     timing = s.time(cached_step, s.forward_flops(1, L + 1))
     row["cached_ms"] = timing.to_dict()
@@ -96,9 +127,10 @@ def _decode_row(s: BenchState, model: Decoder, cache: KVCache, L: int, floor: di
         row["cache_speedup"] = timing_full.median / timing.median
     else:
         row["uncached_ms"] = row["uncached_tokens_per_sec"] = row["cache_speedup"] = None
-        s.notes.append(f"decode without the KV cache at context {L} skipped: one step is "
-                       f"{s.forward_flops(L + 1, L + 1) / 1e9:.0f} GFLOP, over the "
-                       f"{s.device.type} time bound")
+        note = (f"decode without the KV cache at context {L} skipped: one step is "
+                f"{s.forward_flops(L + 1, L + 1) / 1e9:.0f} GFLOP, over the {s.device.type} time bound")
+        if note not in s.notes:  # a row measured again says it once
+            s.notes.append(note)
     return row
 
 

@@ -3,18 +3,20 @@ itself (warm-ups, then repeats each between two device synchronisations, reporte
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from collections import defaultdict
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from minigpt_cli.config import UserError
 from minigpt_cli.device import Runtime, available_memory, check_inference_dtype, synchronize
 from minigpt_cli.kv_cache import KVCache
-from minigpt_cli.model import flops_per_token, input_slots
+from minigpt_cli.model import flops_per_token, forward_flops, input_slots
 from minigpt_cli.targets import Target
 
 Progress = Callable[[str], None]
@@ -27,6 +29,16 @@ QUICK_FLOP_BUDGET = 1e10
 UNSTEADY = 0.2
 # Memory a single measurement may take, as a fraction of what the device has free.
 MEMORY_FRACTION = 0.5
+# A timing needs this many repeats for its spread to mean anything.
+MIN_REPEATS = 3
+# Between two rows of a table, where the second has more FLOPs: its time may fall by this fraction
+# (noise) and may grow this many times faster than the FLOPs (caches overflowing), not more.
+MAX_FALL = 0.2
+MAX_EXCESS_GROWTH = 3.0
+# Above this a measurement's fixed costs (Python, kernel launches) are a small part of it, so twice the
+# FLOPs or more must take visibly longer (at least MIN_GROWTH times): a flat time there is a stall.
+FIXED_COST_MS = 2.0
+MIN_GROWTH = 1.2
 
 
 @dataclass
@@ -127,6 +139,7 @@ class BenchState:
         self.flops = flops_per_token(self.m, self.V)
         self.notes: list[str] = []
         self.unsteady = 0
+        self.untrusted = 0  # rows still implausible after measuring them again (see settle)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0)
 
@@ -140,6 +153,15 @@ class BenchState:
             self.unsteady += 1
         return timing
 
+    @contextlib.contextmanager
+    def measuring_again(self) -> Iterator[None]:
+        """A row measured again has at least MIN_REPEATS repeats, whatever --repeats asked for."""
+        saved, self.repeats = self.repeats, max(self.repeats, MIN_REPEATS)
+        try:
+            yield
+        finally:
+            self.repeats = saved
+
     def tokens(self, *shape: int) -> torch.Tensor:
         return torch.randint(0, self.V, shape, generator=self.generator, device=self.device)
 
@@ -149,10 +171,74 @@ class BenchState:
 
     def forward_flops(self, tokens: int, context: int) -> float:
         """FLOPs of a forward pass over `tokens` new positions whose keys span `context` positions."""
-        return tokens * (2 * self.flops["matmul_params"] + 4 * self.m.n_layer * self.m.n_embd * context)
+        return forward_flops(self.m, self.V, tokens, context)
 
     def cache(self, batch: int, positions: int, m: Any = None) -> KVCache:
         """An empty KV cache of `positions` positions for `batch` sequences of the model (or of shape m)."""
         m = m or self.m
         return KVCache(m.n_layer, batch, m.n_head, positions, m.head_dim, device=self.device,
                        input_slots=input_slots(m))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plausibility: a row of a table whose timings cannot be trusted is measured again, then flagged
+# ---------------------------------------------------------------------------------------------
+
+Doubts = dict[int, list[str]]  # row index -> why its numbers cannot be trusted
+
+
+def spread_doubts(timing: dict | None, what: str) -> list[str]:
+    """A timing (Timing.to_dict) with too few repeats for a spread, or one that varied too much."""
+    if not timing:
+        return []
+    if timing["repeats"] < MIN_REPEATS:
+        return [f"{what}: {timing['repeats']} repeat(s), too few for a spread"]
+    if timing["mad_ms"] > UNSTEADY * timing["median_ms"]:
+        return [f"{what} varied by {timing['mad_ms'] / timing['median_ms']:.0%} between repeats"]
+    return []
+
+
+def growth_doubts(points: Sequence[tuple[str, float, dict | None]], what: str) -> Doubts:
+    """Rows (label, FLOPs, timing) in order of growing work: a time that falls as the FLOPs grow, or that
+    grows far faster than they do, is impossible for one kernel; both rows of the pair are in doubt."""
+    doubts: Doubts = defaultdict(list)
+    for i in range(1, len(points)):
+        (label0, flops0, t0), (label1, flops1, t1) = points[i - 1], points[i]
+        if not t0 or not t1 or flops1 <= flops0:
+            continue
+        times, work = t1["median_ms"] / t0["median_ms"], flops1 / flops0
+        if times < 1 - MAX_FALL:
+            reason = f"{what} took {1 / times:.1f}x less time at {label1} than at {label0}, for {work:.1f}x the FLOPs"
+        elif times < MIN_GROWTH and work >= 2 and t0["median_ms"] >= FIXED_COST_MS:
+            reason = f"{what} took about the same time at {label1} as at {label0}, for {work:.1f}x the FLOPs"
+        elif times > MAX_EXCESS_GROWTH * work:
+            reason = f"{what} took {times:.0f}x the time at {label1} as at {label0}, for {work:.1f}x the FLOPs"
+        else:
+            continue
+        doubts[i - 1].append(reason)
+        doubts[i].append(reason)
+    return doubts
+
+
+def merge_doubts(*found: Doubts) -> Doubts:
+    merged: Doubts = defaultdict(list)
+    for doubts in found:
+        for i, reasons in doubts.items():
+            merged[i].extend(r for r in reasons if r not in merged[i])
+    return merged
+
+
+def settle(rows: list[dict], doubts: Callable[[list[dict]], Doubts], remeasure: Callable[[int], dict]) -> int:
+    """Measure again, once, every row `doubts` finds fault with; mark each row `trusted`, with the reason
+    where it is not. Returns the number of rows still in doubt."""
+    found = {i: r for i, r in doubts(rows).items() if r}
+    if found:
+        for i in sorted(found):
+            rows[i] = remeasure(i)
+        found = {i: r for i, r in doubts(rows).items() if r}
+    for i, row in enumerate(rows):
+        row["trusted"] = i not in found
+        row.pop("reason", None)
+        if i in found:
+            row["reason"] = "; ".join(found[i])
+    return len(found)

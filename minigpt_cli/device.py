@@ -303,7 +303,9 @@ WORK_PER_THREAD = 2**21
 @dataclass(frozen=True)
 class CpuState:
     cpus: int  # CPUs this process may run on (its affinity mask)
-    others_running: float  # threads of other processes running or waiting for a CPU at this moment
+    # How many CPUs other processes keep busy: the CPU time they used over a short window (see
+    # cpu_state), or 0 when no thread of theirs was even waiting for a CPU.
+    others_running: float
 
 
 @dataclass(frozen=True)
@@ -357,14 +359,70 @@ def _others_running_once() -> float:
     return max(0, runnable - max(1, _own_running_threads()))
 
 
-def cpu_state(samples: int = 3, gap_seconds: float = 0.001) -> CpuState:
-    """The CPUs this process may use, and how many other threads want one now: the median of a
-    few snapshots a few milliseconds apart (a snapshot alone catches bursts), or, without /proc,
-    the one-minute load average."""
+# A neighbour is a process that keeps a CPU busy, not one that is runnable at the moment we look: a
+# program starting up, or the reader of our output woken by a pipe, is runnable for an instant and
+# uses little CPU time, while a busy loop uses all of it. So when a snapshot shows others running,
+# the CPU time they use over this window decides. 50 ms is 5 clock ticks of each CPU at Linux's
+# usual 100 Hz, enough to tell a busy CPU from an idle one; a quiet machine never waits for it.
+LOAD_WINDOW_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """Cumulative CPU time, in clock ticks, of the CPUs this process may use, and this process's own."""
+
+    busy: float  # ticks the CPUs spent running anything (user, nice, system, irq, softirq, steal)
+    total: float  # ticks they counted in all (busy, idle and iowait)
+    own: float  # ticks this process's threads ran
+
+
+def cpu_times(stat_text: str, cpus: set[int], own_seconds: float, ticks_per_second: float) -> CpuTimes:
+    """CpuTimes from the text of /proc/stat (its per-CPU lines: user nice system idle iowait irq
+    softirq steal ...; guest time is counted inside user)."""
+    busy = total = 0
+    for line in stat_text.splitlines():
+        name, _, rest = line.partition(" ")
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue
+        ticks = [int(v) for v in rest.split()[:8]]
+        total += sum(ticks)
+        busy += sum(ticks) - ticks[3] - ticks[4]
+    return CpuTimes(busy, total, own_seconds * ticks_per_second)
+
+
+def others_busy(before: CpuTimes, after: CpuTimes, ncpus: int) -> float | None:
+    """How many CPUs other processes kept busy between two readings (this process's own time taken
+    out); None if the CPUs counted no tick in between."""
+    total = after.total - before.total
+    if total <= 0:
+        return None
+    others = (after.busy - before.busy) - (after.own - before.own)
+    return max(0.0, ncpus * others / total)
+
+
+def _proc_stat() -> str:
+    with open("/proc/stat", encoding="ascii") as f:
+        return f.read()
+
+
+def _read_cpu_times(cpus: set[int]) -> CpuTimes:
+    own = os.times()  # this process's threads, children not included
+    return cpu_times(_proc_stat(), cpus, own.user + own.system, os.sysconf("SC_CLK_TCK"))
+
+
+def _allowed_cpus() -> set[int]:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def cpu_state(samples: int = 3, gap_seconds: float = 0.001, window_seconds: float = LOAD_WINDOW_SECONDS) -> CpuState:
+    """The CPUs this process may use, and how many of them other processes keep busy: first the
+    median of a few snapshots of the threads waiting for a CPU, a few milliseconds apart; if they
+    show any, the CPU time others used over window_seconds (LOAD_WINDOW_SECONDS). Without /proc, the
+    one-minute load average."""
+    allowed = _allowed_cpus()
     try:
         readings = []
         for i in range(samples):
@@ -372,12 +430,17 @@ def cpu_state(samples: int = 3, gap_seconds: float = 0.001) -> CpuState:
                 time.sleep(gap_seconds)
             readings.append(_others_running_once())
         others = statistics.median(readings)
+        if others > 0:
+            before = _read_cpu_times(allowed)
+            time.sleep(window_seconds)
+            busy = others_busy(before, _read_cpu_times(allowed), len(allowed))
+            others = others if busy is None else busy
     except (OSError, ValueError, IndexError):
         try:
             others = os.getloadavg()[0]
         except (AttributeError, OSError):
             others = 0.0
-    return CpuState(cpus, float(others))
+    return CpuState(len(allowed), float(others))
 
 
 def use_threads(work: float, requested: int = 0, state: CpuState | None = None,

@@ -323,6 +323,7 @@ def inspect(arg: str | None, overrides: Sequence[str] = (), vocab_size: int | No
         "config": target.config.to_dict(),
         "params": params,
         "flops_per_token": flops,
+        "flops_convention": flops["convention"],
         "kv_cache": kv,
         "weights_bytes": 4 * params["total"],
         "shapes": batch_shapes(model, target.config.train.batch_size),

@@ -363,20 +363,39 @@ def matmul_params(config: ModelConfig, vocab_size: int) -> int:
     return config.n_layer * per_layer + C * vocab_size
 
 
+# One FLOP convention for inspect and bench (and train's MFU), stated beside every figure it gives.
+FLOPS_CONVENTION = ("PaLM's (appendix B), as nanoGPT's MFU and torch's FLOP counter: 2N a token for the "
+                    "weights, 4 x n_layer x n_embd for each query-key pair (QK^T and AV; every key for every "
+                    "query, the masked half too), 2 x short_conv x n_embd for each short convolution; "
+                    "training 3 x forward")
+
+
+def attention_flops(config: ModelConfig, tokens: int, context: int) -> int:
+    """QK^T and AV of `tokens` queries, each against all `context` keys: 2 FLOPs a multiply-add, 2 products."""
+    return 4 * config.n_layer * config.n_embd * tokens * context
+
+
+def short_conv_flops(config: ModelConfig, tokens: int) -> int:
+    """The two short convolutions of each layer: short_conv multiply-adds a channel and position."""
+    return 2 * 2 * config.n_layer * config.short_conv * config.n_embd * tokens
+
+
+def forward_flops(config: ModelConfig, vocab_size: int, tokens: int, context: int) -> int:
+    """FLOPs of a forward pass over `tokens` new positions whose keys span `context` positions (the
+    prompt's own: tokens == context; a decode step with L cached: tokens 1, context L + 1)."""
+    weights = 2 * matmul_params(config, vocab_size) * tokens
+    return weights + attention_flops(config, tokens, context) + short_conv_flops(config, tokens)
+
+
 def flops_per_token(config: ModelConfig, vocab_size: int, seq_len: Optional[int] = None) -> dict:
-    """The usual estimate (Kaplan et al. 2020; PaLM appendix B): a forward pass costs 2N per token for the
-    weight matmuls, plus QK^T and AV; backward costs twice the forward, so training is 3x. With a causal
-    mask a position attends to (T + 1) / 2 positions on average, so QK^T and AV cost 2 * 2 * n_layer * C
-    * (T / 2) = 2 * n_layer * T * C per token ("causal"); kernels that compute the masked half do twice that.
-    Short convolutions add 2 * short_conv * C per sublayer."""
+    """The forward and training FLOPs per token of a sequence of seq_len (block_size) tokens, by
+    FLOPS_CONVENTION (Kaplan et al. 2020; PaLM appendix B): backward costs twice the forward."""
     T = seq_len or config.block_size
     N = matmul_params(config, vocab_size)
-    attention_causal = 2 * config.n_layer * T * config.n_embd
-    conv = 2 * 2 * config.n_layer * config.short_conv * config.n_embd
-    forward, forward_full = 2 * N + attention_causal + conv, 2 * N + 2 * attention_causal + conv
-    return {"matmul_params": N, "seq_len": T, "attention": "causal", "forward": forward,
-            "attention_forward": attention_causal, "short_conv_forward": conv, "train": 3 * forward,
-            "forward_full_attention": forward_full, "train_full_attention": 3 * forward_full}
+    forward = forward_flops(config, vocab_size, T, T) // T
+    return {"matmul_params": N, "seq_len": T, "convention": FLOPS_CONVENTION, "forward": forward,
+            "weights_forward": 2 * N, "attention_forward": attention_flops(config, T, T) // T,
+            "short_conv_forward": short_conv_flops(config, T) // T, "train": 3 * forward}
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = 4) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -50,7 +52,123 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = N
     return x.to(g.dtype)
 
 
-class Muon(torch.optim.Optimizer):
+class Optimizer:
+    """What the trainer, torch.amp.GradScaler and checkpoints use of torch.optim.Optimizer:
+    `param_groups`, per-parameter `state`, `zero_grad`, and `state_dict` / `load_state_dict` in its
+    format (so checkpoints saved by torch.optim's AdamW resume here, and the other way round).
+
+    Not torch.optim.Optimizer itself: its methods (the constructor's add_param_group, step, zero_grad,
+    state_dict) import torch._dynamo on first use, 1.5-2 s of every training's start-up on a CPU
+    (benchmarks/README.md, "Start-up")."""
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]):
+        self.defaults = defaults
+        self.state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.param_groups = [{**defaults, **group, "params": list(group["params"])} for group in groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.detach_().zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"state": {index: {name: value}}, "param_groups": [{settings..., "params": [index, ...]}]},
+        parameters numbered in group order, as torch.optim numbers them."""
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+            settings = {k: v for k, v in group.items() if k != "params"}
+            groups.append({**settings, "params": [index[id(p)] for p in group["params"]]})
+        return {"state": {index[id(p)]: values for p, values in self.state.items()}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The state and settings state_dict saved; ValueError or KeyError if they do not fit these
+        parameters. Tensors move to their parameter's device and dtype (AdamW's step count stays float32)."""
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, self.param_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        by_index = {i: p for s, g in zip(saved, self.param_groups) for i, p in zip(s["params"], g["params"])}
+        state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for i, values in state_dict["state"].items():
+            p = by_index[i]
+            state[p] = {name: _state_value(p, name, value) for name, value in values.items()}
+        self.state = state
+        self.param_groups = [{**{k: v for k, v in s.items() if k != "params"}, "params": g["params"]}
+                             for s, g in zip(saved, self.param_groups)]
+
+
+def _state_value(p: torch.Tensor, name: str, value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    if name == "step":  # the fused kernel's step count: float32 beside its parameter
+        return value.to(dtype=torch.float32, device=p.device)
+    return value.to(dtype=p.dtype if p.is_floating_point() else value.dtype, device=p.device)
+
+
+class AdamW(Optimizer):
+    """AdamW as torch.optim.AdamW(fused=True) runs it: the same kernel (torch._fused_adamw_) on the
+    same state, so the same numbers to the bit; under float16's GradScaler the kernel takes the
+    scale and the inf flag itself, as there."""
+
+    _step_supports_amp_scaling = True  # read by torch.amp.GradScaler.step
+
+    def __init__(self, params: Iterable, lr: float, betas: tuple[float, float], eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        # fused: read by torch.optim.AdamW loading this state (an older minigpt resuming the run),
+        # which then keeps the step count beside its parameter, as this kernel does.
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            # The kernel takes lists of one device and dtype.
+            lists: dict[tuple[torch.device, torch.dtype], tuple[list, list, list, list, list]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                kind = lists.setdefault((p.device, p.dtype), ([], [], [], [], []))
+                for into, tensor in zip(kind, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                    into.append(tensor)
+            beta1, beta2 = group["betas"]
+            for (device, _), (params, grads, exp_avgs, exp_avg_sqs, steps) in lists.items():
+                scale = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
+                inf = None if found_inf is None else found_inf.to(device, non_blocking=True)
+                torch._foreach_add_(steps, 1)
+                torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
+                                    lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                                    eps=group["eps"], maximize=False, grad_scale=scale, found_inf=inf)
+                if inf is not None:  # a skipped step is not counted
+                    torch._foreach_sub_(steps, [inf] * len(steps))
+
+
+def fused_adamw_devices() -> list[str]:
+    """The device types torch.optim.AdamW(fused=True) accepts in this PyTorch (2.4: cuda, xpu, cpu;
+    mps from 2.5)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return list(_get_fused_kernels_supported_devices())
+
+
+class Muon(Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz, for 2-D weight matrices only.
 
     Each step: momentum buffer m = mu * m + g; the update direction is the Nesterov look-ahead
@@ -64,7 +182,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self) -> None:
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             # Matrices of one shape (up to a transpose) are orthogonalised as one batch: a small model's
@@ -94,7 +212,7 @@ class Muon(torch.optim.Optimizer):
                     p.add_(update.reshape(p.shape), alpha=-lr * math.sqrt(max(1.0, rows / cols)))
 
 
-def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device) -> list[Optimizer | torch.optim.Optimizer]:
     """AdamW with weight decay on matrices only; with optimizer 'muon' the blocks' matrices go to Muon."""
     muon_params, decay, no_decay = [], [], []
     seen = set()
@@ -114,16 +232,17 @@ def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device)
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # Fused AdamW is one kernel for all parameters; PyTorch offers it on CUDA, MPS and CPU.
-    fused = device.type in ("cuda", "cpu", "mps")
-    try:
-        adamw = torch.optim.AdamW(groups, lr=train.learning_rate, betas=(train.beta1, train.beta2), fused=fused)
-    except (RuntimeError, TypeError):
-        adamw = torch.optim.AdamW(groups, lr=train.learning_rate, betas=(train.beta1, train.beta2))
+    # Fused AdamW is one kernel for all parameters. Where PyTorch has none (MPS before 2.5), its
+    # torch.optim.AdamW (and with it the import of torch._dynamo) does the step.
+    betas = (train.beta1, train.beta2)
+    if device.type in fused_adamw_devices():
+        adamw: Optimizer | torch.optim.Optimizer = AdamW(groups, lr=train.learning_rate, betas=betas)
+    else:
+        adamw = torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas)
     for group in adamw.param_groups:
         group["base_lr"] = train.learning_rate
         group["min_lr"] = train.min_lr
-    optimizers: list[torch.optim.Optimizer] = [adamw]
+    optimizers: list[Optimizer | torch.optim.Optimizer] = [adamw]
     if muon_params:
         # No weight decay on Muon's matrices (train.weight_decay is AdamW's): the recipe the default
         # config was tuned with has none, and the README says so.
@@ -163,7 +282,7 @@ def lr_factor(train: TrainConfig, step: int, progress: float, time_share: float 
     return min(1.0, (1.0 - progress) / train.decay_fraction)
 
 
-def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> float:
+def set_lr(optimizers: list[Optimizer | torch.optim.Optimizer], factor: float) -> float:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["min_lr"] + factor * (group["base_lr"] - group["min_lr"])

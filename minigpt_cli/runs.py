@@ -458,13 +458,8 @@ def train_variants(variants: Sequence[Variant], base: Path,
     """Train each variant in turn into a new folder under base: `run(variant, run_dir)` trains it
     (the CLI passes its own renderer). A Ctrl-C stops the series: the variant being trained is
     marked interrupted and the ones after it stay pending."""
-    import torch
-
     from minigpt_cli.trainer import NonFiniteLoss, TrainingStopped
 
-    # The first optimizer a process makes imports torch._dynamo (seconds, more on a busy machine):
-    # paid here, once, and not inside the first variant's time budget and wall time.
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     for variant in variants:
         run_dir = new_run_dir(variant_dir_name(variant.config, variant.settings), base=base)
         variant.run_dir = str(run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -214,14 +215,16 @@ def test_inspect_run_json(tiny):
         assert node["params"] == node["own_params"] + sum(c["params"] * c["repeat"] for c in node["children"])
     assert params["per_layer"] * m.n_layer == params["by_module"]["blocks"]
 
-    # FLOPs per token: within a few percent of 6N plus attention, and what torch's own counter counts.
+    # FLOPs per token: within a few percent of PaLM's 6N + 12 x n_layer x T x n_embd, and exactly what
+    # torch's own counter counts (this model has no short convolutions, whose backward it overcounts).
     flops = data["flops_per_token"]
     n_non_embedding = params["total"] - params["embedding"] + (V * m.n_embd if m.tie_weights else 0)
-    attention = 6 * m.n_layer * m.block_size * m.n_embd  # training, causal average
+    attention = 12 * m.n_layer * m.block_size * m.n_embd  # training, every key for every query
     assert flops["train"] == pytest.approx(6 * n_non_embedding + attention, rel=0.03)
     assert flops["train"] == pytest.approx(3 * flops["forward"])
-    assert flops["counted"]["forward"] == pytest.approx(flops["forward_full_attention"], rel=1e-6)
-    assert flops["counted"]["train"] == pytest.approx(flops["train_full_attention"], rel=1e-6)
+    assert flops["counted"]["forward"] == pytest.approx(flops["forward"], rel=1e-6)
+    assert flops["counted"]["train"] == pytest.approx(flops["train"], rel=1e-6)
+    assert data["flops_convention"] == flops["convention"] and "PaLM" in flops["convention"]
 
     kv = data["kv_cache"]
     assert kv["bytes_per_token"] == 2 * m.n_layer * m.n_embd * 4
@@ -426,9 +429,11 @@ def test_flops_per_token_is_the_standard_estimate():
     f = flops_per_token(m, vocab_size=50)
     N = 3 * 12 * 64 * 64 + 64 * 50
     assert f["matmul_params"] == N
-    assert f["forward"] == 2 * N + 2 * 3 * 128 * 64
+    assert f["forward"] == 2 * N + 4 * 3 * 128 * 64  # every key for every query: 4 x n_layer x T x n_embd
     assert f["train"] == 3 * f["forward"]
     assert json.loads(json.dumps(f)) == f
+    conv = flops_per_token(dataclasses.replace(m, short_conv=4), vocab_size=50)
+    assert conv["forward"] - f["forward"] == conv["short_conv_forward"] == 2 * 2 * 3 * 4 * 64
 
 
 def test_the_written_out_attention_is_the_same_function_as_sdpa():
@@ -690,3 +695,99 @@ def test_eval_show_limit_reads_more_or_all_of_the_text(tiny, tmp_path: Path):
     assert whole["mean_bits"] == pytest.approx(nll / math.log(2), rel=1e-4)
     assert_usage_error(invoke("eval", tiny["run"], "--limit", 10), "--limit", "--show")
     assert_usage_error(invoke("eval", tiny["run"], "--show", "--limit", -1), "--limit", "-1")
+
+
+# ---------------------------------------------------------------------------------------------
+# bench: implausible timings are measured again, then flagged (fake timings: no test times anything)
+# ---------------------------------------------------------------------------------------------
+
+def _fake_attention_timer(monkeypatch: pytest.MonkeyPatch, stalls: int) -> list[int]:
+    """BenchState.time answering for attention with times proportional to the FLOPs (4 ms at T = 64, SDPA
+    3x faster), except that the written-out product at T = 128 stalls to the T = 256 time `stalls` times."""
+    from minigpt_cli.bench_state import BenchState, Timing
+
+    calls: list[int] = []  # the repeats each timing was asked for
+
+    def fake_time(self, fn, flops=0.0):
+        calls.append(self.repeats)
+        scale = flops / (4 * self.m.n_head * 64 * 64 * self.m.head_dim)  # 1, 4, 16 for T = 64, 128, 256
+        plain = len(calls) % 2 == 1  # each row times the written-out product, then SDPA
+        seconds = 4e-3 * scale / (1 if plain else 3)
+        if plain and scale == 4 and fake_time.stalls > 0:
+            fake_time.stalls -= 1
+            seconds = 64e-3
+        return Timing(seconds, 0.02 * seconds, seconds, seconds, self.repeats)
+
+    fake_time.stalls = stalls
+    monkeypatch.setattr(BenchState, "time", fake_time)
+    return calls
+
+
+@pytest.mark.parametrize("stalls", [1, 2])
+def test_bench_measures_an_impossible_attention_row_again_and_flags_it_if_it_stays(stalls, monkeypatch):
+    calls = _fake_attention_timer(monkeypatch, stalls)
+    args = ("bench", "tiny", "--only", "attention", "--max-seq", 256, "--repeats", 2)
+    data = invoke(*args, "--json").json()
+    rows = {row["seq_len"]: row for row in data["attention"]["rows"]}
+    assert sorted(rows) == [64, 128, 256]
+    # Every row had 2 repeats (no spread) and the T = 128 row took as long as T = 256's, with a quarter of
+    # its FLOPs: all three were measured again, with the 3 repeats a spread needs.
+    assert calls == [2] * 6 + [3] * 6
+    if stalls == 1:  # the stall did not come back: the second measurement stands, trusted
+        assert all(row["trusted"] for row in rows.values())
+        assert rows[128]["plain_ms"]["median_ms"] == pytest.approx(16)
+        assert not any("implausible" in note for note in data["notes"])
+        return
+    assert rows[128]["trusted"] is False
+    assert "about the same time at T=256 as at T=128, for 4.0x the FLOPs" in rows[128]["reason"]
+    assert "16x the time at T=128 as at T=64" in rows[128]["reason"]
+    assert any("still implausible" in note for note in data["notes"])
+    _fake_attention_timer(monkeypatch, stalls)
+    people = invoke(*args)
+    lines = people.stdout.splitlines()
+    assert any(line.lstrip("│ ").startswith("128 !") for line in lines), people.stdout
+    # A reason shared by the two rows that disagree is said once, naming both.
+    assert any(line.startswith("! T = 128, 256: not to be trusted: the written-out product took about the same")
+               for line in lines), people.stdout
+
+
+def test_decode_rows_faster_than_their_flops_or_their_floor_allow_are_doubted():
+    from minigpt_cli.bench_sample import decode_doubts
+
+    def row(context, cached_ms, uncached_ms, floor_pct=20.0):
+        timing = lambda t: {"median_ms": t, "mad_ms": 0.01 * t, "min_ms": t, "max_ms": t, "repeats": 10}
+        cached_flops = 1e6 + 1e3 * (context + 1)
+        return {"context": context, "cached_flops": cached_flops, "uncached_flops": (context + 1) * cached_flops,
+                "cached_ms": timing(cached_ms), "uncached_ms": timing(uncached_ms),
+                "cache_speedup": uncached_ms / cached_ms, "floor_pct": floor_pct}
+
+    plausible = [row(15, 1.0, 10.0), row(63, 1.05, 40.0), row(127, 1.1, 90.0)]
+    assert not any(decode_doubts(plausible).values())
+    # 300x from a cache that saves 64x the FLOPs; a step in less time than reading its weights takes.
+    doubts = decode_doubts([row(15, 1.0, 10.0), row(63, 0.13, 40.0, floor_pct=160.0), row(127, 1.1, 90.0)])
+    assert "beyond the 64.0x fewer FLOPs" in " ".join(doubts[1])
+    assert "beat the weight-read floor" in " ".join(doubts[1])
+    assert "less time at context 63 than at context 15" in " ".join(doubts[0])
+
+
+@pytest.mark.parametrize("config", ["default", "classic"])
+def test_inspect_and_bench_count_the_same_forward_flops(config):
+    from minigpt_cli.bench_state import BenchOptions, BenchState
+    from minigpt_cli.device import runtime
+    from minigpt_cli.targets import resolve_target
+
+    inspected = invoke("inspect", config, "--json").json()
+    flops = inspected["flops_per_token"]
+    benched = invoke("bench", config, "--only", "attention", "--max-seq", 64, "--repeats", 3, "--json").json()
+    counted = flops.pop("counted")  # torch's counter, inspect's alone
+    assert benched["model"]["flops_per_token"] == flops
+    assert counted["forward"] == flops["forward"]
+    assert benched["flops_convention"] == inspected["flops_convention"] == flops["convention"]
+    target = resolve_target(config)
+    with runtime("cpu", target.config.train.dtype) as rt:
+        state = BenchState(target, BenchOptions(device="cpu"), rt)
+        T = flops["seq_len"]  # 128 tokens of the config's own window, as bench's uncached decode computes them
+        assert state.forward_flops(T, T) == T * flops["forward"]
+    # The short convolutions are counted (default has them, classic not), and the same way in both.
+    assert (flops["short_conv_forward"] > 0) == (config == "default")
+    assert flops["forward"] == 2 * flops["matmul_params"] + flops["attention_forward"] + flops["short_conv_forward"]

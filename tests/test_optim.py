@@ -113,3 +113,62 @@ def test_a_time_budget_ends_the_warm_up_by_its_share_of_the_time():
     assert optim.lr_factor(t, 39, 0.01, time_share=0.001) == pytest.approx(40 / 50)
     # Without a budget the warm-up is warmup_iters steps, however short the run.
     assert optim.lr_factor(t, 2, 0.9) == pytest.approx(3 / 50)
+
+
+def _params(seed: int = 1) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(7, 5, generator=gen)), torch.nn.Parameter(torch.randn(5, generator=gen))]
+
+
+def _adamw_steps(opt, params, steps: range) -> None:
+    """Steps with seeded gradients and a learning rate that changes every step, as the schedule does."""
+    for step in steps:
+        gen = torch.Generator().manual_seed(100 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 / (step + 1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _groups(params):
+    return [{"params": [params[0]], "weight_decay": 0.1}, {"params": [params[1]], "weight_decay": 0.0}]
+
+
+def test_adamw_takes_exactly_the_steps_of_torch_fused_adamw():
+    """Training's losses stay what they were with torch.optim.AdamW(fused=True), to the bit."""
+    ours, theirs = _params(), _params()
+    _adamw_steps(optim.AdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95)), ours, range(6))
+    reference = torch.optim.AdamW(_groups(theirs), lr=1e-2, betas=(0.9, 0.95), fused=True)
+    _adamw_steps(reference, theirs, range(6))
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("first, then", [("torch", "ours"), ("ours", "torch")])
+def test_optimizer_state_resumes_across_torch_adamw_and_ours(first, then):
+    """A run saved by an older minigpt (torch.optim's AdamW) resumes here as if never stopped, and
+    the other way round."""
+    make = {"ours": lambda p: optim.AdamW(_groups(p), lr=1e-2, betas=(0.9, 0.95)),
+            "torch": lambda p: torch.optim.AdamW(_groups(p), lr=1e-2, betas=(0.9, 0.95), fused=True)}
+    whole = _params()
+    _adamw_steps(make["ours"](whole), whole, range(5))
+    resumed = _params()
+    before = make[first](resumed)
+    _adamw_steps(before, resumed, range(3))
+    after = make[then](resumed)
+    after.load_state_dict(before.state_dict())
+    _adamw_steps(after, resumed, range(3, 5))
+    for a, b in zip(whole, resumed):
+        assert torch.equal(a, b)
+
+
+def test_a_saved_state_for_other_parameters_is_refused():
+    params = _params()
+    saved = optim.AdamW([{"params": params}], lr=1e-2, betas=(0.9, 0.95))
+    _adamw_steps(saved, params, range(1))
+    with pytest.raises(ValueError, match="parameter group"):
+        optim.AdamW(_groups(_params()), lr=1e-2, betas=(0.9, 0.95)).load_state_dict(saved.state_dict())
+    with pytest.raises(ValueError, match="size"):
+        optim.AdamW([{"params": params[:1]}], lr=1e-2, betas=(0.9, 0.95)).load_state_dict(saved.state_dict())

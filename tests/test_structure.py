@@ -15,8 +15,8 @@ PACKAGE = Path(minigpt_cli.__file__).resolve().parent
 # package is one layer: each of its modules (commands/train.py, ...) may import only modules before it.
 ORDER = ["config", "rundir", "progress", "tokenizer", "device", "batches", "corpus", "kv_cache", "model", "optim", "inference",
          "scoring", "checkpoint", "sampler", "budget", "ranks", "run_state", "train_eval", "trainer", "plan", "evaluate",
-         "targets", "bench_state", "bench_sample", "heads", "bench", "inspection", "runs", "clock", "output", "views", "options",
-         "commands", "cli", "__main__"]
+         "targets", "bench_state", "bench_sample", "heads", "bench", "inspection", "lens", "runs", "clock", "output",
+         "views", "options", "commands", "cli", "__main__"]
 
 
 def package_imports(path: Path) -> set[str]:

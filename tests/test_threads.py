@@ -3,6 +3,8 @@ other programs leave free (fake machines here, no timing), or set with --threads
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -52,13 +54,64 @@ def test_threads_requested_or_set_in_the_environment_win():
     assert choose_threads(TRAIN_STEP, CpuState(2, 0), env_threads="junk").threads == 2  # not a count: ignored
 
 
-def test_the_machine_is_read_as_the_median_of_a_few_snapshots(monkeypatch):
-    readings = iter([0.0, 7.0, 1.0])  # a burst in one snapshot is not taken for the load
-    monkeypatch.setattr(device, "_others_running_once", lambda: next(readings))
-    monkeypatch.setattr(device.time, "sleep", lambda seconds: None)
+def proc_stat(*cpus: tuple[int, int]) -> str:
+    """A /proc/stat whose CPUs have counted these (busy, idle) ticks."""
+    per_cpu = [f"cpu{i} {busy} 0 0 {idle} 0 0 0 0 0 0" for i, (busy, idle) in enumerate(cpus)]
+    total = (sum(b for b, _ in cpus), sum(i for _, i in cpus))
+    return "\n".join([f"cpu  {total[0]} 0 0 {total[1]} 0 0 0 0 0 0", *per_cpu, "intr 120 3 0", "ctxt 991"]) + "\n"
+
+
+def fake_machine(monkeypatch, snapshots, stats=(), own_seconds=(0.0, 0.0), allowed=(0, 1)):
+    """A machine read through fakes: the runnable threads of others in each snapshot, the /proc/stat
+    texts read at the start and end of the window, this process's CPU seconds then, and its CPUs."""
+    snapshots, stats, own_seconds = iter(snapshots), iter(stats), iter(own_seconds)
+    monkeypatch.setattr(device, "_others_running_once", lambda: next(snapshots))
+    monkeypatch.setattr(device, "_proc_stat", lambda: next(stats))
+    monkeypatch.setattr(device.os, "times", lambda: os.times_result((next(own_seconds), 0.0, 0.0, 0.0, 0.0)))
+    monkeypatch.setattr(device.os, "sysconf", lambda name: 100)  # clock ticks per second
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(allowed))
+    waits = []
+    monkeypatch.setattr(device.time, "sleep", waits.append)
+    return waits
+
+
+def test_a_quiet_snapshot_is_taken_at_once_without_waiting(monkeypatch):
+    waits = fake_machine(monkeypatch, snapshots=[0.0, 7.0, 0.0])  # a burst in one snapshot is not taken for the load
     state = device.cpu_state(samples=3)
-    assert state.others_running == 1.0
-    assert state.cpus >= 1
+    assert state == CpuState(cpus=2, others_running=0.0)
+    assert sum(waits) < 0.01  # no window was measured (the fake has no /proc/stat to read)
+
+
+def test_a_program_starting_beside_us_does_not_take_a_cpu_away(monkeypatch):
+    """`minigpt sample RUN | python3 -c ...`: the reader is runnable when we look, but over the window
+    it uses one tick of the ten the two CPUs count."""
+    waits = fake_machine(monkeypatch, snapshots=[1.0, 1.0, 1.0],
+                         stats=[proc_stat((500, 500), (800, 200)), proc_stat((501, 504), (800, 205))])
+    state = device.cpu_state()
+    assert state.others_running == pytest.approx(0.2)
+    assert choose_threads(TRAIN_STEP, state).threads == 2
+    assert device.LOAD_WINDOW_SECONDS in waits
+
+
+def test_a_neighbour_that_keeps_a_cpu_busy_takes_it_away(monkeypatch):
+    fake_machine(monkeypatch, snapshots=[1.0, 1.0, 1.0],
+                 stats=[proc_stat((500, 500), (800, 200)), proc_stat((500, 505), (805, 200))])
+    state = device.cpu_state()
+    assert state.others_running == pytest.approx(1.0)
+    choice = choose_threads(TRAIN_STEP, state)
+    assert choice.threads == 1
+    assert "1 other thread(s) running on 2 CPU(s)" in choice.reason
+
+
+def test_our_own_threads_and_cpus_we_may_not_use_are_not_a_neighbour(monkeypatch):
+    # Both CPUs busy for the window, but 5 of those 10 ticks were this process's own threads.
+    fake_machine(monkeypatch, snapshots=[1.0, 1.0, 1.0], own_seconds=[2.00, 2.05],
+                 stats=[proc_stat((500, 500), (800, 200)), proc_stat((505, 500), (805, 200))])
+    assert device.cpu_state().others_running == pytest.approx(1.0)
+    # CPUs 2 and 3 are busy, but this process may run on 0 and 1 only.
+    fake_machine(monkeypatch, snapshots=[1.0, 1.0, 1.0], allowed=(0, 1),
+                 stats=[proc_stat((1, 9), (1, 9), (0, 0), (0, 0)), proc_stat((1, 14), (1, 14), (5, 0), (5, 0))])
+    assert device.cpu_state() == CpuState(cpus=2, others_running=0.0)
 
 
 def test_use_threads_sets_torch_and_reads_the_machine_only_when_it_must(monkeypatch):

@@ -86,6 +86,7 @@ def _render(result: dict) -> None:
     out.print(f"on {result['device']} ({result['device_name']}), {threads}, "
               f"torch {result['torch_version']}; times are medians ± median absolute deviation of "
               f"repeated, synchronised runs after warm-up", markup=False)
+    out.print(f"FLOPs counted as {result['flops_convention']}", markup=False)
     if result.get("train"):
         _render_train(result["train"])
     if result.get("sample"):
@@ -109,7 +110,7 @@ def _render_train(train: dict) -> None:
                   f"{train['optimizer']} (forward, backward, clip, step)"),
         ("time per iteration", ms(train["ms_per_iter"])),
         ("tokens per second", f"{train['tokens_per_sec']:,.0f}"),
-        ("achieved", f"{train['achieved_gflops']:,.1f} GFLOP/s (model FLOPs: 6N + attention per token)"),
+        ("achieved", f"{train['achieved_gflops']:,.1f} GFLOP/s (model FLOPs per token x tokens / time)"),
     ]
     if train.get("mfu") is not None:
         rows.append(("MFU", f"{100 * train['mfu']:.1f}% of {train['peak_tflops']:g} TFLOP/s ({train['peak_source']})"))
@@ -132,16 +133,7 @@ def _render_sample(sample: dict) -> None:
                               f"{mib(floor['bytes'])} ({floor['gb_per_s']:.1f} GB/s, "
                               f"{'oneDNN packed' if floor['kernel'] == 'model' else 'F.linear'})"),
     ]))
-    table = titled_table("decode step at a context length, with the KV cache and without it (recomputing the whole "
-                         "prefix)", ["context", "KV cache", "FLOP", "no cache", "FLOP", "cache speed-up",
-                                     "floor reached"])
-    for row in sample["decode"]:
-        context = f"{row['context']}*" if row.get("past_block_size") else str(row["context"])
-        table.add_row(context, ms(row["cached_ms"]), count(row["cached_flops"]),
-                      ms(row.get("uncached_ms")), count(row["uncached_flops"]),
-                      f"{row['cache_speedup']:.1f}x" if row.get("cache_speedup") else "-",
-                      f"{row['floor_pct']:.0f}%")
-    out.print(table)
+    _render_decode(sample["decode"])
     out.print(f"cost: {sample['cost']}", markup=False)
     if sample.get("past_block_size"):
         out.print(f"* {sample['past_block_size']}", markup=False)
@@ -153,12 +145,48 @@ def _render_sample(sample: dict) -> None:
         out.print(table)
 
 
+def _render_decode(rows: list[dict]) -> None:
+    """Two tables over the same contexts (one would not fit 80 columns): the FLOPs, then the times."""
+    flops = titled_table("FLOPs of one decode step at a context length L: with the KV cache (the weights once, "
+                         "attention of one query over L + 1 keys) and without it (all L + 1 positions)",
+                         ["context", "weights", "attention", "KV cache step", "no cache step"])
+    times = titled_table("decode step at a context length, with the KV cache and without it (recomputing the "
+                         "whole prefix)", ["context", "KV cache", "no cache", "cache speed-up", "floor reached"])
+    for row in rows:
+        context = f"{row['context']}*" if row.get("past_block_size") else str(row["context"])
+        flops.add_row(context, count(row["weights_flops"]), count(row["cached_attention_flops"]),
+                      count(row["cached_flops"]), count(row["uncached_flops"]))
+        times.add_row(context + _mark(row), ms(row["cached_ms"]), ms(row.get("uncached_ms")),
+                      f"{row['cache_speedup']:.1f}x" if row.get("cache_speedup") else "-",
+                      f"{row['floor_pct']:.0f}%")
+    out.print(flops)
+    out.print(times)
+    _footnotes(rows, "context", "context")
+
+
+def _mark(row: dict) -> str:
+    """Rows still implausible after bench measured them again (their reasons follow the table)."""
+    return " !" if row.get("trusted") is False else ""
+
+
+def _footnotes(rows: list[dict], key: str, label: str) -> None:
+    """Each reason once, with the rows it puts in doubt (a pair of rows that disagree share one)."""
+    doubted: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("trusted") is False:
+            for reason in row["reason"].split("; "):
+                doubted.setdefault(reason, []).append(str(row[key]))
+    for reason, which in doubted.items():
+        out.print(f"! {label} {', '.join(which)}: not to be trusted: {reason}", markup=False)
+
+
 def _render_attention(attention: dict) -> None:
     table = titled_table(f"causal attention, batch 1 x {attention['n_head']} heads x {attention['head_dim']}, "
                          f"{attention['dtype']}: softmax(QK^T/sqrt(d))V written out, and "
                          f"F.scaled_dot_product_attention (SDPA); memory: {attention['memory_method']}",
                          ["T", "written out", "memory", "SDPA", "memory", "SDPA speed-up"])
     for row in attention["rows"]:
-        table.add_row(str(row["seq_len"]), ms(row["plain_ms"]), mib(row["plain_peak_bytes"]),
+        table.add_row(str(row["seq_len"]) + _mark(row), ms(row["plain_ms"]), mib(row["plain_peak_bytes"]),
                       ms(row["sdpa_ms"]), mib(row["sdpa_peak_bytes"]), f"{row['speedup']:.1f}x")
     out.print(table)
+    _footnotes(attention["rows"], "seq_len", "T =")

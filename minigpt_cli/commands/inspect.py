@@ -23,12 +23,19 @@ def inspect(
     attention_text: Annotated[Optional[str], typer.Option(
         "--attention", help="Show each layer's and head's attention weights over this text (at most block_size "
                             "characters) as a heat map; needs a run.")] = None,
+    lens_text: Annotated[Optional[str], typer.Option(
+        "--lens", help="Show what each layer predicts for the next character of this text (at most block_size "
+                       "characters): the residual stream after the embeddings and after each block, read through "
+                       "the final norm and head (the logit lens); needs a run.")] = None,
     plot: Plot = None,
     set_: Overrides = [],
     vocab_size: VocabSize = None,
     json_out: JsonOut = False,
 ) -> None:
     """Show what a run or config is made of: modules, parameters, FLOPs, cache, shapes, training record."""
+    if lens_text is not None:
+        _inspect_lens(target, lens_text, attention_text is not None, plot, set_, vocab_size, json_out)
+        return
     starting = Starting(False)
     try:
         from minigpt_cli.inspection import inspect as run_inspect
@@ -110,6 +117,12 @@ def _render_inspect(result: dict) -> None:
         _render_run(result["run"])
 
 
+def _counter_note(flops: dict, counted: dict) -> str:
+    if not flops.get("short_conv_forward") or counted["train"] <= 1.001 * flops["train"]:
+        return ""
+    return " (more than 3 x forward: it counts the short convolutions' backward as if they mixed every channel)"
+
+
 def _render_costs(result: dict) -> None:
     """FLOPs per token and the KV cache's size."""
     flops, kv = result["flops_per_token"], result["kv_cache"]
@@ -118,16 +131,15 @@ def _render_costs(result: dict) -> None:
     rows = [
         ("N (matmul weights)", f"{flops['matmul_params']:,} (attention, MLP and lm_head; not the embeddings)"),
         ("forward", f"{count(flops['forward'])}FLOP per token = 2N + {count(flops['attention_forward'])} "
-                    f"attention at T = {flops['seq_len']} (causal: 2 x n_layer x T x n_embd)"
+                    f"attention at T = {flops['seq_len']} (4 x n_layer x T x n_embd)"
                     + (f" + {count(flops['short_conv_forward'])} short convolutions"
                        if flops.get("short_conv_forward") else "")),
         ("training", f"{count(flops['train'])}FLOP per token (3 x forward: backward costs twice the forward)"),
-        ("full attention", f"{count(flops['forward_full_attention'])} forward, {count(flops['train_full_attention'])} "
-                           f"training (the masked half computed too, as kernels often do)"),
+        ("counted as", flops["convention"]),
     ]
     if counted:
         rows.append(("torch's FLOP counter", f"{count(counted['forward'])} forward, {count(counted['train'])} "
-                                             f"training per token (counts full attention)"))
+                                             f"training per token" + _counter_note(flops, counted)))
     out.print(key_value_table("FLOPs per token", rows))
     out.print(key_value_table("KV cache", [
         ("per token", f"{kv['bytes_per_token']:,} bytes: keys and values of every layer"
@@ -308,3 +320,116 @@ def _render_attention(result: dict) -> None:
     out.print(_head_table(result), soft_wrap=False)
     out.print(_induction_line(result["induction_baseline"]), markup=False, soft_wrap=False)
     out.print(result["pattern_rule"], markup=False, soft_wrap=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# What each layer adds: inspect --lens
+# ---------------------------------------------------------------------------------------------
+
+def _inspect_lens(target: Optional[str], text: str, with_attention: bool, plot: Optional[Path],
+                  overrides: List[str], vocab_size: Optional[int], json_out: bool) -> None:
+    if with_attention:
+        raise UserError("--lens and --attention are two views: give one of them")
+    if plot is not None:
+        raise UserError("--plot draws loss curves or --attention maps; --lens has no plot (use --json for its values)")
+    if overrides or vocab_size is not None:
+        raise UserError("--lens reads a trained run's weights; --set and --vocab-size change a CONFIG")
+    starting = Starting(False)
+    try:
+        from minigpt_cli.lens import lens
+
+        result = lens(target, text)
+    finally:
+        starting.done()
+    if json_out:
+        emit_json(result)
+        return
+    _render_lens(result)
+
+
+def _lens_cell(cell: dict, next_char: Optional[str]) -> Any:
+    """'e 31%': the layer's top guess and the probability it gives the true next character (the top
+    guess alone at the last position); bold green where the top guess is the true next character."""
+    from rich.text import Text
+
+    from minigpt_cli.inspection import visible_char
+
+    guess = cell["top"][0]["char"]
+    if "p_next" not in cell:
+        return Text(visible_char(guess))
+    p = cell["p_next"]
+    shown = f"{visible_char(guess)} {'<1%' if p < 0.005 else f'{p:.0%}'}"
+    return Text(shown, style="bold green" if guess == next_char else "")
+
+
+def _lens_layer_groups(n_columns: int, rows: int, width: int) -> List[range]:
+    """Layer columns split into tables that fit the terminal's width: each layer column takes 9
+    characters ('e 100%' and its border), the position, character and next-character columns the rest."""
+    fixed = len(str(rows - 1)) + len("char") + len("next") + 3 * 3 + 1
+    tables = -(-n_columns // max(1, (width - fixed) // 9))
+    per_table = -(-n_columns // tables)  # as even as they come: 13 layers at 80 columns in 5, 5 and 3
+    return [range(start, min(start + per_table, n_columns)) for start in range(0, n_columns, per_table)]
+
+
+def _lens_table(result: dict, layers: range) -> Any:
+    from rich.table import Table
+
+    from minigpt_cli.inspection import visible_char
+
+    last = result["n_layer"]
+    table = Table(title_justify="left", title_style="bold")
+    table.add_column("#", justify="right")
+    table.add_column("char", justify="center")
+    table.add_column("next", justify="center")
+    for layer in layers:
+        table.add_column(f"{layer}\n" + ("emb" if layer == 0 else "out" if layer == last else "block"),
+                         justify="right", no_wrap=True)
+    for position in result["positions"]:
+        nxt = position["next"]
+        table.add_row(str(position["position"]), visible_char(position["char"]),
+                      "" if nxt is None else visible_char(nxt),
+                      *(_lens_cell(position["layers"][layer], nxt) for layer in layers))
+    return table
+
+
+def _render_lens(result: dict) -> None:
+    from rich.markup import escape
+
+    from minigpt_cli.inspection import visible_char
+
+    text, last = result["text"], result["n_layer"]
+    readout = "the final norm and head" if result["final_norm"] else "the head (post-norm blocks end in a norm)"
+    if result["logit_softcap"]:
+        readout += f", soft-capped at {result['logit_softcap']:g}"
+    out.print(f"[bold]logit lens[/] of {escape(result['target']['name'])} (step {result['step']:,}) over "
+              f"{len(text)} characters: {escape(''.join(visible_char(c) for c in text))}", soft_wrap=False)
+    out.print(f"Each layer's residual stream read through {readout}, softmaxed: what the model would predict "
+              f"if it stopped there. Layer 0 is the embeddings alone, layer {last} (out) the model's own output. "
+              f"A cell is the layer's top guess for the next character and the probability it gives the true "
+              f"next one (in bold where the guess is right).", markup=False, soft_wrap=False)
+    if result["tie_weights"]:
+        out.print("The head shares the token embedding's weights (tied), so layer 0 mostly guesses the character "
+                  "itself.", markup=False, soft_wrap=False)
+    groups = _lens_layer_groups(last + 1, len(text), out.width)
+    for group in groups:
+        if len(groups) > 1:
+            out.print(f"\n[bold]layers {group.start} to {group.stop - 1}[/]")
+        out.print(_lens_table(result, group))
+    _render_lens_summary(result)
+
+
+def _render_lens_summary(result: dict) -> None:
+    """One line per layer: what the true next characters cost there, falling layer by layer."""
+    if not result["layers"][0]["positions"]:
+        out.print("A text of one character has no next character to score: give two or more to see what each "
+                  "layer gives the true next one.", markup=False, soft_wrap=False)
+        return
+    table = titled_table(f"per layer, over the {result['layers'][0]['positions']} positions with a next "
+                         f"character (a uniform guess costs {result['uniform_bits']:.2f} bits)",
+                         ["layer", "after", "mean p(next)", "mean bits", "top = next"])
+    table.columns[1].justify = "left"
+    for layer in result["layers"]:
+        after = layer["after"] + (" (output)" if layer["layer"] == result["n_layer"] else "")
+        table.add_row(str(layer["layer"]), after, f"{layer['mean_p_next']:.3f}", f"{layer['mean_bits']:.2f}",
+                      f"{layer['top_is_next']}/{layer['positions']}")
+    out.print(table, soft_wrap=False)  # the title wraps to the table's width

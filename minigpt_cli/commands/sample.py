@@ -68,10 +68,9 @@ def sample(
     json_out: JsonOut = False,
 ) -> None:
     """Generate text from a trained run (prints the prompt, then its continuation)."""
-    from minigpt_cli import sampler
-
     _check(max_new_tokens, num_samples, seed, stop, unknown)
     text = _read_prompt(prompt)
+    from minigpt_cli import sampler  # torch (seconds): after the options are checked
     # One sample streams wherever stdout goes (a terminal, a pipe, a file), so a reader that has had
     # enough (`| head`) ends the command; several samples, or JSON, are printed whole at the end.
     streaming = stream is not False and not json_out and num_samples == 1
