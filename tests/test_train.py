@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (BUNDLED_TEXT, FAST, assert_same_weights, assert_usage_error, invoke, latest_weights, run_cli,
-                      set_flags, train_in_process, train_losses)
+from conftest import (BUNDLED_TEXT, FAST, assert_fits_80, assert_same_weights, assert_usage_error, invoke,
+                      latest_weights, run_cli, set_flags, train_in_process, train_losses)
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import rundir
 from minigpt_cli.rundir import read_metrics
@@ -290,3 +290,12 @@ def test_summary_compares_an_earlier_best_checkpoint_with_the_final_weights_like
     assert rows["val loss"].startswith("1.4996") and "whole validation split" in rows["val loss"]
     assert rows["best checkpoint"] == ("step 750 (sample and eval load it): 1.5320 on 20 sampled batches, where the "
                                        "final weights score 1.5410")
+
+
+def test_summary_at_80_columns_keeps_a_long_run_directory_whole(small_corpus: Path, tmp_path: Path,
+                                                                at_80_columns: None):
+    out = tmp_path / ("a-run-directory-named-at-length-" * 3)
+    got = invoke("train", "tiny", "--data", small_corpus, "--out", out, *set_flags(*FAST, "train.max_iters=2"))
+    assert got.exit_code == 0, got.stderr
+    assert_fits_80(got.stdout)
+    assert str(out) in "".join(line.strip() for line in got.stdout.splitlines())  # folded, not cut to "…"

@@ -166,8 +166,8 @@ def _summary_table(title: str, rows: list) -> Any:
     from rich.table import Table
 
     table = Table(title=title, show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")  # a long run directory folds onto the next line, never cut to "…"
     for key, value in rows:
         table.add_row(key, value)
     return table
