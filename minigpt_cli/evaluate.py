@@ -67,6 +67,9 @@ class EvalResult:
     chars_per_second: float
     warnings: list[str] = field(default_factory=list)
     threads: dict | None = None  # ThreadChoice.to_dict(): the thread count and why
+    # How training measured checkpoint_val_loss: "final evaluation" (non-overlapping windows of the split)
+    # or a periodic evaluation's measure ("20 sampled batches"), not to be read as this result's equal.
+    checkpoint_val_measure: str | None = None
     # What a model that knows nothing scores: a uniform guess over the vocabulary, ln(V) nats, log2(V) bits.
     vocab_size: int = 0
     uniform_nll: float = math.nan
@@ -83,6 +86,14 @@ def score(model: GPT, ids: np.ndarray, stride: int, batch_size: int, device: tor
     total, count = score_text(model, ids, model.config.block_size, stride, batch_size, device, precision,
                               progress, "evaluation", max_chars)
     return total / max(count, 1), count
+
+
+def _val_measure(loaded: LoadedCheckpoint) -> str:
+    """How training measured the val_loss a checkpoint records: its final evaluation, or a periodic one."""
+    t = loaded.config.train
+    if loaded.meta.get("final") is True:
+        return "final evaluation"
+    return "whole validation split" if t.eval_full else f"{t.eval_iters} sampled batches"
 
 
 def _validation_ids(loaded: LoadedCheckpoint, warnings: list[str]) -> tuple[np.ndarray, str]:
@@ -155,6 +166,7 @@ def evaluate(request: EvalRequest) -> EvalResult:
         stride=stride, block_size=block_size, min_context=block_size - stride, batch_size=request.batch_size,
         checkpoint=str(loaded.path), step=loaded.step,
         checkpoint_val_loss=float(val_loss) if val_loss is not None else None,
+        checkpoint_val_measure=_val_measure(loaded) if val_loss is not None else None,
         device=str(device), precision=precision.name, seconds=seconds,
         chars_per_second=count / seconds if seconds > 0 else math.nan, warnings=warnings,
         threads=threads.to_dict() if threads else None,

@@ -338,8 +338,9 @@ def inspect(arg: str | None, overrides: Sequence[str] = (), vocab_size: int | No
 # ---------------------------------------------------------------------------------------------
 
 def text_chart(series: dict[str, list[list[float]]], width: int = 64, height: int = 14,
-               marks: dict[str, str] | None = None) -> list[str]:
-    """Lines of plain text: each series' points on a character grid, with the y range at the left."""
+               marks: dict[str, str] | None = None, legend: bool = True) -> list[str]:
+    """Lines of plain text: each series' points on a character grid, with the y range at the left
+    (and a legend line of mark and name, unless the caller writes its own)."""
     marks = marks or {"train": ".", "val": "o"}
     points = [(name, x, y) for name, values in series.items() for x, y in values if math.isfinite(y)]
     if not points:
@@ -365,8 +366,9 @@ def text_chart(series: dict[str, list[list[float]]], width: int = 64, height: in
     lines.append(" " * label + " +" + "-" * width)
     left, right = f"step {int(x0)}", f"{int(x1)}"
     lines.append(" " * (label + 2) + left + right.rjust(width - len(left)))
-    legend = "   ".join(f"{marks.get(name, '*')} {name}" for name, values in series.items() if values)
-    lines.append(" " * (label + 2) + legend)
+    if legend:
+        lines.append(" " * (label + 2) + "   ".join(f"{marks.get(name, '*')} {name}"
+                                                   for name, values in series.items() if values))
     return lines
 
 
@@ -429,9 +431,14 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str) ->
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     axes = figure.add_subplot()
     styles = {"train": dict(linewidth=1, alpha=0.8), "val": dict(marker="o", linewidth=1.5)}
+    colours: dict[str, str] = {}
     for name, values in curves.items():
         if values:
-            axes.plot([v[0] for v in values], [v[1] for v in values], label=name, **styles.get(name, {}))
+            run, _, kind = name.rpartition(" ")  # "train", "val", or compare's "LABEL train", "LABEL val"
+            style = dict(styles.get(kind, {}))
+            if run:  # one run's two curves in one colour
+                style["color"] = colours.setdefault(run, f"C{len(colours) % 10}")
+            axes.plot([v[0] for v in values], [v[1] for v in values], label=name, **style)
     axes.set_xlabel("step")
     axes.set_ylabel("loss (nats per character)")
     axes.set_title(title)

@@ -202,7 +202,15 @@ def size(nbytes: Optional[float]) -> str:
 
 
 def count(n: float) -> str:
-    """1234567 -> '1.23M': parameter and FLOP counts for people."""
+    """1234567 -> '1.23M': parameters and tokens as the field writes them (GPT-2 XL is "1.5B", not "1.5G")."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def si(n: float) -> str:
+    """1234567 -> '1.23M': the SI prefix of a quantity with a unit after it ("3.12GFLOP", never "3.12BFLOP")."""
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"

@@ -150,6 +150,12 @@ def pointer_target(run_dir: Path, which: str) -> Path | None:
     return target if (target / META_FILE).is_file() and not target.is_symlink() else None
 
 
+def pointer_step(run_dir: Path, which: str) -> int | None:
+    """The step of the checkpoint latest.json or best.json names (its folder's name: step-0002000)."""
+    target = pointer_target(run_dir, which)
+    return int(target.name.split("-")[1]) if target is not None else None
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / CHECKPOINTS_DIR
     if folder.is_symlink() or not folder.is_dir():

@@ -23,8 +23,8 @@ from minigpt_cli.config import Config, UserError, apply_overrides, budget_govern
 from minigpt_cli.rundir import LATEST, LOCK_FILE, META_FILE as META, META_MAX_BYTES as JSON_MAX_BYTES
 from minigpt_cli.rundir import MODEL_FILE as MODEL
 from minigpt_cli.rundir import (CheckpointWriteError, RunContents, bytes_on_disk, complete_checkpoints, delete_contents,
-                                is_run, live_runs_below, live_writer, new_run_dir, read_metrics, remove_unused_run_dir,
-                                run_contents)
+                                is_run, live_runs_below, live_writer, new_run_dir, pointer_step, read_metrics,
+                                remove_unused_run_dir, run_contents)
 from minigpt_cli.scoring import bits_per_char
 
 STATES = ("live", "finished", "paused", "interrupted", "failed", "damaged", "not a run")
@@ -41,9 +41,10 @@ class RunInfo:
     params: Optional[int] = None
     steps: Optional[int] = None
     tokens: Optional[int] = None
-    best_val_loss: Optional[float] = None
-    best_measure: Optional[str] = None  # what the best loss was measured on
-    final_val_loss: Optional[float] = None  # over the whole validation split, at the end
+    best_val_loss: Optional[float] = None  # the best checkpoint's loss on best_measure (not final_val_loss's)
+    best_measure: Optional[str] = None  # what the periodic evaluations measure: "20 sampled batches" or the whole split
+    best_step: Optional[int] = None  # the step of the checkpoint best.json names (what sample and eval load)
+    final_val_loss: Optional[float] = None  # over the whole validation split (or its fixed sample), at the end
     wall_seconds: Optional[float] = None
     size_bytes: int = 0
     modified: float = 0.0  # seconds since the epoch of the run's last save (or of the folder)
@@ -223,7 +224,9 @@ def _read_meta(info: RunInfo, meta: dict[str, Any], path: Path) -> None:
     info.config = str(meta.get("config_name", "?"))
     info.steps, info.tokens = _int(meta.get("step")), _int(meta.get("tokens"))
     info.best_val_loss = _float(meta.get("best_val_loss"))
-    info.best_measure = ("whole val split" if train.get("eval_full") else f"{train.get('eval_iters', '?')} sampled batches")
+    info.best_measure = ("whole validation split" if train.get("eval_full")
+                         else f"{train.get('eval_iters', '?')} sampled batches")
+    info.best_step = pointer_step(path, "best")
     info.wall_seconds = _float(meta.get("train_seconds"))
     parent = meta.get("parent")
     info.parent = str(parent.get("run")) if isinstance(parent, dict) and parent.get("run") else None
@@ -371,6 +374,7 @@ def run_summary(path: Path, label: Optional[str] = None) -> dict[str, Any]:
     final = info.final_val_loss
     last = next((r for r in reversed(records) if r.get("kind") == "eval" and r.get("final")), {})
     scored = last.get("chars_scored")
+    curves = loss_curves(Path(path))
     final_measure = (f"{scored:,} chars sampled" if last.get("scope") not in (None, "full") and isinstance(scored, int)
                      else "whole split")
     return {
@@ -382,7 +386,8 @@ def run_summary(path: Path, label: Optional[str] = None) -> dict[str, Any]:
         "final_val_bpc": bits_per_char(final) if final is not None else None,
         "final_measure": final_measure,
         "best_val_bpc": bits_per_char(info.best_val_loss) if info.best_val_loss is not None else None,
-        "val_curve": loss_curves(Path(path))["val"],
+        "val_curve": curves["val"],
+        "train_curve": curves["train"],  # the training loss at every log line: a curve where val has a point or two
     }
 
 

@@ -53,6 +53,10 @@ class Evaluator:
         self.state, self.emit, self.report = state, emit, report
         self.estimate_seconds = 0.0  # under a time budget: what the sampled validation batches cost
         self.seconds_per_window = 0.0
+        self.periodic_val = math.nan  # the validation loss of the latest periodic evaluation (at state.evaluated_at)
+        # The final weights on the measure the best checkpoint is chosen by (NaN: not measured so), so
+        # that the summary compares the best checkpoint with the final weights like for like.
+        self.final_on_best_measure = math.nan
 
     # -- what evaluations cost, for the time budget --------------------------------------------------
     def start_budget(self) -> None:
@@ -171,6 +175,7 @@ class Evaluator:
         is_best = losses["val"] < state.best_val
         state.best_val = min(state.best_val, losses["val"])
         state.evaluated_at = step = state.step
+        self.periodic_val = losses["val"]
         if self.ranks.dist.is_main:
             rundir.append_metrics(self.run_dir, dict(kind="eval", step=step, train_loss=losses["train"],
                                                    val_loss=losses["val"], elapsed=self.budget.elapsed(),
@@ -205,7 +210,8 @@ class Evaluator:
         # Nothing measured before it (no periodic evaluation ran): the final checkpoint is the best.
         is_best = candidate < state.best_val or not math.isfinite(state.best_val)
         state.best_val = min(state.best_val, candidate)
-        self._record_final(loss, count, candidate, seconds)
+        self.final_on_best_measure = self.periodic_val if state.evaluated_at == state.step else candidate
+        self._record_final(loss, count, self.final_on_best_measure, seconds)
         return loss, count, is_best
 
     def _record_final(self, loss: float, count: int, candidate: float, seconds: float) -> None:

@@ -64,6 +64,11 @@ class TrainResult:
     data_cache: str = ""  # encoded: read and encoded now | cached: from the encoded cache | run: the run's copy
     vocab_size: int = 0  # a uniform guess over it scores ln(vocab_size): the loss of a model that knows nothing
     prompt: str = ""  # the start of the run's own text, a prompt its vocabulary surely holds (the next: hint)
+    # best_val_loss is measured as the periodic evaluations measure (best_measure), which is not how
+    # final_val_loss is: final_on_best_measure is the final weights on best_measure, to compare with it.
+    best_step: int | None = None  # the step of the checkpoint best.json names (what sample and eval load)
+    best_measure: str = ""  # "20 sampled batches" or "whole validation split"
+    final_on_best_measure: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -524,7 +529,14 @@ class Trainer:
             stopped=stopped, device=str(self.device), precision=self.precision.name,
             n_params=model.num_parameters(), val_tokens_scored=scored, val_chars=state.val_chars,
             data_kept=state.data_kept, data_seconds=state.data_seconds, data_cache=state.data_cache,
-            vocab_size=model.vocab_size, prompt=opening_words(self.corpus))
+            vocab_size=model.vocab_size, prompt=opening_words(self.corpus),
+            best_step=rundir.pointer_step(self.run_dir, "best"), best_measure=best_measure(self.config.train),
+            final_on_best_measure=self.evaluator.final_on_best_measure)
+
+
+def best_measure(train: Any) -> str:
+    """What the periodic evaluations, and so the choice of the best checkpoint, measure."""
+    return "whole validation split" if train.eval_full else f"{train.eval_iters} sampled batches"
 
 
 def opening_words(corpus: Corpus, max_chars: int = 20) -> str:

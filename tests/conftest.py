@@ -116,6 +116,24 @@ def invoke(*args: object, input: str | bytes | None = None) -> Invocation:
     return Invocation(result.exit_code, result.stdout, result.stderr)
 
 
+@pytest.fixture
+def at_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """invoke() renders as into a pipe at COLUMNS=80: the stdout console is made afresh, reading COLUMNS."""
+    from minigpt_cli import output
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(output.out, "_console", None)
+
+
+def assert_fits_80(text: str) -> None:
+    """Every line within 80 columns, and nothing cut short with an ellipsis."""
+    from rich.cells import cell_len
+
+    wide = [line for line in text.splitlines() if cell_len(line) > 80]
+    assert not wide, f"{len(wide)} lines over 80 columns, the first: {wide[0]!r}"
+    assert "…" not in text
+
+
 def assert_usage_error(result: Invocation | subprocess.CompletedProcess, *fragments: str) -> str:
     """Exit code 2, exactly one non-empty line on stderr (no traceback), naming every fragment."""
     code = result.exit_code if isinstance(result, Invocation) else result.returncode

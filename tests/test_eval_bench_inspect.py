@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUNDLED_TEXT, assert_usage_error, invoke, train_in_process, write_small_corpus
+from conftest import (BUNDLED_TEXT, assert_fits_80, assert_usage_error, invoke, train_in_process,
+                      write_small_corpus)
 
 BLOCK_SIZE = 16
 MAX_ITERS = 30
@@ -791,3 +792,45 @@ def test_inspect_and_bench_count_the_same_forward_flops(config):
     # The short convolutions are counted (default has them, classic not), and the same way in both.
     assert (flops["short_conv_forward"] > 0) == (config == "default")
     assert flops["forward"] == 2 * flops["matmul_params"] + flops["attention_forward"] + flops["short_conv_forward"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 28: what reads badly at 80 columns, in a pipe
+# ---------------------------------------------------------------------------------------------
+
+SHIPPED_CONFIGS = sorted(path.stem for path in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_inspect_fits_80_columns_and_keeps_every_shape_whole(name: str, at_80_columns: None):
+    data = invoke("inspect", name, "--json").json()
+    got = invoke("inspect", name)
+    assert got.exit_code == 0, got.stderr
+    assert_fits_80(got.stdout)
+    words = set(got.stdout.replace("│", " ").split())
+    for row in data["shapes"]:
+        assert "(" + ", ".join(map(str, row["shape"])) + ")" in got.stdout, row  # on one line
+        assert set(row["symbols"].split()) <= words, row  # wrapped at a space, never folded inside a name
+
+
+def test_counts_are_written_as_the_field_writes_them():
+    from minigpt_cli.output import count, si
+
+    assert (count(1_557_611_200), count(124_439_808), count(28_896)) == ("1.56B", "124.44M", "28.90k")
+    assert si(3.11e9) == "3.11G"  # a prefix to a unit: GFLOP
+    people = invoke("inspect", "gpt2_xl", "--vocab-size", 50257).stdout
+    assert "1.56B parameters with GPT-2's own vocabulary" in people and "1.56G" not in people
+    assert "GFLOP per token" in people and "BFLOP" not in people
+
+
+def test_eval_show_fits_80_columns(tiny, tmp_path: Path, at_80_columns: None):
+    text = BUNDLED_TEXT.read_text(encoding="utf-8")[:3000]
+    long_line = " ".join(text.split())[:400]  # a text whose lines are longer than the terminal
+    path = tmp_path / "long.txt"
+    path.write_text(long_line + "\n" + text, encoding="utf-8")
+    got = invoke("eval", tiny["run"], "--show", "--data", path)
+    assert got.exit_code == 0, got.stderr
+    assert_fits_80(got.stdout)
+    assert long_line.split()[40] in got.stdout and "hardest characters" in got.stdout
+    hardest = got.stdout.split("hardest characters")[1].splitlines()[1:]
+    assert len(hardest) == 8 and all(" after " in line and "bits, context" in line for line in hardest)

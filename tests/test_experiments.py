@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, assert_usage_error, invoke, set_flags, train_in_process
+from conftest import FAST, assert_fits_80, assert_usage_error, invoke, set_flags, train_in_process
 
 # ---------------------------------------------------------------------------------------------
 # The time budget, on a fake clock
@@ -475,11 +475,12 @@ def test_runs_at_80_columns_splits_no_word_and_counts_what_is_not_a_run(run_copy
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) < 12 and "and 1,997 more" in proc.stdout  # not a row per stray file
-    assert all(len(line) <= 80 for line in lines if not line.startswith(("best val:", "  not runs:")))
+    assert all(len(line) <= 80 for line in lines if not line.startswith("  not runs:"))  # the note wraps too
     assert f"{run_copy.name}  finished" in proc.stdout and "config tiny" in proc.stdout  # whole words
     wide = subprocess.run(cli_command("runs"), capture_output=True, text=True, env={**cli_env(), "COLUMNS": "200"},
                           cwd=tmp_path, timeout=120)
-    assert "final val" in wide.stdout.splitlines()[1]  # the table, where it fits
+    header = wide.stdout.splitlines()[1]  # the table, where it fits
+    assert "val loss" in header and "best step" in header  # issue 28: no "best val" beside "final val"
 
 
 def test_compare_checks_the_plot_before_training_and_never_replaces_a_users_file(small_corpus: Path, tmp_path: Path):
@@ -607,3 +608,59 @@ def test_init_from_keeps_the_step_count_of_the_users_own_config(tiny_run: Path, 
     own.write_text("train:\n  max_iters: 70\n")
     plan = plan_run(TrainOptions(config_name=str(own), init_from=tiny_run, time_budget=30, out_dir=tmp_path / "r"))
     assert plan.config.train.max_iters == 70
+
+
+def test_compare_charts_the_training_loss_where_runs_evaluated_once(small_corpus: Path, tmp_path: Path,
+                                                                     at_80_columns: None):
+    """Issue 28.2: a short run evaluates once or twice, so its validation "curve" is a point or two; the
+    training loss at every log line makes a curve of it, a letter per run (capitals: validation)."""
+    for name, seed in (("a", 1), ("b", 2)):
+        train_in_process([*FAST, f"data.path={small_corpus}", "train.max_iters=8", "train.eval_interval=6",
+                          f"train.seed={seed}"], tmp_path / name)
+    report = invoke("compare", tmp_path / "a", tmp_path / "b", "--json").json()
+    for run in report["runs"]:
+        assert [step for step, _ in run["train_curve"]] == list(range(1, 9))
+        assert [step for step, _ in run["val_curve"]] == [6, 8]
+    got = invoke("compare", tmp_path / "a", tmp_path / "b")
+    assert got.exit_code == 0, got.stderr
+    assert_fits_80(got.stdout)
+    grid = "".join(line.split("|", 1)[1] for line in got.stdout.splitlines() if "|" in line)
+    assert grid.count("a") + grid.count("b") >= 8 and set("AB") & set(grid)  # curves, and validation points
+    assert "  a A  a" in got.stdout and "  b B  b" in got.stdout
+    table = got.stdout.split("loss against step")[0]
+    assert table.index("val loss") < table.index("best checkpoint") and "best val loss" not in table
+    assert f"step {report['runs'][0]['best_step']}:" in table and "on 2 sampled batches" in table
+
+
+def test_compare_plot_draws_each_runs_training_and_validation_in_one_colour(small_corpus: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    from minigpt_cli import inspection
+
+    drawn = []
+
+    class Axes:
+        def plot(self, xs, ys, label, **style):
+            drawn.append((label, list(xs), style))
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    class Figure:
+        def __init__(self, **kwargs):
+            pass
+
+        def add_subplot(self):
+            return Axes()
+
+    monkeypatch.setattr(inspection, "_figure_for", lambda path: Figure)
+    monkeypatch.setattr(inspection, "_save_figure", lambda figure, path: path)
+    for name in ("a", "b"):
+        train_in_process([*FAST, f"data.path={small_corpus}", "train.max_iters=4", "train.eval_interval=10"],
+                         tmp_path / name)
+    got = invoke("compare", tmp_path / "a", tmp_path / "b", "--plot", tmp_path / "curves.png", "--json")
+    assert got.exit_code == 0, got.stderr
+    styles = {label: (xs, style) for label, xs, style in drawn}
+    assert set(styles) == {"a train", "a val", "b train", "b val"}
+    assert styles["a train"][0] == [1, 2, 3, 4] and styles["a val"][0] == [4]
+    assert styles["a val"][1]["marker"] == "o"  # a single evaluation is still seen
+    assert styles["a train"][1]["color"] == styles["a val"][1]["color"] != styles["b val"][1]["color"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (BUNDLED_TEXT, FAST, assert_same_weights, assert_usage_error, invoke, latest_weights, run_cli,
-                      set_flags, train_in_process, train_losses)
+from conftest import (BUNDLED_TEXT, FAST, assert_fits_80, assert_same_weights, assert_usage_error, invoke,
+                      latest_weights, run_cli, set_flags, train_in_process, train_losses)
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import rundir
 from minigpt_cli.rundir import read_metrics
@@ -255,3 +255,47 @@ def test_the_memory_check_uses_the_devices_figure(tmp_path: Path, small_corpus: 
                                                                   "activations": 0})
     result = invoke("train", "tiny", "--out", tmp_path / "unknown", *flags)
     assert result.exit_code == 0, result.stderr
+
+
+def test_summary_shows_val_loss_first_and_the_best_checkpoint_on_its_own_measure(small_corpus: Path, tmp_path: Path):
+    """Issue 28.1: "best val loss" (sampled batches) above "final val loss" (the whole split) read as a
+    contradiction when best was the larger; now val loss comes first, and the best checkpoint is named by
+    its step and compared only with the final weights on the batches that chose it."""
+    flags = ["tiny", "--data", small_corpus, *set_flags(*FAST, "train.max_iters=6", "train.eval_interval=3")]
+    data = invoke("train", *flags, "--out", tmp_path / "a", "--json", "--quiet").json()
+    best_step = rundir.pointer_step(tmp_path / "a", "best")
+    assert data["best_step"] == best_step and best_step in (3, 6)
+    assert data["best_measure"] == "2 sampled batches"
+    final = [r for r in read_metrics(tmp_path / "a") if r.get("final")][0]
+    assert data["final_on_best_measure"] == pytest.approx(final["sampled_val_loss"])
+    assert data["best_val_loss"] == pytest.approx(min(data["final_on_best_measure"], *(
+        r["val_loss"] for r in read_metrics(tmp_path / "a") if r.get("kind") == "eval" and not r.get("final"))))
+    people = invoke("train", *flags, "--out", tmp_path / "b").stdout
+    assert "best val loss" not in people and "final val loss" not in people
+    assert people.index("val loss") < people.index("best checkpoint")
+    assert f"best checkpoint   step {best_step}" in people and "on 2 sampled batches" in people.replace("\n", " ")
+
+
+def test_summary_compares_an_earlier_best_checkpoint_with_the_final_weights_like_for_like():
+    from minigpt_cli.commands.train import _loss_rows
+    from minigpt_cli.trainer import TrainResult
+
+    result = TrainResult(run_dir="r", steps=1000, tokens=1, best_val_loss=1.5320, final_val_loss=1.4996,
+                         final_val_bpc=2.163, wall_seconds=1, train_seconds=1, eval_seconds=0, stopped="max_iters",
+                         device="cpu", precision="float32", n_params=1, val_tokens_scored=111_538,
+                         val_chars=111_539, vocab_size=65, best_step=750, best_measure="20 sampled batches",
+                         final_on_best_measure=1.5410)
+    rows = dict(_loss_rows(result))
+    assert list(rows) == ["val loss", "uniform baseline", "best checkpoint"]
+    assert rows["val loss"].startswith("1.4996") and "whole validation split" in rows["val loss"]
+    assert rows["best checkpoint"] == ("step 750 (sample and eval load it): 1.5320 on 20 sampled batches, where the "
+                                       "final weights score 1.5410")
+
+
+def test_summary_at_80_columns_keeps_a_long_run_directory_whole(small_corpus: Path, tmp_path: Path,
+                                                                at_80_columns: None):
+    out = tmp_path / ("a-run-directory-named-at-length-" * 3)
+    got = invoke("train", "tiny", "--data", small_corpus, "--out", out, *set_flags(*FAST, "train.max_iters=2"))
+    assert got.exit_code == 0, got.stderr
+    assert_fits_80(got.stdout)
+    assert str(out) in "".join(line.strip() for line in got.stdout.splitlines())  # folded, not cut to "…"

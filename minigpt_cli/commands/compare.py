@@ -17,7 +17,7 @@ from minigpt_cli.views import Starting, TrainView
 EXAMPLES = ("Examples:\n\n  minigpt compare runs/a runs/b\n\n"
             "  minigpt compare tiny --vary model.pos_encoding=learned,sinusoidal,rope --time-budget 30\n\n"
             "  minigpt compare tiny --vary model.norm_placement=pre,post --set train.max_iters=200 --json")
-CURVE_MARKS = "o*+x#@%&"
+CURVE_MARKS = "abcdefghjkmnpqrstuvwxyz"  # a run's training curve; its validation points in capitals
 ASK_ABOVE = 16  # variants trained without asking
 
 
@@ -79,8 +79,8 @@ def _show(result: dict, plot: Optional[Path], json_out: bool, interrupted: bool)
     if plot is not None:
         from minigpt_cli.inspection import plot_curves
 
-        curves = {r["label"]: r["val_curve"] for r in result["runs"]}
-        result["plot"] = str(plot_curves(curves, plot, "validation loss"))
+        curves = {f"{r['label']} {kind}": r[f"{kind}_curve"] for r in result["runs"] for kind in ("train", "val")}
+        result["plot"] = str(plot_curves(curves, plot, "training and validation loss"))
         err.print(f"wrote {result['plot']}", markup=False)
     result["interrupted"] = interrupted
     if json_out:
@@ -162,8 +162,6 @@ def _render(result: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from minigpt_cli.inspection import text_chart
-
     rows = result["runs"]
     if not rows:
         out.print("no run finished a checkpoint: nothing to compare")
@@ -182,10 +180,40 @@ def _render(result: dict) -> None:
     out.print(table)
     if not result["differences"]:
         out.print("(the runs' configs are the same)")
-    marks = {r["label"]: CURVE_MARKS[i % len(CURVE_MARKS)] for i, r in enumerate(rows)}
-    out.print("[bold]validation loss against step[/]")
-    for line in text_chart({r["label"]: r["val_curve"] for r in rows}, marks=marks):
+    measures = " or ".join(sorted({r["best_measure"] for r in rows if r["best_measure"]})) or "sampled batches"
+    out.print(f"val loss: the final weights on the validation split; best checkpoint: what sample and eval load, "
+              f"chosen during training by the loss on {measures}", markup=False, soft_wrap=False)
+    _render_chart(rows)
+
+
+def _render_chart(rows: List[dict]) -> None:
+    """Every run's training loss (a point per log line: a curve even where a short run evaluated once
+    or twice) and validation loss on one chart, a letter per run: lower case training, capital validation."""
+    from rich.markup import escape
+
+    from minigpt_cli.inspection import text_chart
+
+    series, marks = {}, {}
+    for kind in ("train", "val"):  # validation drawn last, over the training curve
+        for i, r in enumerate(rows):
+            letter = CURVE_MARKS[i % len(CURVE_MARKS)]
+            series[f"{i} {kind}"] = r[f"{kind}_curve"]
+            marks[f"{i} {kind}"] = letter if kind == "train" else letter.upper()
+    out.print("[bold]loss against step[/]: lower case the training loss at each log line, capitals the validation "
+              "loss at each evaluation", soft_wrap=False)
+    for line in text_chart(series, marks=marks, legend=False):
         out.print(line, markup=False, highlight=False)
+    for i, r in enumerate(rows):
+        letter = CURVE_MARKS[i % len(CURVE_MARKS)]
+        out.print(f"  {letter} {letter.upper()}  {escape(r['label'])}", soft_wrap=False)
+
+
+def _best_cell(r: dict) -> str:
+    """The best checkpoint's step, and its loss on the measure that chose it (not val loss's)."""
+    if r["best_val_loss"] is None:
+        return "-"
+    step = f"step {r['best_step']:,}: " if r["best_step"] is not None else ""
+    return f"{step}{loss(r['best_val_loss'])} on {_escaped(r['best_measure'] or '?')}"
 
 
 def _escaped(text: str) -> str:
@@ -199,11 +227,10 @@ _ROWS = (
     ("parameters", lambda r: count(r["params"]) if r["params"] is not None else "-"),
     ("tokens/s", lambda r: f"{r['tokens_per_sec']:,.0f}" if r["tokens_per_sec"] else "-"),
     ("steps", lambda r: f"{r['steps']:,}" if r["steps"] is not None else "-"),
-    ("best val loss", lambda r: f"{loss(r['best_val_loss'])} ({r['best_measure']})"
-        if r["best_val_loss"] is not None else "-"),
-    ("final val loss", lambda r: f"{loss(r['final_val_loss'])} ({r['final_measure']})"
+    ("val loss", lambda r: f"{loss(r['final_val_loss'])} ({r['final_measure']})"
         if r["final_val_loss"] is not None else "-"),
     ("bits per char", lambda r: f"{r['final_val_bpc']:.3f}" if r["final_val_bpc"] is not None else "-"),
+    ("best checkpoint", lambda r: _best_cell(r)),
     ("wall time", lambda r: f"{r['wall_seconds']:.1f}s" if r["wall_seconds"] is not None else "-"),
     ("state", lambda r: _escaped(r["state"])),
     ("run", lambda r: _escaped(r["path"])),

@@ -100,7 +100,10 @@ def _render(result) -> None:
         ("checkpoint", f"{result.checkpoint} (step {result.step:,})"),
     ]
     if result.checkpoint_val_loss is not None:
-        rows.append(("val loss in training", f"{result.checkpoint_val_loss:.4f} (as recorded with this checkpoint)"))
+        measure = result.checkpoint_val_measure
+        how = ("training's final evaluation of these weights, in non-overlapping windows"
+               if measure == "final evaluation" else f"during training: these weights on {measure}")
+        rows.append(("val loss in training", f"{result.checkpoint_val_loss:.4f} ({how})"))
     rows.append(("speed", f"{result.chars_per_second:,.0f} characters/s on {result.device}, {result.precision} "
                           f"({result.seconds:.2f}s)"))
     out.print(key_value_table("evaluation", rows))
@@ -112,7 +115,7 @@ def _render_surprisal(result: dict) -> None:
     chars = result["chars"]
     out.print(f"[bold]surprisal[/] -log2 p(character | the ones before it) of the first {result['shown_chars']:,} of "
               f"{result['text_chars']:,} characters of {result['source']}, scored in windows of "
-              f"{result['block_size']} characters as training sees them:", highlight=False)
+              f"{result['block_size']} characters as training sees them:", highlight=False, soft_wrap=False)
     legend = Text("  ")
     low = 0.0
     for style, below in SURPRISE:
@@ -125,7 +128,7 @@ def _render_surprisal(result: dict) -> None:
         bits = item["bits"]
         style = "dim" if bits is None else next(s for s, below in SURPRISE if bits < below)
         text.append("↵\n" if item["char"] == "\n" else visible(item["char"]), style=style)
-    out.print(text)
+    out.print(text, soft_wrap=False)  # a long line of the text wraps at the terminal's width (↵ marks its own)
     if any(c["bits"] is not None for c in chars):
         _surprisal_summary(result)
 
@@ -140,17 +143,18 @@ def _surprisal_summary(result: dict) -> None:
     later = [c["bits"] for c in scored if c["context"] > 4]
     out.print()
     out.print(f"mean {result['mean_bits']:.3f} bits per character; a uniform guess over the {result['vocab_size']} "
-              f"characters costs {result['uniform_bits']:.3f}", markup=False)
+              f"characters costs {result['uniform_bits']:.3f}", markup=False, soft_wrap=False)
     out.print(_class_table(result))
     if early and later:
         out.print(f"with at most 4 characters of context (each window's start): {sum(early) / len(early):.2f} bits "
                   f"on average over {len(early)}; with more: {sum(later) / len(later):.2f} over {len(later)}",
-                  markup=False)
+                  markup=False, soft_wrap=False)
     hardest = sorted(range(len(chars)), key=lambda i: -(chars[i]["bits"] or 0.0))[:8]
-    out.print("hardest: " + ", ".join(
-        f"{visible_char(chars[i]['char'])!r} after {''.join(visible_char(c['char']) for c in chars[max(0, i - 8):i])!r} "
-        f"({chars[i]['bits']:.1f} bits, context {chars[i]['context']})" for i in hardest if chars[i]["bits"] is not None),
-        markup=False, highlight=False)
+    out.print("hardest characters, after the 8 before them:", markup=False)
+    for i in (i for i in hardest if chars[i]["bits"] is not None):  # one a line: each fits 80 columns
+        before = "".join(visible_char(c["char"]) for c in chars[max(0, i - 8):i])
+        out.print(f"  {visible_char(chars[i]['char'])!r} after {before!r} ({chars[i]['bits']:.1f} bits, context "
+                  f"{chars[i]['context']})", markup=False, highlight=False, soft_wrap=False)
 
 
 def _class_table(result: dict) -> object:

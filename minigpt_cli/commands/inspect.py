@@ -11,7 +11,7 @@ import typer
 
 from minigpt_cli.config import UserError
 from minigpt_cli.options import JsonOut, Overrides, Plot, Target, VocabSize
-from minigpt_cli.output import count, emit_json, err, key_value_table, mib, out, titled_table, vocab_source
+from minigpt_cli.output import count, emit_json, err, key_value_table, mib, out, si, titled_table, vocab_source
 from minigpt_cli.views import Starting
 
 EXAMPLES = ("Examples:\n\n  minigpt inspect\n\n  minigpt inspect gpt2_small\n\n"
@@ -107,10 +107,11 @@ def _render_inspect(result: dict) -> None:
         table.add_row(name, f"{n:,}")
     table.add_row("[bold]total[/]", f"[bold]{params['total']:,}[/]")
     out.print(table)
+    # Prose wraps at the terminal's width (at spaces: a number is never split).
     out.print(f"embeddings {params['embedding']:,}, everything else {params['non_embedding']:,}; "
               f"{params['per_layer']:,} per layer; float32 weights {mib(result['weights_bytes'])}"
-              + ("; lm_head shares wte's weight" if params["tied_weights"] else ""), markup=False)
-    out.print(_vocab_comparison(params, target), markup=False)
+              + ("; lm_head shares wte's weight" if params["tied_weights"] else ""), markup=False, soft_wrap=False)
+    out.print(_vocab_comparison(params, target), markup=False, soft_wrap=False)
     _render_costs(result)
     _render_shapes(result)
     if result.get("run"):
@@ -130,15 +131,15 @@ def _render_costs(result: dict) -> None:
     config_has_conv = bool(result["config"]["model"].get("short_conv"))
     rows = [
         ("N (matmul weights)", f"{flops['matmul_params']:,} (attention, MLP and lm_head; not the embeddings)"),
-        ("forward", f"{count(flops['forward'])}FLOP per token = 2N + {count(flops['attention_forward'])} "
+        ("forward", f"{si(flops['forward'])}FLOP per token = 2N + {si(flops['attention_forward'])} "
                     f"attention at T = {flops['seq_len']} (4 x n_layer x T x n_embd)"
-                    + (f" + {count(flops['short_conv_forward'])} short convolutions"
+                    + (f" + {si(flops['short_conv_forward'])} short convolutions"
                        if flops.get("short_conv_forward") else "")),
-        ("training", f"{count(flops['train'])}FLOP per token (3 x forward: backward costs twice the forward)"),
+        ("training", f"{si(flops['train'])}FLOP per token (3 x forward: backward costs twice the forward)"),
         ("counted as", flops["convention"]),
     ]
     if counted:
-        rows.append(("torch's FLOP counter", f"{count(counted['forward'])} forward, {count(counted['train'])} "
+        rows.append(("torch's FLOP counter", f"{si(counted['forward'])} forward, {si(counted['train'])} "
                                              f"training per token" + _counter_note(flops, counted)))
     out.print(key_value_table("FLOPs per token", rows))
     out.print(key_value_table("KV cache", [
@@ -160,7 +161,7 @@ def _render_shapes(result: dict) -> None:
                                       f"T = block_size = {config['model']['block_size']})"),
                          ("decoding", "shapes of one decoding step (KV cache full but one position)")):
         table = Table(title=title, title_justify="left", title_style="bold")
-        table.add_column("tensor", overflow="fold", min_width=30)
+        table.add_column("tensor", overflow="fold")  # wraps at spaces; rich never folds a word it can fit
         table.add_column("shape", no_wrap=True)
         table.add_column("as", overflow="fold")
         for row in result["shapes"]:

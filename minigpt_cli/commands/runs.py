@@ -18,7 +18,11 @@ STATE_STYLES = {"finished": "green", "live": "bold cyan", "paused": "yellow", "i
 # How a run ended, as short as the state column allows ("" for the plain end: max_iters reached).
 SHORT_ENDINGS = {"time_budget": "budget", "max_iters": "", "stop_after": "stop_after"}  # by RunInfo.ending
 COLUMNS = (("run", "left"), ("config", "left"), ("params", "right"), ("steps", "right"), ("tokens", "right"),
-           ("best val", "right"), ("final val", "right"), ("wall", "right"), ("state", "left"), ("size", "right"))
+           ("val loss", "right"), ("best step", "right"), ("wall", "right"), ("state", "left"), ("size", "right"))
+# Under the table: what the two loss columns are, so that no one compares a sampled estimate with val loss.
+LOSS_NOTE = ("val loss: the final weights on the validation split (a fixed sample of it where it is large or the "
+             "time budget short); best step: the checkpoint sample and eval load, chosen during training by the loss "
+             "on {measures}")
 
 
 def runs(
@@ -93,8 +97,8 @@ def _render(folder: Path, infos: List[Any]) -> None:
     from rich.markup import escape
 
     shown = [r for r in infos if r.is_run]
-    notes, measures = [], set()
-    rows = [_row(r, notes, measures) for r in shown]
+    notes: List[str] = []
+    rows = [_row(r, notes) for r in shown]
     if not rows:
         out.print(f"no runs under {escape(str(folder))} (train one with: minigpt train)")
     else:
@@ -104,10 +108,8 @@ def _render(folder: Path, infos: List[Any]) -> None:
             out.print(f"[bold]runs under {escape(str(folder))}, newest first[/]")
             for row in rows:
                 out.print(_block(row))
-        sampled = sorted(m for m in measures if m != "whole val split")
-        out.print(f"best val: the lowest periodic validation loss ({', '.join(sampled) or 'sampled batches'}; "
-                  f"* the whole validation split); final val: the validation split at the end (a fixed sample of "
-                  f"it where it is large or the time budget short)", markup=False)
+        measures = sorted({r.best_measure for r in shown if r.best_measure}) or ["sampled batches"]
+        out.print(LOSS_NOTE.format(measures=" or ".join(measures)), markup=False, soft_wrap=False)
     for note in notes:
         out.print(f"  {note}", markup=False)
     others = [r for r in infos if not r.is_run]
@@ -147,16 +149,11 @@ def _block(row: List[str]) -> str:
     return "\n".join([first] + [f"  {'  '.join(rest[i:i + 4])}" for i in range(0, len(rest), 4)])
 
 
-def _row(r: Any, notes: List[str], measures: set) -> List[str]:
-    """One run's cells; what does not fit a cell goes to notes, the measures of best val to measures."""
+def _row(r: Any, notes: List[str]) -> List[str]:
+    """One run's cells; what does not fit a cell goes to notes."""
     from rich.markup import escape
 
     name = escape(r.name) + (f" -> {escape(r.link)}" if r.link else "")
-    best = "-"
-    if r.best_val_loss is not None:
-        whole = r.best_measure == "whole val split"
-        best = f"{r.best_val_loss:.4f}" + ("*" if whole else "")
-        measures.add(r.best_measure)
     # A known ending fits the state column; any other detail is a note under the table.
     detail = SHORT_ENDINGS.get(r.ending) if r.ending else None
     if detail is None and r.detail:
@@ -168,7 +165,8 @@ def _row(r: Any, notes: List[str], measures: set) -> List[str]:
         notes.append(f"{r.name}: started from the weights of {r.parent}")
     return [name, escape(r.config or "-"), count(r.params) if r.params is not None else "-",
             f"{r.steps:,}" if r.steps is not None else "-",
-            count(r.tokens) if r.tokens is not None else "-", best,
+            count(r.tokens) if r.tokens is not None else "-",
             f"{r.final_val_loss:.4f}" if r.final_val_loss is not None else "-",
+            f"{r.best_step:,}" if r.best_step is not None else "-",
             fmt_seconds(r.wall_seconds) if r.wall_seconds is not None else "-", state,
             size(r.size_bytes) if r.is_run and not r.link else "-"]

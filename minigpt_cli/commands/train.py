@@ -11,7 +11,7 @@ import typer
 
 from minigpt_cli.clock import process_started_at
 from minigpt_cli.options import Device, JsonOut, Overrides, Quiet, Seed, TimeBudget
-from minigpt_cli.output import EXIT_FAILURE, emit_json, err, fail, out
+from minigpt_cli.output import EXIT_FAILURE, count, emit_json, err, fail, out
 from minigpt_cli.views import Starting, TrainView
 
 EXAMPLES = ("Examples:\n\n  minigpt train\n\n  minigpt train shakespeare_char --device cuda\n\n"
@@ -111,34 +111,54 @@ def uniform_baseline(vocab_size: int) -> tuple[float, float]:
 
 
 def _render(result: Any, cfg: Any) -> None:
-    from minigpt_cli.scoring import bits_per_char
-
     finished = result.stopped != "stop_after"
-    measure = "whole validation split" if cfg.train.eval_full else f"{cfg.train.eval_iters} sampled batches"
-    rows = []
-    if math.isfinite(result.best_val_loss):
-        rows.append(("best val loss", f"{result.best_val_loss:.4f}  ({bits_per_char(result.best_val_loss):.3f} "
-                                      f"bits/char, {measure})"))
-    else:
-        rows.append(("best val loss", "-  (no periodic evaluation ran: the best checkpoint is the final one)"
-                     if math.isfinite(result.final_val_loss) else "-  (no evaluation yet)"))
-    if math.isfinite(result.final_val_loss):
-        scope = (f"whole validation split, {result.val_tokens_scored:,} characters"
-                 if result.val_tokens_scored >= result.val_chars - 1 else
-                 f"{result.val_tokens_scored:,} characters sampled of {result.val_chars:,}")
-        rows.append(("final val loss", f"{result.final_val_loss:.4f}  ({scope})"))
-    if result.vocab_size:
-        nats, bits = uniform_baseline(result.vocab_size)
-        rows.append(("uniform baseline", f"{nats:.4f}  ({bits:.3f} bits/char: ln({result.vocab_size}), a model "
-                                         f"that knows nothing)"))
+    rows = _loss_rows(result)
     rows += [
         ("steps", f"{result.steps:,}  (stopped: {result.stopped.replace('_', ' ')})"),
         ("tokens seen", f"{result.tokens:,}"),
         ("wall time", f"{result.wall_seconds:.1f}s  (evaluation {result.eval_seconds:.1f}s)"),
-        ("model", f"{result.n_params / 1e6:.2f}M parameters, {result.device}, {result.precision}"),
+        ("model", f"{count(result.n_params)} parameters, {result.device}, {result.precision}"),
         ("run directory", result.run_dir),
     ]
     out.print(_summary_table("training finished" if finished else "training paused (train.stop_after)", rows))
+
+
+def _loss_rows(result: Any) -> list:
+    """The final weights' validation loss first, then the best checkpoint (what sample and eval load),
+    whose loss was measured differently during training: compared only with the final weights' loss
+    on the same measure, never with the val loss row."""
+    from minigpt_cli.scoring import bits_per_char
+
+    rows = []
+    final, best, step = result.final_val_loss, result.best_val_loss, result.best_step
+    if math.isfinite(final):
+        scope = (f"the whole validation split, {result.val_tokens_scored:,} characters"
+                 if result.val_tokens_scored >= result.val_chars - 1 else
+                 f"{result.val_tokens_scored:,} characters sampled of the validation split's {result.val_chars:,}")
+        rows.append(("val loss", f"{final:.4f}  ({bits_per_char(final):.3f} bits/char) on {scope}, the final "
+                                 f"weights"))
+    if result.vocab_size:
+        nats, bits = uniform_baseline(result.vocab_size)
+        rows.append(("uniform baseline", f"{nats:.4f}  ({bits:.3f} bits/char: ln({result.vocab_size}), a model "
+                                         f"that knows nothing)"))
+    where = f"step {step:,}" if step is not None else "-"
+    if not math.isfinite(best):
+        rows.append(("best checkpoint", f"{where}, the final weights (no periodic evaluation ran)"
+                     if math.isfinite(final) else "-  (no evaluation yet)"))
+        return rows
+    loads = "sample and eval load it"
+    on = f"on {result.best_measure}" if result.best_measure else "as the periodic evaluations measure"
+    if step == result.steps and result.best_measure == "whole validation split":
+        rows.append(("best checkpoint", f"{where}, the final weights ({loads}), chosen on val loss's measure"))
+    elif step == result.steps and math.isfinite(final):
+        rows.append(("best checkpoint", f"{where}, the final weights ({loads}); chosen during training by its "
+                                        f"loss {on}, {best:.4f}, a smaller sample than val loss's"))
+    elif math.isfinite(result.final_on_best_measure):
+        rows.append(("best checkpoint", f"{where} ({loads}): {best:.4f} {on}, where the final weights score "
+                                        f"{result.final_on_best_measure:.4f}"))
+    else:
+        rows.append(("best checkpoint", f"{where} ({loads}): {best:.4f} {on}"))
+    return rows
 
 
 def _summary_table(title: str, rows: list) -> Any:
@@ -146,8 +166,8 @@ def _summary_table(title: str, rows: list) -> Any:
     from rich.table import Table
 
     table = Table(title=title, show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")  # a long run directory folds onto the next line, never cut to "…"
     for key, value in rows:
         table.add_row(key, value)
     return table
