@@ -275,6 +275,10 @@ def loss_curves(run_dir: Path) -> dict[str, list[list[float]]]:
     return {"train": train, "val": val}
 
 
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(float(value)) else None
+
+
 def run_record(target: Target) -> dict[str, Any]:
     loaded = target.loaded
     assert loaded is not None
@@ -293,6 +297,9 @@ def run_record(target: Target) -> dict[str, Any]:
         "saved_at": meta.get("saved_at"),
         "best_val_loss": best,
         "best_val_bpc": bits_per_char(best) if best is not None else None,
+        "best_step": rundir.pointer_step(loaded.run_dir, "best"),
+        # the final weights on the whole validation split (a finished run's final checkpoint only)
+        "val_loss": _finite(meta.get("val_loss")) if meta.get("final") is True else None,
         "data_fingerprint": meta.get("data_fingerprint"),
         "parent": meta.get("parent") if isinstance(meta.get("parent"), dict) else None,  # train --init-from
         "vocab": {"size": loaded.tokenizer.vocab_size, "chars": escape_vocab(loaded.tokenizer.chars)},

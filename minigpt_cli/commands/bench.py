@@ -8,7 +8,8 @@ import typer
 
 from minigpt_cli.config import UserError
 from minigpt_cli.options import AUTO_DEVICE, Device, Dtype, JsonOut, Overrides, Quiet, Target, Threads, VocabSize
-from minigpt_cli.output import count, emit_json, err, key_value_table, mib, ms, out, titled_table, vocab_source
+from minigpt_cli.output import (count, emit_json, err, key_value_table, mib, ms, out, si, titled_table,
+                                vocab_source)
 from minigpt_cli.views import ProgressLine
 
 EXAMPLES = ("Examples:\n\n  minigpt bench\n\n  minigpt bench gpt2_small --quick\n\n"
@@ -154,8 +155,8 @@ def _render_decode(rows: list[dict]) -> None:
                          "whole prefix)", ["context", "KV cache", "no cache", "cache speed-up", "floor reached"])
     for row in rows:
         context = f"{row['context']}*" if row.get("past_block_size") else str(row["context"])
-        flops.add_row(context, count(row["weights_flops"]), count(row["cached_attention_flops"]),
-                      count(row["cached_flops"]), count(row["uncached_flops"]))
+        flops.add_row(context, si(row["weights_flops"]), si(row["cached_attention_flops"]),
+                      si(row["cached_flops"]), si(row["uncached_flops"]))
         times.add_row(context + _mark(row), ms(row["cached_ms"]), ms(row.get("uncached_ms")),
                       f"{row['cache_speedup']:.1f}x" if row.get("cache_speedup") else "-",
                       f"{row['floor_pct']:.0f}%")

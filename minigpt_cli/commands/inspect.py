@@ -177,16 +177,20 @@ def _render_run(run: dict) -> None:
     from rich.markup import escape
 
     from minigpt_cli.inspection import text_chart
+    from minigpt_cli.scoring import bits_per_char
 
-    best = (f"{run['best_val_loss']:.4f} ({run['best_val_bpc']:.3f} bits per character)"
-            if run["best_val_loss"] is not None else "-")
+    val = (f"{run['val_loss']:.4f} ({bits_per_char(run['val_loss']):.3f} bits per character) on the whole "
+           f"validation split, the final weights" if run.get("val_loss") is not None else "-")
+    best = (f"step {run['best_step'] if run.get('best_step') is not None else '?'}: {run['best_val_loss']:.4f} "
+            f"on the sampled batches that chose it" if run["best_val_loss"] is not None else "-")
     out.print(key_value_table("training record", [
         ("vocabulary", escape(f"{run['vocab']['size']} characters: {run['vocab']['chars']}")),
         ("steps", f"{run['steps']:,}"),
         ("tokens seen", f"{run['tokens_seen']:,}"),
         ("wall time", f"{run['wall_seconds']:.1f}s"),
         ("device", escape(f"{run['device']}, {run['precision']}, torch {run['torch_version']}")),
-        ("best val loss", best),
+        ("val loss", val),
+        ("best checkpoint", best),
         ("data fingerprint", f"{run['data_fingerprint']}"),
         ("checkpoint", escape(run["checkpoint"])),
         *_parent_rows(run.get("parent")),
