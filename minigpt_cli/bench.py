@@ -401,7 +401,7 @@ def attention(s: BenchState) -> dict[str, Any]:
         with s.measuring_again():
             return _attention_row(s, rows[i]["seq_len"], dtype)[0]
 
-    s.untrusted += settle(rows, attention_doubts, remeasure)
+    s.untrusted += settle(rows, lambda rows: attention_doubts(rows, s.device.type == "cpu"), remeasure)
     return {"batch_size": 1, "n_head": m.n_head, "head_dim": m.head_dim, "dtype": str(dtype).removeprefix("torch."),
             "causal": True, "memory_method": method, "rows": rows}
 
@@ -428,9 +428,9 @@ def _attention_row(s: BenchState, T: int, dtype: torch.dtype) -> tuple[dict[str,
             "speedup": plain_t.median / fused_t.median}, method
 
 
-def attention_doubts(rows: list[dict]) -> Doubts:
+def attention_doubts(rows: list[dict], cpu: bool = True) -> Doubts:
     """Why each row of the attention table cannot be trusted (see bench_state.settle)."""
-    found = [growth_doubts([(f"T={r['seq_len']}", r["flops"], r[key]) for r in rows], name)
+    found = [growth_doubts([(f"T={r['seq_len']}", r["flops"], r[key]) for r in rows], name, cpu)
              for key, name in (("plain_ms", "the written-out product"), ("sdpa_ms", "SDPA"))]
     for i, row in enumerate(rows):
         reasons = spread_doubts(row["plain_ms"], "the written-out product") + spread_doubts(row["sdpa_ms"], "SDPA")

@@ -76,13 +76,13 @@ def _decode_rows(s: BenchState, model: Decoder, cache: KVCache, contexts: list[i
             return measure(rows[i]["context"])
 
     rows = [measure(L) for L in contexts]
-    s.untrusted += settle(rows, decode_doubts, again)
+    s.untrusted += settle(rows, lambda rows: decode_doubts(rows, s.device.type == "cpu"), again)
     return rows
 
 
-def decode_doubts(rows: list[dict]) -> Doubts:
+def decode_doubts(rows: list[dict], cpu: bool = True) -> Doubts:
     """Why each row of the decode table cannot be trusted (see bench_state.settle)."""
-    found = [growth_doubts([(f"context {r['context']}", r[flops], r[key]) for r in rows], name)
+    found = [growth_doubts([(f"context {r['context']}", r[flops], r[key]) for r in rows], name, cpu)
              for key, flops, name in (("cached_ms", "cached_flops", "the cached step"),
                                       ("uncached_ms", "uncached_flops", "the uncached step"))]
     for i, row in enumerate(rows):

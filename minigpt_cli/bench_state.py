@@ -34,6 +34,9 @@ MIN_REPEATS = 3
 # Between two rows of a table, where the second has more FLOPs: its time may fall by this fraction
 # (noise) and may grow this many times faster than the FLOPs (caches overflowing), not more.
 MAX_FALL = 0.2
+# Rows whose FLOPs differ by less than this (a cached decode step at two contexts) do nearly the same
+# work: the first one measured (a scripted step's first use, say) may be the slower without a fault.
+MIN_WORK_FOR_FALL = 1.5
 MAX_EXCESS_GROWTH = 3.0
 # Above this a measurement's fixed costs (Python, kernel launches) are a small part of it, so twice the
 # FLOPs or more must take visibly longer (at least MIN_GROWTH times): a flat time there is a stall.
@@ -188,28 +191,29 @@ Doubts = dict[int, list[str]]  # row index -> why its numbers cannot be trusted
 
 
 def spread_doubts(timing: dict | None, what: str) -> list[str]:
-    """A timing (Timing.to_dict) with too few repeats for a spread, or one that varied too much."""
-    if not timing:
+    """A timing (Timing.to_dict) that varied too much between its repeats. One with fewer than
+    MIN_REPEATS (the user's --repeats) has no spread to judge: output.ms prints its repeats, not a ±."""
+    if not timing or timing["repeats"] < MIN_REPEATS:
         return []
-    if timing["repeats"] < MIN_REPEATS:
-        return [f"{what}: {timing['repeats']} repeat(s), too few for a spread"]
     if timing["mad_ms"] > UNSTEADY * timing["median_ms"]:
         return [f"{what} varied by {timing['mad_ms'] / timing['median_ms']:.0%} between repeats"]
     return []
 
 
-def growth_doubts(points: Sequence[tuple[str, float, dict | None]], what: str) -> Doubts:
-    """Rows (label, FLOPs, timing) in order of growing work: a time that falls as the FLOPs grow, or that
-    grows far faster than they do, is impossible for one kernel; both rows of the pair are in doubt."""
+def growth_doubts(points: Sequence[tuple[str, float, dict | None]], what: str, cpu: bool = True) -> Doubts:
+    """Rows (label, FLOPs, timing) in order of growing work: a time that falls as the FLOPs clearly grow
+    (MIN_WORK_FOR_FALL times), or that grows far faster than they do, is impossible for one kernel; both
+    rows of the pair are in doubt. On a CPU a flat time for twice the FLOPs is a stall too; a GPU's
+    small steps are bound by kernel launches, whose cost does not grow with the FLOPs."""
     doubts: Doubts = defaultdict(list)
     for i in range(1, len(points)):
         (label0, flops0, t0), (label1, flops1, t1) = points[i - 1], points[i]
         if not t0 or not t1 or flops1 <= flops0:
             continue
         times, work = t1["median_ms"] / t0["median_ms"], flops1 / flops0
-        if times < 1 - MAX_FALL:
+        if times < 1 - MAX_FALL and work >= MIN_WORK_FOR_FALL:
             reason = f"{what} took {1 / times:.1f}x less time at {label1} than at {label0}, for {work:.1f}x the FLOPs"
-        elif times < MIN_GROWTH and work >= 2 and t0["median_ms"] >= FIXED_COST_MS:
+        elif cpu and times < MIN_GROWTH and work >= 2 and t0["median_ms"] >= FIXED_COST_MS:
             reason = f"{what} took about the same time at {label1} as at {label0}, for {work:.1f}x the FLOPs"
         elif times > MAX_EXCESS_GROWTH * work:
             reason = f"{what} took {times:.0f}x the time at {label1} as at {label0}, for {work:.1f}x the FLOPs"
@@ -235,7 +239,9 @@ def settle(rows: list[dict], doubts: Callable[[list[dict]], Doubts], remeasure: 
     if found:
         for i in sorted(found):
             rows[i] = remeasure(i)
-        found = {i: r for i, r in doubts(rows).items() if r}
+        # Only a row that had its second chance is flagged (a neighbour that now disagrees with a
+        # re-measured row was fine the first time).
+        found = {i: r for i, r in doubts(rows).items() if r and i in found}
     for i, row in enumerate(rows):
         row["trusted"] = i not in found
         row.pop("reason", None)

@@ -115,6 +115,12 @@ class TrainConfig:
     # Whole-split evaluations (the final one; periodic ones with eval_full) of a split with more characters
     # than this score a fixed sample of windows holding about this many; 0 scores the whole split always.
     eval_max_chars: int = 2_000_000
+    # Whole-split evaluations score windows of block_size starting every eval_stride characters, each
+    # window scoring only what no earlier one did: every character after the first window then sees at
+    # least block_size - eval_stride characters of context (`minigpt eval`'s --stride). 0 is block_size:
+    # windows that do not overlap, where a window's first characters see little context (the measure
+    # of every figure in the README unless it says otherwise).
+    eval_stride: int = 0
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,9 @@ def validate(config: Config) -> Config:
         raise UserError(f"train.short_windows must be a share of training from 0 to 1, got {t.short_windows}")
     if t.short_windows and config.model.block_size < 2:
         raise UserError("train.short_windows needs model.block_size of at least 2")
+    if not 0 <= t.eval_stride <= config.model.block_size:
+        raise UserError(f"train.eval_stride must be from 1 to model.block_size ({config.model.block_size}), or 0 "
+                        f"for block_size (windows that do not overlap), got {t.eval_stride}")
     if t.min_lr > t.learning_rate:
         raise UserError(f"train.min_lr ({t.min_lr}) must not exceed train.learning_rate ({t.learning_rate})")
     for key, value in {"train.beta1": t.beta1, "train.beta2": t.beta2,

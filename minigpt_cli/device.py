@@ -374,12 +374,13 @@ class CpuTimes:
     busy: float  # ticks the CPUs spent running anything (user, nice, system, irq, softirq, steal)
     total: float  # ticks they counted in all (busy, idle and iowait)
     own: float  # ticks this process's threads ran
+    cpus: int = 0  # the per-CPU lines counted (a container's /proc/stat may show fewer than the mask)
 
 
 def cpu_times(stat_text: str, cpus: set[int], own_seconds: float, ticks_per_second: float) -> CpuTimes:
     """CpuTimes from the text of /proc/stat (its per-CPU lines: user nice system idle iowait irq
     softirq steal ...; guest time is counted inside user)."""
-    busy = total = 0
+    busy = total = counted = 0
     for line in stat_text.splitlines():
         name, _, rest = line.partition(" ")
         if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
@@ -387,15 +388,17 @@ def cpu_times(stat_text: str, cpus: set[int], own_seconds: float, ticks_per_seco
         ticks = [int(v) for v in rest.split()[:8]]
         total += sum(ticks)
         busy += sum(ticks) - ticks[3] - ticks[4]
-    return CpuTimes(busy, total, own_seconds * ticks_per_second)
+        counted += 1
+    return CpuTimes(busy, total, own_seconds * ticks_per_second, counted)
 
 
 def others_busy(before: CpuTimes, after: CpuTimes, ncpus: int) -> float | None:
     """How many CPUs other processes kept busy between two readings (this process's own time taken
-    out); None if the CPUs counted no tick in between."""
+    out); None if the CPUs counted no tick in between. ncpus is at most the CPUs the readings counted."""
     total = after.total - before.total
     if total <= 0:
         return None
+    ncpus = min(ncpus, after.cpus) if after.cpus else ncpus
     others = (after.busy - before.busy) - (after.own - before.own)
     return max(0.0, ncpus * others / total)
 

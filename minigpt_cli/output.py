@@ -221,6 +221,8 @@ def ms(timing: Optional[dict]) -> str:
     """Median and median absolute deviation of a bench timing."""
     if not timing:
         return "-"
+    if timing.get("repeats", 3) < 3:  # no spread to give: say how few runs, never a precise-looking ±0%
+        return f"{timing['median_ms']:.3g} ms ({timing['repeats']} run{'s' if timing['repeats'] != 1 else ''})"
     spread = 100 * timing["mad_ms"] / timing["median_ms"] if timing["median_ms"] else 0.0
     return f"{timing['median_ms']:.3g} ms ±{spread:.0f}%"
 

@@ -168,6 +168,7 @@ class Saver:
         self.optimizers, self.precision, self.ranks, self.budget = optimizers, precision, ranks, budget
         self.state, self.emit = state, emit
         self.latest: Path | None = None  # the newest checkpoint this invocation wrote
+        self.saved_here: int | None = None  # the step of that checkpoint, known on every rank
 
     @property
     def dist(self) -> Distributed:
@@ -219,8 +220,35 @@ class Saver:
             self.latest = ckpt.save_checkpoint(self.run_dir, model, self.config, self.corpus.tokenizer, meta,
                                                tensors, plain, is_best)
             self.emit("checkpoint", state.step, path=str(self.latest), is_best=is_best)
-        state.saved_step = state.step
+        state.saved_step = self.saved_here = state.step
         # The other ranks wait here for the save (the process group's timeout must cover one).
+        self.ranks.barrier()
+        self.budget.saved(self.budget.now() - began)
+
+    def finish(self, is_best: bool, val_loss: float) -> None:
+        """The final checkpoint. Where the trained weights were saved at this step (before the final
+        evaluation, or by a periodic save), they stay as written: only that checkpoint's meta.json
+        learns the final loss (a rename into place) and best.json moves to it if it is the best, so
+        the run ends with one checkpoint of its last step, not a second copy named step-N-2."""
+        state, folder = self.state, self.latest
+        if self.saved_here != state.step:  # the same on every rank (a resumed run that took no step: None)
+            self.save(is_best=is_best, val_loss=val_loss, final=True)
+            return
+        began = self.budget.now()
+        if self.dist.is_main:
+            try:
+                meta = json.loads((folder / ckpt.META_FILE).read_text(encoding="utf-8"))
+                meta.update(best_val_loss=state.best_val, val_loss=val_loss, final=True, stopped=state.stopped,
+                            train_seconds=state.prior_seconds + self.budget.elapsed())
+                ckpt.atomic_write_json(folder / ckpt.META_FILE, meta)
+                if is_best:
+                    ckpt.atomic_write_json(self.run_dir / rundir.BEST,
+                                           {"checkpoint": f"{rundir.CHECKPOINTS_DIR}/{folder.name}", "step": state.step})
+                    ckpt.prune(self.run_dir)  # the checkpoint best.json named before, if no pointer names it now
+            except (OSError, ValueError) as exc:
+                raise ckpt.CheckpointWriteError(f"could not record the final evaluation in {folder}: {exc}; "
+                                                f"the checkpoint's weights are intact") from exc
+            self.emit("checkpoint", state.step, path=str(folder), is_best=is_best)
         self.ranks.barrier()
         self.budget.saved(self.budget.now() - began)
 

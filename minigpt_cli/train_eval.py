@@ -67,7 +67,7 @@ class Evaluator:
             self.budget.begin(0.0, 0.0, step=state.step)
             return
         per_window = self.seconds_per_window = self._seconds_per_window()
-        windows = max(1, math.ceil(self.val_windows().chars / m.block_size))
+        windows = max(1, math.ceil(self.val_windows().chars / self.stride))
         # The sampled validation batches the best checkpoint is chosen by, scored again at the end: time
         # is kept for them once a checkpoint has been measured so (by a periodic evaluation, or before a
         # resume). Until then the final checkpoint is the only candidate, the best without a measure.
@@ -99,7 +99,7 @@ class Evaluator:
         t, m = self.config.train, self.config.model
         cost = self.state.periodic_eval_seconds
         if cost is None:  # not yet timed: its batches (and the whole split with eval_full) at the measured rate
-            windows = math.ceil(self.val_windows().chars / m.block_size) if t.eval_full else 0
+            windows = math.ceil(self.val_windows().chars / self.stride) if t.eval_full else 0
             cost = self.seconds_per_window * (2 * t.eval_iters * t.batch_size + windows)
         if not self.budget.fixed_eval_seconds:
             cost += self.estimate_seconds  # after it, time is kept to measure the final checkpoint too
@@ -110,12 +110,27 @@ class Evaluator:
         """Windows a whole-split evaluation scores at once."""
         return max(self.config.train.batch_size, 32)
 
+    @property
+    def stride(self) -> int:
+        """Characters between the starts of a whole-split evaluation's windows (train.eval_stride)."""
+        return self.config.train.eval_stride or self.config.model.block_size
+
     def val_windows(self) -> ScoringWindows:
         m = self.config.model
-        return scoring_windows(len(self.corpus.val), m.block_size, m.block_size, self.config.train.eval_max_chars)
+        return scoring_windows(len(self.corpus.val), m.block_size, self.stride, self.config.train.eval_max_chars)
+
+    def windows_measure(self) -> str:
+        """How the whole-split evaluation's windows score: the measure its loss is."""
+        block = self.config.model.block_size
+        if self.stride == block:
+            return f"windows of {block} that do not overlap"
+        return (f"windows of {block} every {self.stride}: each character with at least {block - self.stride} "
+                f"of context")
 
     def describe_scope(self, scored: int, val_chars: int) -> str:
         if scored >= val_chars - 1:
+            if self.stride != self.config.model.block_size:
+                return f"whole validation split, {scored:,} characters, {self.windows_measure()}"
             return f"whole validation split, {scored:,} characters"
         if self.budget.eval_fraction < 1.0:
             return (f"{scored:,} characters sampled of {val_chars:,}: fixed windows, as many as the time budget "
@@ -143,16 +158,19 @@ class Evaluator:
         return {name: total / world for name, total in zip(names, ranks.sum(sums))}
 
     def val_loss(self, task: str = "evaluation", max_chars: int | None = None) -> tuple[float, int]:
-        """Mean loss over the validation split in non-overlapping block_size windows, and the characters
-        scored: all of them, shared out among ranks, or a fixed sample of them (the same on every rank)
+        """Mean loss over the validation split in windows of block_size every self.stride characters, and
+        the characters scored: all of them, shared out among ranks, or a fixed sample of them (the same on every rank)
         when the split has more than train.eval_max_chars (or max_chars) characters."""
         t, m, val = self.config.train, self.config.model, self.corpus.val
         limit = t.eval_max_chars if max_chars is None else (min(max_chars, t.eval_max_chars) if t.eval_max_chars
                                                             else max_chars)
-        share = None if scoring_windows(len(val), m.block_size, m.block_size, limit).sampled \
+        # Ranks share the split's windows out only where they do not overlap (each rank's slice then
+        # scores exactly its own windows); overlapping windows are scored whole on every rank.
+        share = None if self.stride != m.block_size or scoring_windows(len(val), m.block_size, m.block_size,
+                                                                        limit).sampled \
             else self.ranks.share(len(val), m.block_size)
         ids = val if share is None else val[share[0]:share[1]]
-        total, count = score_text(self.model, ids, m.block_size, m.block_size, self.eval_batch(),
+        total, count = score_text(self.model, ids, m.block_size, self.stride, self.eval_batch(),
                                   self.device, self.precision, self.report, task, limit)
         if share is not None:
             total, count = self.ranks.sum([total, float(count)])
@@ -186,7 +204,7 @@ class Evaluator:
         return is_best, losses["val"]
 
     def final(self) -> tuple[float, int, bool]:
-        """Validation loss over the validation split (or its fixed sample), in non-overlapping windows,
+        """Validation loss over the validation split (or its fixed sample), in its windows (self.stride),
         recorded: the loss, the characters scored, and whether these weights are the best checkpoint."""
         t, m, state, budget = self.config.train, self.config.model, self.state, self.budget
         began = budget.now()

@@ -59,6 +59,7 @@ class TrainResult:
     n_params: int
     val_tokens_scored: int
     val_chars: int = 0  # characters in the validation split (val_tokens_scored is fewer when sampled)
+    val_windows: str = ""  # the windows the final loss was scored in (train.eval_stride), in words
     data_kept: str | None = None  # what the run keeps of its text, in words
     data_seconds: float = 0.0  # reading (hashing, encoding on a cache miss) the text before the first step
     data_cache: str = ""  # encoded: read and encoded now | cached: from the encoded cache | run: the run's copy
@@ -502,7 +503,7 @@ class Trainer:
             self.saver.save(is_best=False)
         signals.on_first = self._finishing_notice
         loss, count, is_best = self.evaluator.final()
-        self.saver.save(is_best=is_best, val_loss=loss, final=True)
+        self.saver.finish(is_best, loss)
         return loss, count
 
     def _finishing_notice(self, signum: int) -> None:
@@ -531,7 +532,8 @@ class Trainer:
             data_kept=state.data_kept, data_seconds=state.data_seconds, data_cache=state.data_cache,
             vocab_size=model.vocab_size, prompt=opening_words(self.corpus),
             best_step=rundir.pointer_step(self.run_dir, "best"), best_measure=best_measure(self.config.train),
-            final_on_best_measure=self.evaluator.final_on_best_measure)
+            final_on_best_measure=self.evaluator.final_on_best_measure,
+            val_windows=self.evaluator.windows_measure())
 
 
 def best_measure(train: Any) -> str:

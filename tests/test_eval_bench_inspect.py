@@ -731,8 +731,9 @@ def test_bench_measures_an_impossible_attention_row_again_and_flags_it_if_it_sta
     data = invoke(*args, "--json").json()
     rows = {row["seq_len"]: row for row in data["attention"]["rows"]}
     assert sorted(rows) == [64, 128, 256]
-    # Every row had 2 repeats (no spread) and the T = 128 row took as long as T = 256's, with a quarter of
-    # its FLOPs: all three were measured again, with the 3 repeats a spread needs.
+    # The T = 128 row took as long as T = 256's, with a quarter of its FLOPs, and 16x T = 64's for 4x
+    # the FLOPs: all three rows were measured again, with the 3 repeats a spread needs (2 repeats, the
+    # user's choice, are no doubt in themselves: the first pass timed each row once, with 2).
     assert calls == [2] * 6 + [3] * 6
     if stalls == 1:  # the stall did not come back: the second measurement stands, trusted
         assert all(row["trusted"] for row in rows.values())
@@ -768,7 +769,33 @@ def test_decode_rows_faster_than_their_flops_or_their_floor_allow_are_doubted():
     doubts = decode_doubts([row(15, 1.0, 10.0), row(63, 0.13, 40.0, floor_pct=160.0), row(127, 1.1, 90.0)])
     assert "beyond the 64.0x fewer FLOPs" in " ".join(doubts[1])
     assert "beat the weight-read floor" in " ".join(doubts[1])
-    assert "less time at context 63 than at context 15" in " ".join(doubts[0])
+    # The cached step does nearly the same work at both contexts: its fall alone blames no neighbour.
+    assert not doubts[0]
+    # The uncached step does 4x the FLOPs at context 63: less time there is impossible.
+    doubts = decode_doubts([row(15, 1.0, 10.0), row(63, 1.05, 5.0), row(127, 1.1, 90.0)])
+    assert "less time at context 63 than at context 15" in " ".join(doubts[0] + doubts[1])
+
+
+def test_bench_doubts_are_judged_as_the_device_and_the_users_repeats_allow():
+    from minigpt_cli.bench_state import growth_doubts, settle, spread_doubts
+    from minigpt_cli.output import ms
+
+    timing = lambda t, repeats=10: {"median_ms": t, "mad_ms": 0.0, "min_ms": t, "max_ms": t, "repeats": repeats}
+    # A single run (--repeats 1) has no spread: not a doubt, and not printed as a precise ±0%.
+    assert spread_doubts(timing(2.0, repeats=1), "x") == []
+    assert ms(timing(2.0, repeats=1)) == "2 ms (1 run)" and "±" in ms(timing(2.0))
+    # A flat time for 4x the FLOPs is a stall on a CPU; on a GPU it is the kernel launches' fixed cost.
+    flat = [("T=64", 1e6, timing(3.0)), ("T=128", 4e6, timing(3.1))]
+    assert growth_doubts(flat, "step", cpu=True) and not growth_doubts(flat, "step", cpu=False)
+    # Only rows measured again can end flagged: a neighbour that disagrees with a re-measured row keeps
+    # its first, unquestioned measurement and its trust.
+    rows = [{"t": 1.0}, {"t": 1.0}, {"t": 1.0}]
+
+    def doubts(rows):
+        return {1: ["stalled"]} if rows[1]["t"] == 1.0 else {1: ["late"], 2: ["late"]}
+
+    assert settle(rows, doubts, lambda i: {"t": 2.0}) == 1
+    assert [row["trusted"] for row in rows] == [True, False, True]
 
 
 @pytest.mark.parametrize("config", ["default", "classic"])

@@ -179,11 +179,13 @@ def learn_section() -> str:
 def test_learn_by_running_it_covers_each_idea_with_a_command():
     section = learn_section()
     commands = [line for line in readme_commands() if line in section or line.split("|")[-1].strip() in section]
-    for fragment in ("minigpt eval", "--show", "--attention", "norm_placement=post", "--vocab-size 50257",
-                     "minigpt inspect default", "minigpt bench"):
+    for fragment in ("minigpt eval", "--show", "--attention", "--lens", "--top", "norm_placement=post",
+                     "--vocab-size 50257", "minigpt inspect default", "minigpt bench"):
         assert any(fragment in line for line in commands), fragment
-    # The attention text fits the block_size of the run test_every_readme_command_runs trains (16).
-    for text in re.findall(r'--attention "([^"]*)"', section):
+    # The attention and lens texts fit the block_size of the run test_every_readme_command_runs trains (16).
+    texts = re.findall(r'--(?:attention|lens) "([^"]*)"', section)
+    assert len(texts) >= 2
+    for text in texts:
         assert 0 < len(text) <= 16
 
 

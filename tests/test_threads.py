@@ -142,3 +142,11 @@ def test_sample_and_eval_report_the_threads_they_used(run_copy):
 @pytest.mark.parametrize("command", ["sample", "eval", "bench"])
 def test_a_bad_thread_count_is_a_usage_error(run_copy, command):
     assert_usage_error(invoke(command, run_copy, "--threads", "-2", "--json"), "--threads")
+
+
+def test_a_container_that_shows_fewer_cpus_than_the_mask_is_read_as_it_shows(monkeypatch):
+    # The mask allows 4 CPUs but /proc/stat (lxcfs, say) lists 2, one busy with another process: one
+    # CPU of two is taken, not two of four.
+    fake_machine(monkeypatch, snapshots=[1.0, 1.0, 1.0], allowed=(0, 1, 2, 3),
+                 stats=[proc_stat((500, 500), (800, 200)), proc_stat((500, 505), (805, 200))])
+    assert device.cpu_state().others_running == pytest.approx(1.0)

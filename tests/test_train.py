@@ -300,3 +300,34 @@ def test_summary_at_80_columns_keeps_a_long_run_directory_whole(small_corpus: Pa
     assert got.exit_code == 0, got.stderr
     assert_fits_80(got.stdout)
     assert str(out) in "".join(line.strip() for line in got.stdout.splitlines())  # folded, not cut to "…"
+
+
+def test_the_final_evaluation_can_score_overlapping_windows_and_says_so(tmp_path: Path, small_corpus: Path):
+    # train.eval_stride: every character after the first window sees at least block_size - stride of
+    # context; the final loss is then the number `minigpt eval --stride` gives for the same weights.
+    flags = set_flags(*FAST, "train.max_iters=30", "train.eval_interval=100", "train.eval_stride=4")
+    got = invoke("train", "tiny", "--data", small_corpus, "--out", "overlap", *flags)
+    assert got.exit_code == 0, got.stderr
+    assert "windows of 16 every 4: each character with at least 12 of context" in " ".join(got.stdout.split())
+    final = [r for r in read_metrics(tmp_path / "overlap") if r.get("final")][-1]
+    scored = invoke("eval", "overlap", "--checkpoint", "latest", "--stride", 4, "--json").json()
+    assert final["val_loss"] == pytest.approx(scored["nll"], rel=1e-5)
+    assert final["chars_scored"] == scored["chars_scored"]
+    assert_usage_error(invoke("train", "tiny", "--data", small_corpus, "--out", "bad",
+                              *set_flags(*FAST, "train.eval_stride=17")), "train.eval_stride", "block_size (16)")
+
+
+def test_a_finished_run_keeps_one_checkpoint_of_its_last_step_with_the_final_loss(tmp_path: Path, small_corpus: Path):
+    # The trained weights are saved before the final evaluation (a second Ctrl-C during it loses
+    # nothing); the evaluation's result then goes into that checkpoint's meta.json, not a second copy.
+    got = invoke("train", "tiny", "--data", small_corpus, "--out", "once", "--json",
+                 *set_flags(*FAST, "train.max_iters=12", "train.eval_interval=5")).json()
+    run = tmp_path / "once"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names[-1] == "step-0000012" and not any(name.startswith("step-0000012-") for name in names)
+    meta = json.loads((run / "checkpoints" / "step-0000012" / "meta.json").read_text())
+    assert meta["final"] is True and meta["val_loss"] == pytest.approx(got["final_val_loss"])
+    assert rundir.pointer_target(run, "latest").name == "step-0000012"
+    best = rundir.pointer_target(run, "best").name
+    assert best in names and meta["best_val_loss"] == pytest.approx(got["best_val_loss"])
+    assert set(names) == {"step-0000012", best}  # nothing left that neither pointer names

@@ -135,6 +135,8 @@ def _loss_rows(result: Any) -> list:
         scope = (f"the whole validation split, {result.val_tokens_scored:,} characters"
                  if result.val_tokens_scored >= result.val_chars - 1 else
                  f"{result.val_tokens_scored:,} characters sampled of the validation split's {result.val_chars:,}")
+        if result.val_windows and "do not overlap" not in result.val_windows:
+            scope += f" ({result.val_windows})"  # train.eval_stride: a gentler measure than the default's
         rows.append(("val loss", f"{final:.4f}  ({bits_per_char(final):.3f} bits/char) on {scope}, the final "
                                  f"weights"))
     if result.vocab_size:
