@@ -92,6 +92,9 @@ def _val_measure(loaded: LoadedCheckpoint) -> str:
     """How training measured the val_loss a checkpoint records: its final evaluation, or a periodic one."""
     t = loaded.config.train
     if loaded.meta.get("final") is True:
+        stride, block = t.eval_stride, loaded.config.model.block_size
+        if stride and stride != block:  # train.eval_stride: overlapping windows, like eval's --stride
+            return f"final evaluation, windows of {block} every {stride}"
         return "final evaluation"
     return "whole validation split" if t.eval_full else f"{t.eval_iters} sampled batches"
 

@@ -313,6 +313,7 @@ def test_the_final_evaluation_can_score_overlapping_windows_and_says_so(tmp_path
     scored = invoke("eval", "overlap", "--checkpoint", "latest", "--stride", 4, "--json").json()
     assert final["val_loss"] == pytest.approx(scored["nll"], rel=1e-5)
     assert final["chars_scored"] == scored["chars_scored"]
+    assert scored["checkpoint_val_measure"] == "final evaluation, windows of 16 every 4"
     assert_usage_error(invoke("train", "tiny", "--data", small_corpus, "--out", "bad",
                               *set_flags(*FAST, "train.eval_stride=17")), "train.eval_stride", "block_size (16)")
 

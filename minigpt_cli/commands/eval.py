@@ -102,7 +102,9 @@ def _render(result) -> None:
     if result.checkpoint_val_loss is not None:
         measure = result.checkpoint_val_measure
         how = ("training's final evaluation of these weights, in non-overlapping windows"
-               if measure == "final evaluation" else f"during training: these weights on {measure}")
+               if measure == "final evaluation" else
+               f"training's {measure}" if measure and measure.startswith("final evaluation") else
+               f"during training: these weights on {measure}")
         rows.append(("val loss in training", f"{result.checkpoint_val_loss:.4f} ({how})"))
     rows.append(("speed", f"{result.chars_per_second:,.0f} characters/s on {result.device}, {result.precision} "
                           f"({result.seconds:.2f}s)"))
