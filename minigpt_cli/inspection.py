@@ -482,27 +482,34 @@ def attention_probabilities(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]
     return maps
 
 
-def attention(arg: str | None, text: str) -> dict[str, Any]:
-    """Every layer's and head's attention weights over `text` for a trained run (its latest checkpoint)."""
+def run_and_text(arg: str | None, text: str, option: str, example: str) -> tuple[Target, Any, list[int]]:
+    """A trained run (its latest checkpoint) and the ids of a text a view reads through it (`option`:
+    --attention, --lens); UserError for a config, an empty text, one longer than block_size, or
+    characters outside the run's vocabulary."""
     target = resolve_target(arg, which="latest")
     if target.kind != "run":
-        raise UserError("--attention needs a trained run (a config has no weights yet): pass a run directory")
+        raise UserError(f"{option} needs a trained run (a config has no weights yet): pass a run directory")
     loaded = target.loaded
     assert loaded is not None
     if not text:
-        raise UserError("--attention needs a text of at least one character, e.g. --attention \"ROMEO:\"")
+        raise UserError(f"{option} needs a text of at least one character, e.g. {option} \"{example}\"")
     block_size = loaded.config.model.block_size
     if len(text) > block_size:
-        raise UserError(f"--attention text has {len(text)} characters, more than this run's block_size "
+        raise UserError(f"{option} text has {len(text)} characters, more than this run's block_size "
                         f"({block_size}): give at most {block_size}")
     unknown = loaded.tokenizer.unknown(text)
     if unknown:
         from minigpt_cli.tokenizer import describe_chars
 
-        raise UserError(f"--attention text has {len(unknown)} character(s) not in this run's vocabulary: "
+        raise UserError(f"{option} text has {len(unknown)} character(s) not in this run's vocabulary: "
                         f"{describe_chars(unknown)}")
+    return target, loaded, loaded.tokenizer.encode(text)
+
+
+def attention(arg: str | None, text: str) -> dict[str, Any]:
+    """Every layer's and head's attention weights over `text` for a trained run (its latest checkpoint)."""
+    target, loaded, ids = run_and_text(arg, text, "--attention", "ROMEO:")
     model = loaded.build_model("cpu").eval()
-    ids = loaded.tokenizer.encode(text)
     maps = attention_probabilities(model, torch.tensor([ids], dtype=torch.long))  # idx (1, T)
     layers = []
     for layer, weights in enumerate(maps):

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-from minigpt_cli.config import UserError
 from minigpt_cli.model import GPT, softcap
-from minigpt_cli.targets import resolve_target
+from minigpt_cli.inspection import run_and_text
 
 TOP_K = 3  # guesses kept per position and layer in the result
 
@@ -53,23 +52,6 @@ def lens_probabilities(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         return torch.stack([read_out(model, x)[0].float().softmax(dim=-1) for x in residual_streams(model, idx)])
 
 
-def _checked_text(loaded: Any, text: str) -> list[int]:
-    """The ids of text; UserError for an empty text, one longer than block_size, or unknown characters."""
-    if not text:
-        raise UserError("--lens needs a text of at least one character, e.g. --lens \"ROMEO: What say you?\"")
-    block_size = loaded.config.model.block_size
-    if len(text) > block_size:
-        raise UserError(f"--lens text has {len(text)} characters, more than this run's block_size "
-                        f"({block_size}): give at most {block_size}")
-    unknown = loaded.tokenizer.unknown(text)
-    if unknown:
-        from minigpt_cli.tokenizer import describe_chars
-
-        raise UserError(f"--lens text has {len(unknown)} character(s) not in this run's vocabulary: "
-                        f"{describe_chars(unknown)}")
-    return loaded.tokenizer.encode(text)
-
-
 def _cell(probs: torch.Tensor, chars: list[str], true_id: int | None, top: int) -> dict[str, Any]:
     """One position at one layer: the top guesses and, where there is a next character, its probability."""
     values, ids = probs.topk(min(top, probs.shape[-1]))
@@ -94,12 +76,7 @@ def _layer_summary(layer: int, cells: list[dict[str, Any]], next_chars: list[str
 def lens(arg: str | None, text: str, top: int = TOP_K) -> dict[str, Any]:
     """The logit lens of a trained run (its latest checkpoint) over text: per position and layer the
     top guesses for the next character and the probability of the true one; per layer their means."""
-    target = resolve_target(arg, which="latest")
-    if target.kind != "run":
-        raise UserError("--lens needs a trained run (a config has no weights yet): pass a run directory")
-    loaded = target.loaded
-    assert loaded is not None
-    ids = _checked_text(loaded, text)
+    target, loaded, ids = run_and_text(arg, text, "--lens", "ROMEO: What say you?")
     model = loaded.build_model("cpu").eval()
     probs = lens_probabilities(model, torch.tensor([ids], dtype=torch.long))  # (n_layer + 1, T, vocab_size)
     chars = loaded.tokenizer.chars

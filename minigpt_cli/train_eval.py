@@ -62,7 +62,7 @@ class Evaluator:
     def start_budget(self) -> None:
         """The loop starts now: under train.time_budget, with the final evaluation and a save measured
         (or guessed) so that the budget keeps time for them."""
-        t, m, state = self.config.train, self.config.model, self.state
+        t, state = self.config.train, self.state
         if not t.time_budget:
             self.budget.begin(0.0, 0.0, step=state.step)
             return
@@ -96,7 +96,7 @@ class Evaluator:
         (which measures the same weights more fully a moment later anyway)."""
         if not self.budget.limited:
             return True
-        t, m = self.config.train, self.config.model
+        t = self.config.train
         cost = self.state.periodic_eval_seconds
         if cost is None:  # not yet timed: its batches (and the whole split with eval_full) at the measured rate
             windows = math.ceil(self.val_windows().chars / self.stride) if t.eval_full else 0
