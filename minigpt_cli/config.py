@@ -87,6 +87,11 @@ class TrainConfig:
     # The first share of training (of max_iters, or of a time budget) reads windows of block_size / 2
     # at twice batch_size: the same characters a step, cheaper steps that learn faster early on.
     short_windows: float = 0.0
+    # With a time budget that governs (no max_iters of the user's) and no short_windows of the user's:
+    # read short windows for the first half of training when the budget affords fewer than
+    # trainer.AUTO_SHORT_STEPS steps, as measured when the loop starts (`minigpt train --time-budget S`
+    # sets it; benchmarks/README.md has the runs behind it).
+    short_windows_auto: bool = False
     # epochs: every window of the text once per pass, shuffled; random: windows drawn independently.
     sampling: Literal["epochs", "random"] = "epochs"
     eval_interval: int = 250
@@ -351,9 +356,14 @@ def budget_governs(config: Config, flags: typing.Sequence[str], config_name: str
                         f"run's config.yaml), but no train.time_budget is set: give --time-budget S or a step count")
     if not config.train.time_budget or any(f.strip().startswith("train.max_iters=") for f in flags):
         return config
-    if config_name is not None and "train.max_iters" in keys_set_by_file(config_name):
+    users = keys_set_by_file(config_name) if config_name is not None else set()
+    if "train.max_iters" in users:
         return config
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, max_iters=UNTIL_BUDGET))
+    # Nor a short_windows of theirs: the budget chooses it from the steps it affords.
+    auto = not config.train.short_windows and "train.short_windows" not in users and \
+        not any(f.strip().startswith("train.short_windows=") for f in flags)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, max_iters=UNTIL_BUDGET,
+                                                                  short_windows_auto=auto))
 
 
 def shipped_configs() -> list[str]:

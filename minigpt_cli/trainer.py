@@ -220,6 +220,18 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+# train.short_windows_auto: a budget that affords fewer steps than this reads short windows for the first
+# AUTO_SHORT_SHARE of its time. Measured (benchmarks/README.md): at about 100-120 steps half the time in short
+# windows lowered the whole-split loss by 0.01-0.05 on both seeds; at 1,000 steps it cost 0.006-0.009.
+AUTO_SHORT_STEPS = 300
+AUTO_SHORT_SHARE = 0.5
+# A training step's cost in evaluation windows (a no-grad forward of one window, as the evaluator times one at
+# the loop's start): forward, backward, the optimizer. Calibrated on the default config on 2 CPU cores: with
+# 4.3 the notice of a 31 s budget said about 50 steps where 98-104 were taken (a third of them cheaper short
+# steps), so a step costs about 2.5 of the windows timed then.
+STEP_COST_PER_WINDOW = 2.5
+
+
 def run_progress(t: TrainConfig, step: int, budget_progress: float | None) -> float:
     """The run's progress: by steps past the warm-up, or by the budget's (agreed) training time,
     whichever is further along, so that the decay ends when the training time does."""
@@ -250,6 +262,7 @@ class Stepper:
             self.train_model = torch.compile(self.train_model)
         self.scaler = torch.amp.GradScaler("cuda") if precision.use_grad_scaler else None
         self.tokens_per_step = t.batch_size * config.model.block_size * t.grad_accum_steps * self.dist.world_size
+        self.short_share = 0.0  # set by Trainer.choose_short_windows under train.short_windows_auto
 
     def windows(self, short: bool) -> tuple[int, int]:
         """Window length and windows per micro-batch: block_size and batch_size, or with train.short_windows
@@ -258,9 +271,11 @@ class Stepper:
         return (m.block_size // 2, 2 * t.batch_size) if short else (m.block_size, t.batch_size)
 
     def short_windows(self, step: int, budget_progress: float | None) -> bool:
-        """Whether this step still reads the short windows of train.short_windows."""
+        """Whether this step still reads the short windows of train.short_windows (or of the share the
+        time budget chose, self.short_share)."""
         t = self.config.train
-        return bool(t.short_windows) and max(step / max(1, t.max_iters), budget_progress or 0.0) < t.short_windows
+        share = t.short_windows or self.short_share
+        return bool(share) and max(step / max(1, t.max_iters), budget_progress or 0.0) < share
 
     def step(self, step: int, short: bool = False) -> torch.Tensor:
         """One optimizer step over grad_accum_steps micro-batches; returns the loss on the device (this
@@ -334,10 +349,28 @@ class Trainer:
             with rundir.RunLock(self.run_dir) if self.dist.is_main else contextlib.nullcontext():
                 return self._run()
 
+    def choose_short_windows(self) -> None:
+        """Under train.short_windows_auto (a time budget that governs, short_windows left to it): half
+        the training in short windows when the budget affords fewer than AUTO_SHORT_STEPS steps, by a
+        step's cost estimated from the final evaluation's timed window (about STEP_COST_PER_WINDOW of
+        those per training window: forward, backward, optimizer). Every rank decides alike."""
+        t, budget = self.config.train, self.budget
+        if not (t.short_windows_auto and budget.limited) or t.short_windows or self.evaluator.seconds_per_window <= 0:
+            return
+        step = STEP_COST_PER_WINDOW * t.batch_size * t.grad_accum_steps * self.evaluator.seconds_per_window
+        affordable = max(0.0, budget.deadline - budget.reserve() - budget.now()) / step
+        if self.ranks.all(affordable < AUTO_SHORT_STEPS):
+            self.stepper.short_share = AUTO_SHORT_SHARE
+            self.emit("notice", self.state.step, message=(
+                f"the time budget affords about {affordable:,.0f} steps: the first half reads windows of "
+                f"{self.config.model.block_size // 2} at twice the batch (set train.short_windows=0 to keep "
+                f"full windows)"))
+
     def _run(self) -> TrainResult:
         """Set up, train, then save and evaluate the last weights: the whole run, top to bottom."""
         self._set_up()
         self.evaluator.start_budget()
+        self.choose_short_windows()
         with _SignalCatcher() as signals:
             try:
                 stopped = self._loop(signals)

@@ -664,3 +664,39 @@ def test_compare_plot_draws_each_runs_training_and_validation_in_one_colour(smal
     assert styles["a train"][0] == [1, 2, 3, 4] and styles["a val"][0] == [4]
     assert styles["a val"][1]["marker"] == "o"  # a single evaluation is still seen
     assert styles["a train"][1]["color"] == styles["a val"][1]["color"] != styles["b val"][1]["color"]
+
+
+@pytest.mark.parametrize("window, short", [(0.01, True), (0.0001, False)])
+def test_a_governing_budget_reads_short_windows_first_only_when_it_affords_few_steps(
+        small_corpus: Path, tmp_path: Path, monkeypatch, window: float, short: bool):
+    """Issue 29.1: a budget that affords about a hundred steps learns faster with half its time in short
+    windows; one that affords thousands does not. The step's cost is estimated from the final
+    evaluation's timed window (fake clock: `window` seconds each), before the first step."""
+    from minigpt_cli import trainer
+    from minigpt_cli.config import apply_overrides, budget_governs, load_config
+
+    clock = FakeClock(0.0)
+    charge_fake_clock(monkeypatch, clock, step=0.02, window=window)
+    shapes = []
+    real_step = trainer.Stepper.step
+
+    def recorded(self, step, short=False):
+        shapes.append(short)
+        return real_step(self, step, short)
+
+    monkeypatch.setattr(trainer.Stepper, "step", recorded)
+    flags = [*FAST, f"data.path={small_corpus}", "train.eval_interval=100000", "train.time_budget=6"]
+    config = budget_governs(apply_overrides(load_config("tiny"), flags), flags, "tiny")
+    assert config.train.short_windows_auto
+    events = []
+    trainer.train(config, tmp_path / "run", started_at=0.0, clock=clock, callback=events.append)
+    notices = [e.data["message"] for e in events if e.kind == "notice"]
+    if short:  # STEP_COST_PER_WINDOW x 8 windows x 0.01 s a step: a few dozen steps in 6 s
+        assert any("affords about" in n and "first half reads windows of 8" in n for n in notices), notices
+        assert shapes[0] and not shapes[-1] and 0.3 < sum(shapes) / len(shapes) < 0.7
+    else:
+        assert not any(shapes) and not any("affords about" in n for n in notices)
+    # The user's own choice, or a step count of theirs, leaves the budget nothing to choose.
+    for own in ("train.short_windows=0", "train.max_iters=50"):
+        mine = [*flags, own]
+        assert not budget_governs(apply_overrides(load_config("tiny"), mine), mine, "tiny").train.short_windows_auto
