@@ -77,13 +77,9 @@ def _version(value: bool) -> None:
 
 
 def build_app() -> typer.Typer:
-    app = typer.Typer(
-        name="minigpt",
-        help="Train, sample, evaluate, benchmark and inspect a small character-level GPT.",
-        no_args_is_help=True,
-        pretty_exceptions_enable=False,
-        context_settings={"help_option_names": ["-h", "--help"]},
-    )
+    app = typer.Typer(name="minigpt", no_args_is_help=True, pretty_exceptions_enable=False,
+                      help="Train, sample, evaluate, benchmark and inspect a small character-level GPT.",
+                      context_settings={"help_option_names": ["-h", "--help"]})
 
     @app.callback()
     def root(
