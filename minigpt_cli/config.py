@@ -220,6 +220,18 @@ def _build_section(section: str, values: dict[str, Any], base: Any) -> Any:
     return dataclasses.replace(base, **changes)
 
 
+def _validate_windows(config: Config) -> None:
+    """The windows training reads (train.short_windows) and its final evaluation scores (train.eval_stride)."""
+    t, block = config.train, config.model.block_size
+    if not 0.0 <= t.short_windows <= 1.0:
+        raise UserError(f"train.short_windows must be a share of training from 0 to 1, got {t.short_windows}")
+    if t.short_windows and block < 2:
+        raise UserError("train.short_windows needs model.block_size of at least 2")
+    if not 0 <= t.eval_stride <= block:
+        raise UserError(f"train.eval_stride must be from 1 to model.block_size ({block}), or 0 for block_size "
+                        f"(windows that do not overlap), got {t.eval_stride}")
+
+
 def validate(config: Config) -> Config:
     """Reject impossible values, naming the key and what would be right."""
     m, d, t = config.model, config.data, config.train
@@ -257,13 +269,7 @@ def validate(config: Config) -> Config:
     }.items():
         if value < 0:
             raise UserError(f"{key} must be zero or positive, got {value}")
-    if not 0.0 <= t.short_windows <= 1.0:
-        raise UserError(f"train.short_windows must be a share of training from 0 to 1, got {t.short_windows}")
-    if t.short_windows and config.model.block_size < 2:
-        raise UserError("train.short_windows needs model.block_size of at least 2")
-    if not 0 <= t.eval_stride <= config.model.block_size:
-        raise UserError(f"train.eval_stride must be from 1 to model.block_size ({config.model.block_size}), or 0 "
-                        f"for block_size (windows that do not overlap), got {t.eval_stride}")
+    _validate_windows(config)
     if t.min_lr > t.learning_rate:
         raise UserError(f"train.min_lr ({t.min_lr}) must not exceed train.learning_rate ({t.learning_rate})")
     for key, value in {"train.beta1": t.beta1, "train.beta2": t.beta2,
