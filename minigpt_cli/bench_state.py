@@ -152,7 +152,7 @@ class BenchState:
         if flops > self.budget / 4:
             warmup, repeats = min(warmup, 1), min(repeats, 3)
         timing = measure(fn, self.device, warmup, repeats, self.max_seconds)
-        if timing.repeats > 2 and timing.mad > UNSTEADY * timing.median:
+        if timing.repeats >= MIN_REPEATS and timing.mad > UNSTEADY * timing.median:
             self.unsteady += 1
         return timing
 

@@ -37,8 +37,8 @@ from minigpt_cli.model import GPT
 from minigpt_cli.rundir import (BEST, CHECKPOINT_FILES, CHECKPOINT_NAME, CHECKPOINTS_DIR, LATEST, META_FILE,
                                 META_MAX_BYTES, MODEL_FILE, SAFETENSORS_TMP_NAME, STATE_FILE, STATE_JSON,
                                 TMP_CHECKPOINT_NAME, TMP_FILE_NAME, TMP_PREFIX, CheckpointError, CheckpointWriteError,
-                                atomic_write_json, complete_checkpoints, data_copy, finite_or_none, fsync_dir,
-                                loads_bounded, newest_run, pointer_target, read_bounded, strict_json,
+                                complete_checkpoints, data_copy, finite_or_none, fsync_dir,
+                                loads_bounded, newest_run, point, pointer_target, read_bounded, strict_json,
                                 write_bytes_synced)
 from minigpt_cli.tokenizer import CharTokenizer
 
@@ -177,10 +177,9 @@ def save_checkpoint(run_dir: Path, model: GPT, config: Config, tokenizer: CharTo
         fsync_dir(tmp)
         os.replace(tmp, final)
         fsync_dir(checkpoints)
-        pointer = {"checkpoint": f"{CHECKPOINTS_DIR}/{name}", "step": step}
-        atomic_write_json(run_dir / LATEST, pointer)
+        point(run_dir, LATEST, final, step)
         if is_best:
-            atomic_write_json(run_dir / BEST, pointer)
+            point(run_dir, BEST, final, step)
     except (OSError, SafetensorError) as exc:
         # safetensors reports a full disk as SafetensorError ("... No space left on device (os error 28)").
         _remove_checkpoint_folder(tmp)

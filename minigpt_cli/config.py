@@ -343,6 +343,22 @@ def option_overrides(data: str | None = None, time_budget: float | None = None, 
 UNTIL_BUDGET = 10**9
 
 
+WHOLE_SPLIT = "whole validation split"
+
+
+def best_measure(eval_full: Any, eval_iters: Any) -> str:
+    """What the periodic evaluations, and so the choice of the best checkpoint, measure."""
+    return WHOLE_SPLIT if eval_full else f"{eval_iters} sampled batches"
+
+
+def windows_measure(block_size: int, stride: int) -> str:
+    """How a whole-split evaluation's windows score (train.eval_stride, eval's --stride; 0: block_size)."""
+    if not stride or stride == block_size:
+        return f"windows of {block_size} that do not overlap"
+    return (f"windows of {block_size} every {stride}: each character with at least {block_size - stride} "
+            f"of context")
+
+
 def keys_set_by_file(name_or_path: str | None) -> set[str]:
     """The section.key names a user's own config file sets (none for a shipped config, whose values
     are a recipe's defaults, not the user's choice)."""
@@ -360,14 +376,13 @@ def budget_governs(config: Config, flags: typing.Sequence[str], config_name: str
     if config.train.max_iters >= UNTIL_BUDGET and not config.train.time_budget:
         raise UserError(f"train.max_iters {config.train.max_iters:,} stands for 'until the time budget' (a budgeted "
                         f"run's config.yaml), but no train.time_budget is set: give --time-budget S or a step count")
-    if not config.train.time_budget or any(f.strip().startswith("train.max_iters=") for f in flags):
+    if not config.train.time_budget:
         return config
-    users = keys_set_by_file(config_name) if config_name is not None else set()
+    users = (keys_set_by_file(config_name) if config_name is not None else set()) | set(overridden(flags))
     if "train.max_iters" in users:
         return config
     # Nor a short_windows of theirs: the budget chooses it from the steps it affords.
-    auto = not config.train.short_windows and "train.short_windows" not in users and \
-        not any(f.strip().startswith("train.short_windows=") for f in flags)
+    auto = not config.train.short_windows and "train.short_windows" not in users
     return dataclasses.replace(config, train=dataclasses.replace(config.train, max_iters=UNTIL_BUDGET,
                                                                   short_windows_auto=auto))
 
@@ -519,6 +534,12 @@ def parse_value(text: str) -> Any:
     if isinstance(value, (dict, list)):
         raise UserError(f"--set value must be a single value, got {text!r}")
     return "" if value is None else value
+
+
+def overridden(overrides: typing.Sequence[str]) -> dict[str, str]:
+    """The section.key names that --set overrides name, each with its value as typed (the last one
+    given), read as apply_overrides reads them."""
+    return {item.split("=", 1)[0].strip(): item.split("=", 1)[1] for item in overrides if "=" in item}
 
 
 def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:

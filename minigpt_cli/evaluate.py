@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt_cli.checkpoint import LoadedCheckpoint, load_checkpoint, run_text
-from minigpt_cli.config import UserError
+from minigpt_cli.config import UserError, best_measure
 from minigpt_cli.corpus import load_corpus
 from minigpt_cli.device import (DTYPES, Precision, autocast, check_inference_dtype, choose_precision,
                                 fast_float32_matmuls, resolve_device, use_threads)
@@ -96,7 +96,7 @@ def _val_measure(loaded: LoadedCheckpoint) -> str:
         if stride and stride != block:  # train.eval_stride: overlapping windows, like eval's --stride
             return f"final evaluation, windows of {block} every {stride}"
         return "final evaluation"
-    return "whole validation split" if t.eval_full else f"{t.eval_iters} sampled batches"
+    return best_measure(t.eval_full, t.eval_iters)
 
 
 def _validation_ids(loaded: LoadedCheckpoint, warnings: list[str]) -> tuple[np.ndarray, str]:

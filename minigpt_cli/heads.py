@@ -27,7 +27,7 @@ NAME_MARGIN = 0.15
 # An induction score from fewer query positions than this is shown but never named.
 INDUCTION_MIN_POSITIONS = 3
 PATTERNS = ("self", "previous", "first", "induction")
-PATTERN_RULE = (f"a head is named after the pattern (self, previous, first, induction) with the largest mean "
+PATTERN_RULE = (f"a head is named after the pattern ({', '.join(PATTERNS)}) with the largest mean "
                 f"weight when it is at least {NAME_AT} and {NAME_MARGIN} above the next; induction needs "
                 f"{INDUCTION_MIN_POSITIONS} or more positions that repeat an earlier character")
 

@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from minigpt_cli import rundir
-from minigpt_cli.config import UserError
+from minigpt_cli.config import UserError, best_measure, windows_measure
 from minigpt_cli.device import shapes_only
 from minigpt_cli.heads import PATTERN_RULE, head_profile, induction_baseline
 from minigpt_cli.model import (GPT, MLP, Block, CausalSelfAttention, Norm, ShortConv, attention_probs,
                                count_parameters, flops_per_token, kv_bytes_per_token, visible_keys)
 from minigpt_cli.scoring import bits_per_char
 from minigpt_cli.targets import Target, resolve_target
+from minigpt_cli.tokenizer import visible_char
 
 # GPT-2's byte-pair vocabulary (Radford et al. 2019): the size its published parameter counts include.
 GPT2_VOCAB_SIZE = 50257
@@ -263,10 +264,11 @@ def batch_shapes(model: GPT, batch_size: int) -> list[dict[str, Any]]:
 # Training record of a run
 # ---------------------------------------------------------------------------------------------
 
-def loss_curves(run_dir: Path) -> dict[str, list[list[float]]]:
-    """train: [step, loss] at every log line; val: [step, val_loss] at every evaluation."""
+def loss_curves(run_dir: Path, records: Sequence[dict[str, Any]] | None = None) -> dict[str, list[list[float]]]:
+    """train: [step, loss] at every log line; val: [step, val_loss] at every evaluation (of the run's
+    metrics, or of the records already read from them)."""
     train, val = [], []
-    for record in rundir.read_metrics(run_dir):
+    for record in rundir.read_metrics(run_dir) if records is None else records:
         kind, step = record.get("kind"), record.get("step")
         value = record.get("loss") if kind == "train" else record.get("val_loss") if kind == "eval" else None
         if not (isinstance(step, int) and isinstance(value, (int, float))):
@@ -285,6 +287,10 @@ def run_record(target: Target) -> dict[str, Any]:
     meta = loaded.meta
     best = meta.get("best_val_loss")
     best = float(best) if best is not None and math.isfinite(float(best)) else None
+    records = rundir.read_metrics(loaded.run_dir)
+    final = next((r for r in reversed(records) if r.get("kind") == "eval" and r.get("final") is True
+                  and r.get("step") == loaded.step), {})
+    t, block = loaded.config.train, loaded.config.model.block_size
     return {
         "run_dir": str(loaded.run_dir),
         "checkpoint": str(loaded.path),
@@ -300,10 +306,15 @@ def run_record(target: Target) -> dict[str, Any]:
         "best_step": rundir.pointer_step(loaded.run_dir, "best"),
         # the final weights on the whole validation split (a finished run's final checkpoint only)
         "val_loss": _finite(meta.get("val_loss")) if meta.get("final") is True else None,
+        # what the final evaluation scored: characters (of val_chars) and its windows where they overlap
+        "val_chars_scored": final.get("chars_scored") if isinstance(final.get("chars_scored"), int) else None,
+        "val_chars": final.get("val_chars") if isinstance(final.get("val_chars"), int) else None,
+        "val_windows": windows_measure(block, t.eval_stride) if t.eval_stride not in (0, block) else None,
+        "best_measure": best_measure(t.eval_full, t.eval_iters),
         "data_fingerprint": meta.get("data_fingerprint"),
         "parent": meta.get("parent") if isinstance(meta.get("parent"), dict) else None,  # train --init-from
         "vocab": {"size": loaded.tokenizer.vocab_size, "chars": escape_vocab(loaded.tokenizer.chars)},
-        "curves": loss_curves(loaded.run_dir),
+        "curves": loss_curves(loaded.run_dir, records),
     }
 
 
@@ -524,11 +535,6 @@ def attention(arg: str | None, text: str) -> dict[str, Any]:
             "chars": list(text), "n_layer": len(maps), "n_head": c.n_head, "norm_placement": c.norm_placement,
             "pos_encoding": c.pos_encoding, "qk_norm": c.qk_norm, "short_conv": c.short_conv,
             "pattern_rule": PATTERN_RULE, "induction_baseline": induction_baseline(ids), "layers": layers}
-
-
-def visible_char(c: str) -> str:
-    """One column for a character in a heat map's labels: space, newline and tab made visible."""
-    return {" ": "␣", "\n": "↵", "\t": "⇥"}.get(c, c if c.isprintable() else "?")
 
 
 def plot_attention(result: dict[str, Any], path: Path) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from minigpt_cli.model import GPT, softcap
+from minigpt_cli.model import GPT
 from minigpt_cli.inspection import run_and_text
 
 TOP_K = 3  # guesses kept per position and layer in the result
@@ -39,17 +39,10 @@ def residual_streams(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     return streams
 
 
-def read_out(model: GPT, x: torch.Tensor) -> torch.Tensor:
-    """Logits (B, T, vocab_size) of a residual stream x (B, T, C), as GPT.forward makes them from its last one."""
-    if model.norm_f is not None:
-        x = model.norm_f(x)
-    return softcap(model.lm_head(x), model.config.logit_softcap)
-
-
 def lens_probabilities(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     """(n_layer + 1, T, vocab_size): for idx (1, T), each layer's next-character distribution at each position."""
     with torch.no_grad():
-        return torch.stack([read_out(model, x)[0].float().softmax(dim=-1) for x in residual_streams(model, idx)])
+        return torch.stack([model.read_out(x)[0].float().softmax(dim=-1) for x in residual_streams(model, idx)])
 
 
 def _cell(probs: torch.Tensor, chars: list[str], true_id: int | None, top: int) -> dict[str, Any]:

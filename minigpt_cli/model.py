@@ -332,9 +332,13 @@ class GPT(nn.Module):
             x = block(x, rope, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.advance(T)
+        return self.read_out(x)
+
+    def read_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of a residual stream x (B, T, C): the final norm and the head."""
         if self.norm_f is not None:
             x = self.norm_f(x)
-        return softcap(self.lm_head(x), self.config.logit_softcap)  # (B, T, vocab_size)
+        return softcap(self.lm_head(x), self.config.logit_softcap)
 
     def new_kv_cache(self, batch_size: int) -> KVCache:
         """A cache in the dtype of the residual stream (the embedding's), on the model's device."""

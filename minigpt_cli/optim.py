@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -212,7 +212,11 @@ class Muon(Optimizer):
                     p.add_(update.reshape(p.shape), alpha=-lr * math.sqrt(max(1.0, rows / cols)))
 
 
-def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device) -> list[Optimizer | torch.optim.Optimizer]:
+# What build_optimizers returns: the project's own optimizers, or torch's AdamW where no fused one exists.
+AnyOptimizer = Optimizer | torch.optim.Optimizer
+
+
+def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device) -> list[AnyOptimizer]:
     """AdamW with weight decay on matrices only; with optimizer 'muon' the blocks' matrices go to Muon."""
     muon_params, decay, no_decay = [], [], []
     seen = set()
@@ -236,13 +240,13 @@ def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device)
     # torch.optim.AdamW (and with it the import of torch._dynamo) does the step.
     betas = (train.beta1, train.beta2)
     if device.type in fused_adamw_devices():
-        adamw: Optimizer | torch.optim.Optimizer = AdamW(groups, lr=train.learning_rate, betas=betas)
+        adamw: AnyOptimizer = AdamW(groups, lr=train.learning_rate, betas=betas)
     else:
         adamw = torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas)
     for group in adamw.param_groups:
         group["base_lr"] = train.learning_rate
         group["min_lr"] = train.min_lr
-    optimizers: list[Optimizer | torch.optim.Optimizer] = [adamw]
+    optimizers: list[AnyOptimizer] = [adamw]
     if muon_params:
         # No weight decay on Muon's matrices (train.weight_decay is AdamW's): the recipe the default
         # config was tuned with has none, and the README says so.
@@ -282,7 +286,7 @@ def lr_factor(train: TrainConfig, step: int, progress: float, time_share: float 
     return min(1.0, (1.0 - progress) / train.decay_fraction)
 
 
-def set_lr(optimizers: list[Optimizer | torch.optim.Optimizer], factor: float) -> float:
+def set_lr(optimizers: Sequence[AnyOptimizer], factor: float) -> float:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["min_lr"] + factor * (group["base_lr"] - group["min_lr"])

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from minigpt_cli import rundir
 from minigpt_cli.config import (Config, UserError, absolute_data_path, apply_overrides, budget_governs, load_config,
-                                option_overrides)
+                                option_overrides, overridden)
 
 # checkpoint and device import torch (seconds): only once the command line has been checked, so that
 # a mistake in it is refused at once (tests/test_startup.py).
@@ -54,7 +54,7 @@ def plan_run(options: TrainOptions) -> TrainPlan:
         from minigpt_cli.checkpoint import run_text
 
         copy = run_text(run_dir)
-    if copy is not None and data is None and not any(f.strip().startswith("data.path=") for f in flags):
+    if copy is not None and data is None and "data.path" not in overridden(flags):
         data = str(copy)  # the run's own copy of the text it was trained on
     config = apply_overrides(config, flags + option_overrides(data, o.time_budget, o.device, o.seed))
     if o.deterministic:

@@ -7,7 +7,6 @@ checkpoint.py owns the files' format; this module owns what the trainer puts in 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from minigpt_cli.config import Config, UserError
 from minigpt_cli.corpus import Corpus, keep_in_run, run_copy
 from minigpt_cli.device import Distributed, Precision
 from minigpt_cli.model import GPT
+from minigpt_cli.optim import AnyOptimizer
 from minigpt_cli.ranks import Ranks
 from minigpt_cli.rundir import pointer_target
 
@@ -48,7 +48,7 @@ class RunState:
 
     step: int = 0
     tokens: int = 0  # training tokens seen, over every invocation
-    best_val: float = math.inf  # by the periodic evaluations' measure (see _final_eval)
+    best_val: float = math.inf  # by the periodic evaluations' measure (see train_eval.Evaluator.final)
     prior_seconds: float = 0.0  # training seconds of earlier invocations of a resumed run
     fingerprint: str = ""  # of the text trained on
     parent: dict[str, Any] | None = None  # the run --init-from started from
@@ -72,14 +72,18 @@ class RunState:
         self.prior_seconds = float(meta.get("train_seconds", 0.0))
 
 
+def model_differences(saved: Any, now: Any, source: str) -> list[str]:
+    """The model keys of a saved run (`source`, in words) that differ from the config's, in words.
+    Dropout is a training setting (the weights and the function are the same model): it may change."""
+    return [f"model.{f.name}: {source} has {getattr(saved, f.name)!r}, config has {getattr(now, f.name)!r}"
+            for f in dataclasses.fields(saved)
+            if f.name not in RESUMABLE_MODEL_KEYS and getattr(saved, f.name) != getattr(now, f.name)]
+
+
 def load_resume(config: Config, run_dir: Path, world_size: int) -> ckpt.LoadedCheckpoint:
     """The latest checkpoint of the run --resume continues, refused where the model or the global batch differ."""
     loaded = ckpt.load_checkpoint(run_dir, which="latest", with_train_state=True)
-    saved = loaded.config.model
-    # Dropout is a training setting (the weights and the function are the same model): it may change.
-    differ = [f"model.{f.name}: run has {getattr(saved, f.name)!r}, config has {getattr(config.model, f.name)!r}"
-              for f in dataclasses.fields(saved)
-              if f.name not in RESUMABLE_MODEL_KEYS and getattr(saved, f.name) != getattr(config.model, f.name)]
+    differ = model_differences(loaded.config.model, config.model, "run")
     if differ:
         raise UserError("cannot resume with a different model; differing keys: " + "; ".join(differ))
     saved_world = int(loaded.train_state.get("world_size", 1))
@@ -119,7 +123,7 @@ def restore_rng(loaded: ckpt.LoadedCheckpoint, device: torch.device, rank: int, 
             torch.cuda.manual_seed(int(derived[1]))
 
 
-def restore_optimizers(optimizers: Sequence[torch.optim.Optimizer], loaded: ckpt.LoadedCheckpoint,
+def restore_optimizers(optimizers: Sequence[AnyOptimizer], loaded: ckpt.LoadedCheckpoint,
                        optimizer_name: str) -> None:
     plain = loaded.train_state.get("optimizers", [])
     if len(plain) != len(optimizers):
@@ -137,7 +141,7 @@ def restore_optimizers(optimizers: Sequence[torch.optim.Optimizer], loaded: ckpt
             group.update(values)
 
 
-def train_state(optimizers: Sequence[torch.optim.Optimizer], rng: Sequence[dict[str, torch.Tensor]]
+def train_state(optimizers: Sequence[AnyOptimizer], rng: Sequence[dict[str, torch.Tensor]]
                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """What a checkpoint keeps besides the weights: every rank's random states (rng: in rank order)
     and the optimizers' state."""
@@ -162,7 +166,7 @@ class Saver:
     all of it put back on --resume. Only the main rank writes; every rank joins a save's collectives."""
 
     def __init__(self, config: Config, run_dir: Path, model: GPT, corpus: Corpus,
-                 optimizers: Sequence[torch.optim.Optimizer], precision: Precision, ranks: Ranks,
+                 optimizers: Sequence[AnyOptimizer], precision: Precision, ranks: Ranks,
                  budget: TimeBudget, state: RunState, emit: Callable[..., None]):
         self.config, self.run_dir, self.model, self.corpus = config, run_dir, model, corpus
         self.optimizers, self.precision, self.ranks, self.budget = optimizers, precision, ranks, budget
@@ -237,15 +241,12 @@ class Saver:
         began = self.budget.now()
         if self.dist.is_main:
             try:
-                meta = json.loads((folder / ckpt.META_FILE).read_text(encoding="utf-8"))
-                meta.update(best_val_loss=state.best_val, val_loss=val_loss, final=True, stopped=state.stopped,
-                            train_seconds=state.prior_seconds + self.budget.elapsed())
-                ckpt.atomic_write_json(folder / ckpt.META_FILE, meta)
+                rundir.update_meta(folder, best_val_loss=state.best_val, val_loss=val_loss, final=True,
+                                   stopped=state.stopped, train_seconds=state.prior_seconds + self.budget.elapsed())
                 if is_best:
-                    ckpt.atomic_write_json(self.run_dir / rundir.BEST,
-                                           {"checkpoint": f"{rundir.CHECKPOINTS_DIR}/{folder.name}", "step": state.step})
+                    rundir.point(self.run_dir, rundir.BEST, folder, state.step)
                     ckpt.prune(self.run_dir)  # the checkpoint best.json named before, if no pointer names it now
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, rundir.CheckpointError) as exc:
                 raise ckpt.CheckpointWriteError(f"could not record the final evaluation in {folder}: {exc}; "
                                                 f"the checkpoint's weights are intact") from exc
             self.emit("checkpoint", state.step, path=str(folder), is_best=is_best)
@@ -261,8 +262,7 @@ class Saver:
         if not self.dist.is_main or folder is None or pointer_target(self.run_dir, "latest") != folder:
             return
         try:
-            meta = json.loads((folder / ckpt.META_FILE).read_text(encoding="utf-8"))
-            if meta.get("final") is not True:  # a final checkpoint is a finished run, however it exits
-                ckpt.atomic_write_json(folder / ckpt.META_FILE, {**meta, "stopped": stopped_by(signum)})
-        except (OSError, ValueError):
+            if rundir.read_meta(folder).get("final") is not True:  # a final checkpoint is a finished run
+                rundir.update_meta(folder, stopped=stopped_by(signum))
+        except (OSError, ValueError, rundir.CheckpointError):
             pass  # the run stays listed as it was; the checkpoint itself is whole either way

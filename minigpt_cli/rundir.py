@@ -564,6 +564,24 @@ def atomic_write_json(path: Path, value: Any) -> None:
     fsync_dir(path.parent)
 
 
+def point(run_dir: Path, pointer: str, folder: Path, step: int) -> None:
+    """Make the pointer file (LATEST or BEST) name the checkpoint in `folder`, a rename into place."""
+    atomic_write_json(run_dir / pointer, {"checkpoint": f"{CHECKPOINTS_DIR}/{folder.name}", "step": step})
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json, read within bounds (CheckpointError, OSError or ValueError otherwise)."""
+    meta = loads_bounded(read_bounded(folder / META_FILE, META_MAX_BYTES), folder / META_FILE)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{folder / META_FILE}: not a JSON object")
+    return meta
+
+
+def update_meta(folder: Path, **changes: Any) -> None:
+    """A checkpoint's meta.json with `changes`, renamed into place; its weights are left as written."""
+    atomic_write_json(folder / META_FILE, {**read_meta(folder), **changes})
+
+
 def prepare_run_dir(out: Path | None, config_name: str, resume: bool, claim: bool = True) -> tuple[Path, bool]:
     """The run directory of `minigpt train`, checked and claimed; returns (path, created here).
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from minigpt_cli.config import Config, UserError, apply_overrides, budget_governs, load_config
+from minigpt_cli.config import Config, UserError, apply_overrides, best_measure, budget_governs, load_config
 from minigpt_cli.rundir import LATEST, LOCK_FILE, META_FILE as META, META_MAX_BYTES as JSON_MAX_BYTES
 from minigpt_cli.rundir import MODEL_FILE as MODEL
 from minigpt_cli.rundir import (CheckpointWriteError, RunContents, bytes_on_disk, complete_checkpoints, delete_contents,
@@ -224,8 +224,7 @@ def _read_meta(info: RunInfo, meta: dict[str, Any], path: Path) -> None:
     info.config = str(meta.get("config_name", "?"))
     info.steps, info.tokens = _int(meta.get("step")), _int(meta.get("tokens"))
     info.best_val_loss = _float(meta.get("best_val_loss"))
-    info.best_measure = ("whole validation split" if train.get("eval_full")
-                         else f"{train.get('eval_iters', '?')} sampled batches")
+    info.best_measure = best_measure(train.get("eval_full"), train.get("eval_iters", "?"))
     info.best_step = pointer_step(path, "best")
     info.wall_seconds = _float(meta.get("train_seconds"))
     parent = meta.get("parent")
@@ -374,7 +373,7 @@ def run_summary(path: Path, label: Optional[str] = None) -> dict[str, Any]:
     final = info.final_val_loss
     last = next((r for r in reversed(records) if r.get("kind") == "eval" and r.get("final")), {})
     scored = last.get("chars_scored")
-    curves = loss_curves(Path(path))
+    curves = loss_curves(Path(path), records)
     final_measure = (f"{scored:,} chars sampled" if last.get("scope") not in (None, "full") and isinstance(scored, int)
                      else "whole split")
     return {

@@ -6,6 +6,15 @@ from typing import Any, Iterable
 
 from minigpt_cli.config import UserError
 
+# Characters that would not show in a one-column label, as one visible sign each.
+SHOWN_AS = {" ": "␣", "\n": "↵", "\t": "⇥"}
+
+
+def visible_char(c: str) -> str:
+    """One column for a character in a label (a heat map's, a table's): space, newline and tab shown
+    as signs, anything else unprintable as '?'."""
+    return SHOWN_AS.get(c, c if c.isprintable() else "?")
+
 
 def describe_chars(chars: Iterable[str], limit: int = 10) -> str:
     """Characters as a reader can see them: unprintable ones escaped, e.g. '\\x00' or '\\u200b'."""

@@ -17,7 +17,7 @@ from torch import nn
 from minigpt_cli import rundir
 from minigpt_cli.batches import ScoringWindows, batch_indices, get_batch, scoring_windows
 from minigpt_cli.budget import TimeBudget
-from minigpt_cli.config import Config
+from minigpt_cli.config import Config, windows_measure
 from minigpt_cli.corpus import Corpus
 from minigpt_cli.device import Precision, autocast
 from minigpt_cli.model import GPT
@@ -121,11 +121,7 @@ class Evaluator:
 
     def windows_measure(self) -> str:
         """How the whole-split evaluation's windows score: the measure its loss is."""
-        block = self.config.model.block_size
-        if self.stride == block:
-            return f"windows of {block} that do not overlap"
-        return (f"windows of {block} every {self.stride}: each character with at least {block - self.stride} "
-                f"of context")
+        return windows_measure(self.config.model.block_size, self.stride)
 
     def describe_scope(self, scored: int, val_chars: int) -> str:
         if scored >= val_chars - 1:

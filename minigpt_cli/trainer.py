@@ -22,15 +22,15 @@ from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import rundir
 from minigpt_cli.batches import batch_indices, epoch_batch_indices, get_batch
 from minigpt_cli.budget import TimeBudget
-from minigpt_cli.config import Config, TrainConfig, UserError
+from minigpt_cli.config import Config, TrainConfig, UserError, best_measure
 from minigpt_cli.corpus import Corpus, check_split_lengths, load_corpus
 from minigpt_cli.device import Precision, available_memory, detect_distributed, runtime
 from minigpt_cli.model import GPT, training_bytes
 from minigpt_cli.tokenizer import CharTokenizer, UnknownCharactersError, describe_chars
-from minigpt_cli.optim import build_optimizers, lr_factor, set_lr
+from minigpt_cli.optim import AnyOptimizer, build_optimizers, lr_factor, set_lr
 from minigpt_cli.progress import Progress
 from minigpt_cli.ranks import Ranks
-from minigpt_cli.run_state import NonFiniteLoss, RunState, Saver, load_resume, stopped_by
+from minigpt_cli.run_state import NonFiniteLoss, RunState, Saver, load_resume, model_differences, stopped_by
 from minigpt_cli.scoring import bits_per_char
 from minigpt_cli.train_eval import Evaluator, training_loss
 
@@ -60,6 +60,7 @@ class TrainResult:
     val_tokens_scored: int
     val_chars: int = 0  # characters in the validation split (val_tokens_scored is fewer when sampled)
     val_windows: str = ""  # the windows the final loss was scored in (train.eval_stride), in words
+    val_stride: int = 0  # characters between those windows' starts where they overlap; 0: they do not
     data_kept: str | None = None  # what the run keeps of its text, in words
     data_seconds: float = 0.0  # reading (hashing, encoding on a cache miss) the text before the first step
     data_cache: str = ""  # encoded: read and encoded now | cached: from the encoded cache | run: the run's copy
@@ -129,7 +130,7 @@ class _SignalCatcher:
 
 
 
-def apply_gradients(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+def apply_gradients(model: nn.Module, optimizers: Sequence[AnyOptimizer],
                     scaler: torch.amp.GradScaler | None, grad_clip: float) -> None:
     """After backward: unscale (float16), clip the global gradient norm, step every optimizer, clear."""
     if scaler:
@@ -171,11 +172,7 @@ def grow_vocabulary(state: dict[str, torch.Tensor], old_chars: Sequence[str],
 def load_parent(config: Config) -> ckpt.LoadedCheckpoint:
     """The run named by train.init_from, whose weights a new run starts from."""
     parent = ckpt.load_checkpoint(Path(config.train.init_from), which="best")
-    saved, now = parent.config.model, config.model
-    # Dropout is applied in training only and changes no weight; every other model key does.
-    differ = [f"model.{f.name}: {parent.run_dir} has {getattr(saved, f.name)!r}, config has "
-              f"{getattr(now, f.name)!r}" for f in dataclasses.fields(saved)
-              if f.name != "dropout" and getattr(saved, f.name) != getattr(now, f.name)]
+    differ = model_differences(parent.config.model, config.model, str(parent.run_dir))
     if differ:
         raise UserError("--init-from needs the same model shape as the run it starts from; differing keys: "
                         + "; ".join(differ))
@@ -243,7 +240,7 @@ class Stepper:
     """One optimizer step, as training runs it: over grad_accum_steps micro-batches of this rank's
     windows, through the model wrapped for DDP and compiled when asked, under the run's precision."""
 
-    def __init__(self, config: Config, model: GPT, corpus: Corpus, optimizers: Sequence[torch.optim.Optimizer],
+    def __init__(self, config: Config, model: GPT, corpus: Corpus, optimizers: Sequence[AnyOptimizer],
                  precision: Precision, ranks: Ranks):
         self.config, self.model, self.corpus, self.optimizers = config, model, corpus, optimizers
         self.precision, self.dist, self.device = precision, ranks.dist, ranks.device
@@ -323,7 +320,7 @@ class Trainer:
         self.ranks: Ranks
         self.corpus: Corpus
         self.model: GPT
-        self.optimizers: list[torch.optim.Optimizer]
+        self.optimizers: list[AnyOptimizer]
         self.saver: Saver  # what a save writes
         self.evaluator: Evaluator  # the evaluations and what they cost
         self.stepper: Stepper  # an optimizer step
@@ -564,14 +561,11 @@ class Trainer:
             n_params=model.num_parameters(), val_tokens_scored=scored, val_chars=state.val_chars,
             data_kept=state.data_kept, data_seconds=state.data_seconds, data_cache=state.data_cache,
             vocab_size=model.vocab_size, prompt=opening_words(self.corpus),
-            best_step=rundir.pointer_step(self.run_dir, "best"), best_measure=best_measure(self.config.train),
+            best_step=rundir.pointer_step(self.run_dir, "best"),
+            best_measure=best_measure(self.config.train.eval_full, self.config.train.eval_iters),
             final_on_best_measure=self.evaluator.final_on_best_measure,
-            val_windows=self.evaluator.windows_measure())
-
-
-def best_measure(train: Any) -> str:
-    """What the periodic evaluations, and so the choice of the best checkpoint, measure."""
-    return "whole validation split" if train.eval_full else f"{train.eval_iters} sampled batches"
+            val_windows=self.evaluator.windows_measure(),
+            val_stride=0 if self.evaluator.stride == self.config.model.block_size else self.evaluator.stride)
 
 
 def opening_words(corpus: Corpus, max_chars: int = 20) -> str:

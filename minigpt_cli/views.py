@@ -219,3 +219,11 @@ class ProgressLine(Starting):
 
     def close(self) -> None:
         self.done()
+
+
+def final_scope(scored: int, val_chars: int, windows: Optional[str]) -> str:
+    """What a final evaluation scored, in words: the whole split or its sample, and its windows where
+    they overlap (windows: None where they do not, the default measure)."""
+    scope = (f"the whole validation split, {scored:,} characters" if scored >= val_chars - 1 else
+             f"{scored:,} characters sampled of the validation split's {val_chars:,}")
+    return f"{scope} ({windows})" if windows else scope

@@ -110,13 +110,14 @@ def full_disk_os(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("target, failure", [("save_file", full_disk), ("write_bytes_synced", full_disk_os),
-                                             ("atomic_write_json", full_disk_os)])
+@pytest.mark.parametrize("module, target, failure", [
+    (ckpt, "save_file", full_disk), (ckpt, "write_bytes_synced", full_disk_os),
+    (rundir, "atomic_write_json", full_disk_os)])  # the pointer files, written by rundir.point
 def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, failure):
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module, target: str, failure):
     run = tmp_path / "run"
     model = save_random_model(run, step=1).eval()
-    monkeypatch.setattr(ckpt, target, failure)
+    monkeypatch.setattr(module, target, failure)
     with pytest.raises(ckpt.CheckpointWriteError, match="No space left on device") as info:
         save_random_model(run, step=2)
     assert "step 2" in str(info.value)

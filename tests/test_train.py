@@ -314,6 +314,13 @@ def test_the_final_evaluation_can_score_overlapping_windows_and_says_so(tmp_path
     assert final["val_loss"] == pytest.approx(scored["nll"], rel=1e-5)
     assert final["chars_scored"] == scored["chars_scored"]
     assert scored["checkpoint_val_measure"] == "final evaluation, windows of 16 every 4"
+    # inspect's training record names the same measures as the summary: the final loss's windows, and
+    # the periodic evaluations' measure that chose the best checkpoint
+    record = invoke("inspect", "overlap", "--json").json()["run"]
+    assert (record["val_chars_scored"], record["val_chars"]) == (final["chars_scored"], final["val_chars"])
+    assert record["val_windows"].startswith("windows of 16 every 4") and record["best_measure"] == "2 sampled batches"
+    shown = " ".join(invoke("inspect", "overlap").stdout.split())
+    assert f"on the whole validation split, {final['chars_scored']:,} characters (windows of 16 every 4" in shown
     assert_usage_error(invoke("train", "tiny", "--data", small_corpus, "--out", "bad",
                               *set_flags(*FAST, "train.eval_stride=17")), "train.eval_stride", "block_size (16)")
 

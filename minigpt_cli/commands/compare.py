@@ -9,7 +9,7 @@ from typing import Annotated, Any, List, Optional
 
 import typer
 
-from minigpt_cli.config import UNTIL_BUDGET, UserError
+from minigpt_cli.config import UNTIL_BUDGET, UserError, overridden
 from minigpt_cli.options import Device, JsonOut, Overrides, Plot, Quiet, Seed, TimeBudget
 from minigpt_cli.output import EXIT_FAILURE, count, emit_json, err, loss, out
 from minigpt_cli.views import Starting, TrainView
@@ -56,7 +56,7 @@ def compare(
                 raise UserError("--vary trains variants of one CONFIG; give one config, not "
                                 f"{len(targets)} arguments")
             flags = [*set_, *option_overrides(data, time_budget, device, seed)]
-            if any(f.startswith("data.path=-") for f in flags):
+            if overridden(flags).get("data.path", "").strip() == "-":
                 raise UserError("compare trains several runs on the same text, so it cannot read it from stdin; "
                                 "give --data PATH")
             variants = runs_lib.plan_variants(targets[0], vary, flags)

@@ -137,7 +137,7 @@ def _render_surprisal(result: dict) -> None:
 
 def _surprisal_summary(result: dict) -> None:
     """The mean against a uniform guess, short context against long, and the hardest characters."""
-    from minigpt_cli.inspection import visible_char
+    from minigpt_cli.tokenizer import visible_char
 
     chars = result["chars"]
     scored = [c for c in chars if c["bits"] is not None]

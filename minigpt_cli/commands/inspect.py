@@ -12,7 +12,7 @@ import typer
 from minigpt_cli.config import UserError
 from minigpt_cli.options import JsonOut, Overrides, Plot, Target, VocabSize
 from minigpt_cli.output import count, emit_json, err, key_value_table, mib, out, si, titled_table, vocab_source
-from minigpt_cli.views import Starting
+from minigpt_cli.views import Starting, final_scope
 
 EXAMPLES = ("Examples:\n\n  minigpt inspect\n\n  minigpt inspect gpt2_small\n\n"
             "  minigpt inspect runs/default-20261124-101500 --plot losses.png")
@@ -179,10 +179,12 @@ def _render_run(run: dict) -> None:
     from minigpt_cli.inspection import text_chart
     from minigpt_cli.scoring import bits_per_char
 
-    val = (f"{run['val_loss']:.4f} ({bits_per_char(run['val_loss']):.3f} bits per character) on the whole "
-           f"validation split, the final weights" if run.get("val_loss") is not None else "-")
+    scope = (final_scope(run["val_chars_scored"], run["val_chars"], run["val_windows"])
+             if run.get("val_chars_scored") is not None and run.get("val_chars") else "the validation split")
+    val = (f"{run['val_loss']:.4f} ({bits_per_char(run['val_loss']):.3f} bits per character) on {scope}, the "
+           f"final weights" if run.get("val_loss") is not None else "-")
     best = (f"step {run['best_step'] if run.get('best_step') is not None else '?'}: {run['best_val_loss']:.4f} "
-            f"on the sampled batches that chose it" if run["best_val_loss"] is not None else "-")
+            f"on {run['best_measure']}, the measure that chose it" if run["best_val_loss"] is not None else "-")
     out.print(key_value_table("training record", [
         ("vocabulary", escape(f"{run['vocab']['size']} characters: {run['vocab']['chars']}")),
         ("steps", f"{run['steps']:,}"),
@@ -311,7 +313,7 @@ def _render_attention(result: dict) -> None:
     from rich.columns import Columns
     from rich.markup import escape
 
-    from minigpt_cli.inspection import visible_char
+    from minigpt_cli.tokenizer import visible_char
 
     chars = [visible_char(c) for c in result["chars"]]
     out.print(f"[bold]attention[/] of {escape(result['target']['name'])} (step {result['step']:,}) over "
@@ -357,7 +359,7 @@ def _lens_cell(cell: dict, next_char: Optional[str]) -> Any:
     guess alone at the last position); bold green where the top guess is the true next character."""
     from rich.text import Text
 
-    from minigpt_cli.inspection import visible_char
+    from minigpt_cli.tokenizer import visible_char
 
     guess = cell["top"][0]["char"]
     if "p_next" not in cell:
@@ -379,7 +381,7 @@ def _lens_layer_groups(n_columns: int, rows: int, width: int) -> List[range]:
 def _lens_table(result: dict, layers: range) -> Any:
     from rich.table import Table
 
-    from minigpt_cli.inspection import visible_char
+    from minigpt_cli.tokenizer import visible_char
 
     last = result["n_layer"]
     table = Table(title_justify="left", title_style="bold")
@@ -400,7 +402,7 @@ def _lens_table(result: dict, layers: range) -> Any:
 def _render_lens(result: dict) -> None:
     from rich.markup import escape
 
-    from minigpt_cli.inspection import visible_char
+    from minigpt_cli.tokenizer import visible_char
 
     text, last = result["text"], result["n_layer"]
     readout = "the final norm and head" if result["final_norm"] else "the head (post-norm blocks end in a norm)"

@@ -11,6 +11,7 @@ import typer
 from minigpt_cli.config import UserError
 from minigpt_cli.options import AUTO_DEVICE, Device, Dtype, JsonOut, RunDir, Threads
 from minigpt_cli.output import emit_json, visible, warn
+from minigpt_cli.tokenizer import SHOWN_AS
 
 EXAMPLES = ("Examples:\n\n  minigpt sample --prompt \"ROMEO:\"\n\n"
             "  minigpt sample runs/default-20261124-101500 --temperature 0 --max-new-tokens 200\n\n"
@@ -22,8 +23,6 @@ HELD_TEXT_MAX_CHARS = 10_000_000
 # --top --json holds every step's top list until the end: at most this many (character, probability) pairs.
 HELD_WEIGHED_MAX = 2_000_000
 WIDTH = 80  # --top's lines are wrapped to this many columns
-# Characters that would not show in --top's lines, as one visible column each.
-SHOWN_AS = {"\n": "↵", " ": "␣", "\t": "⇥"}
 
 
 def sample(

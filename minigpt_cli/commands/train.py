@@ -10,9 +10,10 @@ from typing import Annotated, Any, Optional
 import typer
 
 from minigpt_cli.clock import process_started_at
+from minigpt_cli.config import WHOLE_SPLIT
 from minigpt_cli.options import Device, JsonOut, Overrides, Quiet, Seed, TimeBudget
 from minigpt_cli.output import EXIT_FAILURE, count, emit_json, err, fail, out
-from minigpt_cli.views import Starting, TrainView
+from minigpt_cli.views import Starting, TrainView, final_scope
 
 EXAMPLES = ("Examples:\n\n  minigpt train\n\n  minigpt train shakespeare_char --device cuda\n\n"
             "  minigpt train --data my.txt --set model.n_layer=2 --time-budget 60")
@@ -132,11 +133,9 @@ def _loss_rows(result: Any) -> list:
     rows = []
     final, best, step = result.final_val_loss, result.best_val_loss, result.best_step
     if math.isfinite(final):
-        scope = (f"the whole validation split, {result.val_tokens_scored:,} characters"
-                 if result.val_tokens_scored >= result.val_chars - 1 else
-                 f"{result.val_tokens_scored:,} characters sampled of the validation split's {result.val_chars:,}")
-        if result.val_windows and "do not overlap" not in result.val_windows:
-            scope += f" ({result.val_windows})"  # train.eval_stride: a gentler measure than the default's
+        # train.eval_stride's windows named: a gentler measure than the default's
+        scope = final_scope(result.val_tokens_scored, result.val_chars,
+                            result.val_windows if result.val_stride else None)
         rows.append(("val loss", f"{final:.4f}  ({bits_per_char(final):.3f} bits/char) on {scope}, the final "
                                  f"weights"))
     if result.vocab_size:
@@ -150,7 +149,7 @@ def _loss_rows(result: Any) -> list:
         return rows
     loads = "sample and eval load it"
     on = f"on {result.best_measure}" if result.best_measure else "as the periodic evaluations measure"
-    if step == result.steps and result.best_measure == "whole validation split":
+    if step == result.steps and result.best_measure == WHOLE_SPLIT:
         rows.append(("best checkpoint", f"{where}, the final weights ({loads}), chosen on val loss's measure"))
     elif step == result.steps and math.isfinite(final):
         rows.append(("best checkpoint", f"{where}, the final weights ({loads}); chosen during training by its "
