@@ -147,8 +147,11 @@ def test_a_budget_keeps_time_to_measure_the_final_checkpoint_only_when_one_was_m
     from minigpt_cli.checkpoint import load_checkpoint
     from minigpt_cli.config import apply_overrides, load_config
 
+    from minigpt_cli.train_eval import Evaluator
+
     clock = FakeClock(2.0)
     charge_fake_clock(monkeypatch, clock, step=0.1, window=0.002, estimate=True)
+    monkeypatch.setattr(Evaluator, "PERIODIC_SHARE", 1.0)  # evaluations as often as eval_interval asks
     config = apply_overrides(load_config("tiny"), [*FAST, f"data.path={small_corpus}", "train.max_iters=100000",
                                                    f"train.eval_interval={eval_interval}", "train.eval_iters=50",
                                                    "train.batch_size=8", "train.time_budget=15"])
@@ -164,6 +167,29 @@ def test_a_budget_keeps_time_to_measure_the_final_checkpoint_only_when_one_was_m
     else:
         assert math.isfinite(final["sampled_val_loss"])  # measured
         assert best.meta["best_val_loss"] == pytest.approx(result.best_val_loss)
+
+
+def test_periodic_evaluations_under_a_budget_take_a_small_share_of_its_time(small_corpus: Path, tmp_path: Path,
+                                                                           monkeypatch):
+    """Evaluating every 5 steps would spend a third of a 60 s budget; spread out, the evaluations take
+    at most Evaluator.PERIODIC_SHARE of the time gone at each one, and the rest trains."""
+    from minigpt_cli import trainer
+    from minigpt_cli.config import apply_overrides, load_config
+    from minigpt_cli.train_eval import Evaluator
+
+    clock = FakeClock(2.0)
+    charge_fake_clock(monkeypatch, clock, step=0.1, window=0.0005, estimate=True)
+    config = apply_overrides(load_config("tiny"), [*FAST, f"data.path={small_corpus}", "train.max_iters=100000",
+                                                   "train.eval_interval=5", "train.eval_iters=25",
+                                                   "train.batch_size=8", "train.time_budget=60"])
+    result = trainer.train(config, tmp_path / "run", started_at=0.0, clock=clock)
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r.get("kind") == "eval" and not r.get("final")]
+    cost = 0.0005 * 25 * 8 * 2  # 0.2 s each: every 5 steps would be 0.2 s per 0.5 s of training
+    assert 2 <= len(evals) <= Evaluator.PERIODIC_SHARE * 60 / cost
+    for n, record in enumerate(evals, start=1):
+        assert n * cost <= Evaluator.PERIODIC_SHARE * record["elapsed"] + 1e-9
+    assert result.steps > 500  # 58 s of 0.1 s steps, less the few evaluations and the final one
 
 
 def test_a_short_budget_warms_up_over_a_share_of_its_time_not_warmup_iters(small_corpus: Path, tmp_path: Path,
