@@ -268,8 +268,8 @@ def lr_factor(train: TrainConfig, step: int, progress: float, time_share: float 
 
     Linear warm-up over warmup_iters steps, then by training progress (0 to 1, by steps or by the
     time budget, whichever is further along): 'cosine' decays over the whole rest of the run,
-    'wsd' (warm-up, stable, decay) holds the base rate and decays linearly over the final
-    decay_fraction. Under a time budget, `time_share` (the share of its training time gone) ends
+    'wsd' (warm-up, stable, decay) holds the base rate and decays over the final decay_fraction
+    (train.decay_shape: 1 - sqrt of the decay's progress, or linearly). Under a time budget, `time_share` (the share of its training time gone) ends
     the warm-up at WARMUP_SHARE of that time if warmup_iters steps have not ended it sooner.
     """
     if train.warmup_iters and step < train.warmup_iters:
@@ -283,7 +283,8 @@ def lr_factor(train: TrainConfig, step: int, progress: float, time_share: float 
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if train.decay_fraction == 0:
         return 1.0
-    return min(1.0, (1.0 - progress) / train.decay_fraction)
+    remaining = min(1.0, (1.0 - progress) / train.decay_fraction)  # 1 until the decay, then down to 0
+    return 1.0 - math.sqrt(1.0 - remaining) if train.decay_shape == "sqrt" else remaining
 
 
 def set_lr(optimizers: Sequence[AnyOptimizer], factor: float) -> float:

@@ -91,7 +91,7 @@ def schedule(**overrides):
 
 
 def test_warm_up_then_hold_then_decay_linearly_to_the_minimum():
-    t = schedule()
+    t = schedule(decay_shape="linear")
     assert optim.lr_factor(t, 0, -1.0) == pytest.approx(1 / 50)
     assert optim.lr_factor(t, 24, -0.5) == pytest.approx(25 / 50)
     assert optim.lr_factor(t, 50, 0.0) == 1.0
@@ -101,6 +101,26 @@ def test_warm_up_then_hold_then_decay_linearly_to_the_minimum():
     cosine = schedule(schedule="cosine")
     assert optim.lr_factor(cosine, 100, 0.5) == pytest.approx(0.5)
     assert optim.lr_factor(cosine, 1000, 1.0) == pytest.approx(0.0)
+
+
+def test_the_square_root_decay_stays_higher_and_ends_at_the_minimum():
+    t = schedule()  # decay_shape "sqrt", the default
+    assert optim.lr_factor(t, 500, 0.69) == 1.0
+    # a quarter of the way into the decay: 1 - sqrt(0.25), where the straight line is at 0.75
+    assert optim.lr_factor(t, 775, 0.775) == pytest.approx(0.5)
+    assert optim.lr_factor(t, 850, 0.85) == pytest.approx(1 - 0.5 ** 0.5)
+    assert optim.lr_factor(t, 1000, 1.0) == 0.0
+    factors = [optim.lr_factor(t, step, step / 1000) for step in range(700, 1001, 10)]
+    assert factors == sorted(factors, reverse=True)
+
+
+def test_a_run_saved_before_decay_shape_keeps_its_linear_decay():
+    from minigpt_cli.config import Config, config_from_checkpoint_dict
+
+    saved = Config().to_dict()
+    del saved["train"]["decay_shape"]
+    assert config_from_checkpoint_dict(saved).train.decay_shape == "linear"
+    assert config_from_checkpoint_dict(Config().to_dict()).train.decay_shape == "sqrt"
 
 
 def test_a_time_budget_ends_the_warm_up_by_its_share_of_the_time():
