@@ -196,6 +196,24 @@ def parent_corpus(config: Config, parent: ckpt.LoadedCheckpoint,
 
 
 
+def build_model(config: Config, corpus: Corpus, device: torch.device, loaded: ckpt.LoadedCheckpoint | None,
+                parent: ckpt.LoadedCheckpoint | None, added: list[str]
+                ) -> tuple[GPT, list[AnyOptimizer], dict[str, Any] | None]:
+    """The model (its resumed weights, or the parent's grown to the new vocabulary) on the device, its
+    optimizers, and the run's lineage (the run --init-from started from)."""
+    model = GPT(config.model, corpus.tokenizer.vocab_size)
+    lineage = loaded.meta.get("parent") if loaded else None
+    if loaded:
+        ckpt.load_weights(model, loaded.model_state, loaded.path / ckpt.MODEL_FILE)
+    if parent is not None:
+        weights = grow_vocabulary(parent.model_state, parent.tokenizer.chars, corpus.tokenizer.chars)
+        ckpt.load_weights(model, weights, parent.path / ckpt.MODEL_FILE)
+        lineage = {"run": str(parent.run_dir.resolve()), "checkpoint": str(parent.path.resolve()),
+                   "step": parent.step, "config": parent.config.name, "added_chars": "".join(added)}
+    model.to(device)
+    return model, build_optimizers(model, config.train, device), lineage
+
+
 def check_memory(config: Config, vocab_size: int, device: torch.device) -> None:
     """Refuse, before anything is allocated, a model whose training step needs more memory than the
     device has free: allocating it would take minutes before the kernel killed the process. Where
@@ -243,7 +261,7 @@ class Stepper:
     def __init__(self, config: Config, model: GPT, corpus: Corpus, optimizers: Sequence[AnyOptimizer],
                  precision: Precision, ranks: Ranks):
         self.config, self.model, self.corpus, self.optimizers = config, model, corpus, optimizers
-        self.precision, self.dist, self.device = precision, ranks.dist, ranks.device
+        self.precision, self.ranks, self.dist, self.device = precision, ranks, ranks.dist, ranks.device
         t = config.train
         # What the steps call: the model, wrapped for DDP and then compiled when asked (the same weights).
         # Compiling the DDP module lets the compiler split its graph at DDP's gradient buckets, so their
@@ -259,7 +277,23 @@ class Stepper:
             self.train_model = torch.compile(self.train_model)
         self.scaler = torch.amp.GradScaler("cuda") if precision.use_grad_scaler else None
         self.tokens_per_step = t.batch_size * config.model.block_size * t.grad_accum_steps * self.dist.world_size
-        self.short_share = 0.0  # set by Trainer.choose_short_windows under train.short_windows_auto
+        self.short_share = 0.0  # set by choose_short_share under train.short_windows_auto
+
+    def choose_short_share(self, budget: TimeBudget, seconds_per_window: float) -> float | None:
+        """Under train.short_windows_auto (a time budget that governs, short_windows left to it): half
+        the training in short windows when the budget affords fewer than AUTO_SHORT_STEPS steps, by a
+        step's cost estimated from the final evaluation's timed window (about STEP_COST_PER_WINDOW of
+        those per training window: forward, backward, optimizer). Every rank decides alike. Returns the
+        steps afforded where it chose short windows, else None."""
+        t = self.config.train
+        if not (t.short_windows_auto and budget.limited) or t.short_windows or seconds_per_window <= 0:
+            return None
+        step = STEP_COST_PER_WINDOW * t.batch_size * t.grad_accum_steps * seconds_per_window
+        affordable = max(0.0, budget.deadline - budget.reserve() - budget.now()) / step
+        if not self.ranks.all(affordable < AUTO_SHORT_STEPS):
+            return None
+        self.short_share = AUTO_SHORT_SHARE
+        return affordable
 
     def windows(self, short: bool) -> tuple[int, int]:
         """Window length and windows per micro-batch: block_size and batch_size, or with train.short_windows
@@ -346,28 +380,16 @@ class Trainer:
             with rundir.RunLock(self.run_dir) if self.dist.is_main else contextlib.nullcontext():
                 return self._run()
 
-    def choose_short_windows(self) -> None:
-        """Under train.short_windows_auto (a time budget that governs, short_windows left to it): half
-        the training in short windows when the budget affords fewer than AUTO_SHORT_STEPS steps, by a
-        step's cost estimated from the final evaluation's timed window (about STEP_COST_PER_WINDOW of
-        those per training window: forward, backward, optimizer). Every rank decides alike."""
-        t, budget = self.config.train, self.budget
-        if not (t.short_windows_auto and budget.limited) or t.short_windows or self.evaluator.seconds_per_window <= 0:
-            return
-        step = STEP_COST_PER_WINDOW * t.batch_size * t.grad_accum_steps * self.evaluator.seconds_per_window
-        affordable = max(0.0, budget.deadline - budget.reserve() - budget.now()) / step
-        if self.ranks.all(affordable < AUTO_SHORT_STEPS):
-            self.stepper.short_share = AUTO_SHORT_SHARE
-            self.emit("notice", self.state.step, message=(
-                f"the time budget affords about {affordable:,.0f} steps: the first half reads windows of "
-                f"{self.config.model.block_size // 2} at twice the batch (set train.short_windows=0 to keep "
-                f"full windows)"))
-
     def _run(self) -> TrainResult:
         """Set up, train, then save and evaluate the last weights: the whole run, top to bottom."""
         self._set_up()
         self.evaluator.start_budget()
-        self.choose_short_windows()
+        affordable = self.stepper.choose_short_share(self.budget, self.evaluator.seconds_per_window)
+        if affordable is not None:
+            self.emit("notice", self.state.step, message=(
+                f"the time budget affords about {affordable:,.0f} steps: the first half reads windows of "
+                f"{self.config.model.block_size // 2} at twice the batch (set train.short_windows=0 to keep "
+                f"full windows)"))
         with _SignalCatcher() as signals:
             try:
                 stopped = self._loop(signals)
@@ -408,7 +430,7 @@ class Trainer:
                 f"data. To keep runs apart, train a new run with a different --out instead of --resume."))
         self.corpus = corpus
         check_memory(cfg, corpus.tokenizer.vocab_size, self.device)
-        lineage = self._build_model(loaded, parent, added)
+        self.model, self.optimizers, lineage = build_model(cfg, corpus, self.device, loaded, parent, added)
         self.state = RunState(fingerprint=corpus.fingerprint, parent=lineage, val_chars=len(corpus.val),
                               data_seconds=corpus.seconds, data_cache=corpus.cache)
         self.saver = Saver(cfg, self.run_dir, self.model, corpus, self.optimizers, self.precision, self.ranks,
@@ -420,23 +442,6 @@ class Trainer:
         self.saver.write_run()
         self.stepper = Stepper(cfg, self.model, corpus, self.optimizers, self.precision, self.ranks)
         self._emit_start(loaded, parent, added)
-
-    def _build_model(self, loaded: ckpt.LoadedCheckpoint | None, parent: ckpt.LoadedCheckpoint | None,
-                     added: list[str]) -> dict[str, Any] | None:
-        """The model (its resumed weights, or the parent's grown to the new vocabulary) on the device, and
-        its optimizers; returns the run's lineage (the run --init-from started from)."""
-        model = self.model = GPT(self.config.model, self.corpus.tokenizer.vocab_size)
-        lineage = loaded.meta.get("parent") if loaded else None
-        if loaded:
-            ckpt.load_weights(model, loaded.model_state, loaded.path / ckpt.MODEL_FILE)
-        if parent is not None:
-            weights = grow_vocabulary(parent.model_state, parent.tokenizer.chars, self.corpus.tokenizer.chars)
-            ckpt.load_weights(model, weights, parent.path / ckpt.MODEL_FILE)
-            lineage = {"run": str(parent.run_dir.resolve()), "checkpoint": str(parent.path.resolve()),
-                       "step": parent.step, "config": parent.config.name, "added_chars": "".join(added)}
-        model.to(self.device)
-        self.optimizers = build_optimizers(model, self.config.train, self.device)
-        return lineage
 
     def _emit_start(self, loaded: ckpt.LoadedCheckpoint | None, parent: ckpt.LoadedCheckpoint | None,
                     added: list[str]) -> None:
