@@ -269,8 +269,9 @@ def lr_factor(train: TrainConfig, step: int, progress: float, time_share: float 
     Linear warm-up over warmup_iters steps, then by training progress (0 to 1, by steps or by the
     time budget, whichever is further along): 'cosine' decays over the whole rest of the run,
     'wsd' (warm-up, stable, decay) holds the base rate and decays over the final decay_fraction
-    (train.decay_shape: 1 - sqrt of the decay's progress, or linearly). Under a time budget, `time_share` (the share of its training time gone) ends
-    the warm-up at WARMUP_SHARE of that time if warmup_iters steps have not ended it sooner.
+    (train.decay_shape: 1 - sqrt of the decay's progress, or linearly). Under a time budget,
+    `time_share` (the share of its training time gone) ends the warm-up at WARMUP_SHARE of that
+    time if warmup_iters steps have not ended it sooner.
     """
     if train.warmup_iters and step < train.warmup_iters:
         warm = (step + 1) / train.warmup_iters
