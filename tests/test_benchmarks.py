@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from minigpt_cli.config import apply_overrides, load_config
 
 from conftest import cli_env
@@ -118,3 +120,12 @@ def test_time_to_loss_reports_the_run_and_the_reference_on_the_whole_split(tmp_p
     reference = result["reference"]
     assert reference["name"] == "nanogpt" and reference["runs"][0]["steps"] == 10
     assert reference["runs"][0]["final_val_loss"] < 5
+
+
+def test_hf_generate_compares_both_dtypes_when_transformers_is_installed(tmp_path):
+    pytest.importorskip("transformers")  # not a dependency: only benchmarks/hf_generate.py needs it
+    result = run_script("hf_generate.py", "--repeats", "1", "--new-tokens", "4", tmp_path=tmp_path)
+    assert set(result["tokens_per_second"]) == {"minigpt_float32", "minigpt_bfloat16", "hf_float32", "hf_bfloat16"}
+    assert all(rate > 0 for rate in result["tokens_per_second"].values())
+    assert all(ratio > 0 for ratio in result["minigpt_over_hf"].values())
+    assert 0 < result["weight_read_floor_ms"]["bfloat16"] < result["weight_read_floor_ms"]["float32"]
