@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from sample_speed import CLASSIC, VOCAB, generation_seconds, stream_bytes_per_second
+from sample_speed import CLASSIC, VOCAB, generation_seconds, stream_bytes_per_second, take_turns
 
 from minigpt_cli.inference import Decoder
 from minigpt_cli.model import GPT
@@ -65,12 +65,7 @@ def main() -> None:
     hf = {name: hf_model(dtype) for name, dtype in dtypes.items()}
     cases = {**{f"minigpt_{name}": (lambda m=ours[name]: generation_seconds(m, n, True)) for name in dtypes},
              **{f"hf_{name}": (lambda m=hf[name]: hf_seconds(m, n)) for name in dtypes}}
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for fn in cases.values():
-        fn()  # warm-up
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            times[name].append(fn())
+    times = take_turns(cases, args.repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
 
     def ratio(slow: str, fast: str) -> float:

@@ -105,6 +105,18 @@ def generation_seconds(model: GPT | Decoder, new_tokens: int, use_cache: bool, b
     return time.perf_counter() - start
 
 
+def take_turns(cases: dict, repeats: int) -> dict[str, list[float]]:
+    """Each case's seconds in each of `repeats` rounds, the cases taking turns within a round, after
+    one warm-up call each: a slow moment on a shared machine hits them all alike."""
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for fn in cases.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name].append(fn())
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
@@ -166,12 +178,7 @@ def main() -> None:
                  "plain_cached_float32": greedy_tokens(plain["float32"], n, True) == reference}
     if args.compile:
         same_text["compiled_cached_float32"] = greedy_tokens(compiled["float32"], n, True) == reference
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for fn in cases.values():
-        fn()  # warm-up
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            times[name].append(fn())
+    times = take_turns(cases, args.repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     bandwidth = stream_bytes_per_second(device)
     step = {name: med[f"cached_{name}"] / n for name in dtypes}
