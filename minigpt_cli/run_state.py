@@ -262,7 +262,8 @@ class Saver:
         if not self.dist.is_main or folder is None or pointer_target(self.run_dir, "latest") != folder:
             return
         try:
-            if rundir.read_meta(folder).get("final") is not True:  # a final checkpoint is a finished run
-                rundir.update_meta(folder, stopped=stopped_by(signum))
+            meta = rundir.read_meta(folder)
+            if meta.get("final") is not True:  # a final checkpoint is a finished run, however it exits
+                rundir.atomic_write_json(folder / rundir.META_FILE, {**meta, "stopped": stopped_by(signum)})
         except (OSError, ValueError, rundir.CheckpointError):
             pass  # the run stays listed as it was; the checkpoint itself is whole either way
